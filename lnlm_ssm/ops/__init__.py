@@ -1,0 +1,35 @@
+"""Functional ops, named as in mamba_ssm / causal_conv1d so that imports can switch.
+
+Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
+"""
+
+from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
+from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
+from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from lnlm_ssm.ops.norm.interface import rms_norm_fn
+from lnlm_ssm.ops.norm.reference import rms_norm_ref
+from lnlm_ssm.ops.selective_scan.interface import selective_scan_fn
+from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
+from lnlm_ssm.ops.ssd.interface import mamba_chunk_scan_combined
+from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref, ssd_recurrent_ref
+from lnlm_ssm.ops.state_update.interface import selective_state_update
+from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_report",
+    "causal_conv1d_fn",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_ref",
+    "mamba_chunk_scan_combined",
+    "mamba_chunk_scan_ref",
+    "rms_norm_fn",
+    "rms_norm_ref",
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "ssd_recurrent_ref",
+]

@@ -1,0 +1,140 @@
+"""The one place that knows which backends are built and picks one for a call.
+
+Backends:
+
+- ``"reference"``: pure PyTorch, always present, any device. The specification.
+- ``"cpu"``: the C++ extension ``lnlm_ssm._C`` (built by ``pip install``), CPU tensors.
+- ``"triton"``: Triton kernels, CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+- ``"cuda"``: the CUDA extension ``lnlm_ssm._cuda``, CUDA tensors.
+
+``backend="auto"`` takes the first backend in :data:`AUTO_ORDER` for the
+tensors' device that is usable and has a kernel for the op. Each op lists its
+kernels in its ``interface.py``; an op that has only a reference resolves to
+it. An explicit backend that cannot serve the call raises
+:class:`BackendUnavailableError` saying why and how to get it: there is no
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Mapping, Union
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Fastest first, per device type. Changes here must be backed by a measurement
+# in benchmarks/results/.
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+_INSTALL_HINT = "reinstall from the repository root with `pip install --no-build-isolation -v -e .`"
+
+# A kernel is either the callable itself or "module:attribute", imported on first use
+# so that importing lnlm_ssm never imports Triton or loads an extension.
+Kernel = Union[Callable, str]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def _load_extension(module: str):
+    try:
+        return importlib.import_module(module), ""
+    except ImportError as exc:
+        return None, f"the extension {module} is not built or failed to load ({exc})"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(backend: str) -> str:
+    """Return "" when ``backend`` is usable on this machine, else the reason it is not."""
+    if backend == "reference":
+        return ""
+    if backend == "cpu":
+        _, reason = _load_extension("lnlm_ssm._C")
+        return f"{reason}; {_INSTALL_HINT}" if reason else ""
+    if backend == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            return f"triton is not importable ({exc}); pip install triton"
+        if not (torch.cuda.is_available() or _triton_interpreted()):
+            return "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 to run them slowly on the CPU)"
+        return ""
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
+        _, reason = _load_extension("lnlm_ssm._cuda")
+        if reason:
+            return (
+                f"{reason}; it is built only with a CUDA build of torch and nvcc present: "
+                f"set LNLM_SSM_CUDA=1 and {_INSTALL_HINT}"
+            )
+        return ""
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends built and usable on this machine, e.g. ``("reference", "cpu")``."""
+    return tuple(b for b in BACKENDS if not _probe(b))
+
+
+def backend_report() -> dict[str, str]:
+    """Each backend mapped to "available" or the reason it is not."""
+    return {b: (_probe(b) or "available") for b in BACKENDS}
+
+
+def _serves_device(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())
+    return device.type == "cuda"
+
+
+def _materialise(kernel: Kernel) -> Callable:
+    if callable(kernel):
+        return kernel
+    module, attr = kernel.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def resolve(op: str, backend: str, device: torch.device, kernels: Mapping[str, Kernel]) -> Callable:
+    """Pick the kernel of ``op`` for ``backend`` on ``device``.
+
+    ``kernels`` maps backend names to the op's implementations; it always
+    holds "reference".
+    """
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if candidate in kernels and not _probe(candidate) and _serves_device(candidate, device):
+                return _materialise(kernels[candidate])
+        return _materialise(kernels["reference"])
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    reason = _probe(backend)
+    if reason:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
+    if backend not in kernels:
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r} has no kernel for this op yet; "
+            f"this op has: {', '.join(sorted(kernels))}"
+        )
+    if not _serves_device(backend, device):
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r} cannot run on {device.type} tensors; "
+            "move the tensors or pick another backend"
+        )
+    return _materialise(kernels[backend])

@@ -1,0 +1,67 @@
+"""Reference causal depthwise conv1d, as in the causal-conv1d package.
+
+Glossary: x (batch, dim, seqlen); weight (dim, width); bias (dim,);
+conv states (batch, dim, width - 1) hold the last width - 1 inputs before x;
+seq_idx (batch, seqlen) marks packed sequences.
+
+    out[b, d, t] = bias[d] + Σ_{k<width} weight[d, k] · x[b, d, t - (width-1) + k]
+
+where inputs before t = 0 come from ``initial_states`` (zeros by default) and
+inputs of another packed sequence than t's count as zero. ``activation="silu"``
+(or its alias "swish") applies silu to the result.
+
+Math runs in fp32 (float64 for float64 x); outputs and final states are in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def _activate(out, activation):
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+def causal_conv1d_ref(
+    x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
+):
+    out_dtype = x.dtype
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+
+    history = x.new_zeros(batch, dim, width - 1) if initial_states is None else initial_states
+    padded = torch.cat([history.to(compute), x.to(compute)], dim=-1)  # (b, d, width - 1 + seqlen)
+    weight = weight.to(compute)
+    out = torch.zeros(batch, dim, seqlen, dtype=compute, device=x.device)
+    if bias is not None:
+        out = out + bias.to(compute)[:, None]
+    if seq_idx is not None:
+        # The history belongs to the row's first sequence.
+        padded_seq = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=-1)
+    for k in range(width):
+        window = padded[..., k : k + seqlen]
+        if seq_idx is not None:
+            window = window * (padded_seq[:, k : k + seqlen] == seq_idx).to(compute)[:, None, :]
+        out = out + weight[:, k, None] * window
+    out = _activate(out, activation).to(out_dtype)
+    if not return_final_states:
+        return out
+    return out, padded[..., padded.shape[-1] - (width - 1) :].to(out_dtype)
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
+    """Decode step(s): x is (batch, dim) or (batch, dim, seqlen); conv_state
+    (batch, dim, state_len >= width - 1) is shifted left by seqlen and updated in place."""
+    single = x.ndim == 2
+    if single:
+        x = x.unsqueeze(-1)
+    width = weight.shape[1]
+    state_len = conv_state.shape[-1]
+    history = conv_state[..., state_len - (width - 1) :]
+    out = causal_conv1d_ref(x, weight, bias, activation, initial_states=history)
+    conv_state.copy_(torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[..., -state_len:])
+    return out.squeeze(-1) if single else out

@@ -1,0 +1,58 @@
+"""Reference RMSNorm with optional fused residual add and optional z gating.
+
+Steps, over the last dimension (hidden) of x:
+
+1. x <- x + residual                       (when residual is given; the sum is the new residual)
+2. x <- x ⊙ silu(z)                        (when z is given and not norm_before_gate)
+3. y <- x / sqrt(mean(x²) + eps) ⊙ weight (+ bias), the mean taken over groups of
+   ``group_size`` channels (default: all of hidden; Mamba-2 norms per group)
+4. y <- y ⊙ silu(z)                        (when z is given and norm_before_gate)
+
+Math runs in fp32 (float64 for float64 x); y is returned in x's dtype. With
+``prenorm=True`` the new residual is returned too, in fp32 when
+``residual_in_fp32`` else in the residual's dtype (x's when there is none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(
+    x,
+    weight,
+    bias=None,
+    *,
+    residual=None,
+    z=None,
+    eps=1e-6,
+    group_size=None,
+    norm_before_gate=True,
+    prenorm=False,
+    residual_in_fp32=False,
+):
+    out_dtype = x.dtype
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if residual_in_fp32:
+        residual_dtype = torch.float32
+    else:
+        residual_dtype = residual.dtype if residual is not None else x.dtype
+
+    h = x.to(compute)
+    if residual is not None:
+        h = h + residual.to(compute)
+    new_residual = h
+    if z is not None and not norm_before_gate:
+        h = h * F.silu(z.to(compute))
+    hidden = h.shape[-1]
+    group = hidden if group_size is None else group_size
+    grouped = h.unflatten(-1, (hidden // group, group))
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    y = grouped.flatten(-2) * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.to(compute))
+    y = y.to(out_dtype)
+    return (y, new_residual.to(residual_dtype)) if prenorm else y

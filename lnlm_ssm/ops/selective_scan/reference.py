@@ -1,0 +1,88 @@
+"""Reference selective scan (Mamba-1): the specification every fast kernel is tested against.
+
+Glossary (mamba_ssm's layout):
+
+======  =========================================  ==============================
+symbol  shape                                      meaning
+======  =========================================  ==============================
+u       (batch, dim, seqlen)                       input sequence
+delta   (batch, dim, seqlen)                       step size Δ, one per channel and step
+A       (dim, dstate)                              continuous-time state matrix (diagonal, real)
+B, C    (batch, dstate, seqlen) or                 input and output projections; with ngroups,
+        (batch, ngroups, dstate, seqlen)           group g serves channels [g*dim/ngroups, (g+1)*dim/ngroups)
+D       (dim,)                                     skip connection
+z       (batch, dim, seqlen)                       gate
+h       (batch, dim, dstate)                       state; ``initial_state`` is h before step 0
+======  =========================================  ==============================
+
+Steps (Mamba paper, Algorithm 2, with zero-order-hold for A and Euler for B):
+
+1. Δ <- Δ + delta_bias; Δ <- softplus(Δ) if delta_softplus
+2. for t in 0..seqlen-1:
+       h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t
+       y_t = C_t · h_t
+3. y <- y + D ⊙ u;  y <- y ⊙ silu(z) if z is given
+
+Math runs in fp32 (float64 when u is float64). y is returned in u's dtype, the
+last state in the math dtype. This is the plain sequential PyTorch scan the Mamba
+paper compares its fused kernel against; every tensor op is differentiable, so
+gradients flow to all float inputs, to ``initial_state``, and through the last state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def selective_scan_ref(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+):
+    out_dtype = u.dtype
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[-1]
+
+    u = u.to(compute)
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    # Ungrouped B/C is the one-group case.
+    B = (B if B.ndim == 4 else B.unsqueeze(1)).to(compute)
+    C = (C if C.ndim == 4 else C.unsqueeze(1)).to(compute)
+    ngroups = B.shape[1]
+    per_group = dim // ngroups
+
+    # Discretise every step up front: both are (batch, dim, seqlen, dstate).
+    decay = torch.exp(delta.unsqueeze(-1) * A.to(compute)[:, None, :])
+    drive = torch.einsum("bgcl,bgnl->bgcln", (delta * u).view(batch, ngroups, per_group, seqlen), B)
+    drive = drive.reshape(batch, dim, seqlen, dstate)
+
+    h = u.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(compute)
+    ys = []
+    for t in range(seqlen):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        y_t = torch.einsum("bgcn,bgn->bgc", h.view(batch, ngroups, per_group, dstate), C[..., t])
+        ys.append(y_t.reshape(batch, dim))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(compute))
+    y = y.to(out_dtype)
+    return (y, h) if return_last_state else y

@@ -1,0 +1,202 @@
+"""Reference Mamba-2 SSD scan: the chunked formulation and the step-by-step recurrence.
+
+Glossary (mamba_ssm's layout; b batch, l seqlen, h heads, p headdim, g groups, n dstate):
+
+==============  ==============  ================================================
+symbol          shape           meaning
+==============  ==============  ================================================
+x               (b, l, h, p)    input
+dt              (b, l, h)       step size Δ, one per head and step
+A               (h,)            scalar decay rate per head (negative for a stable SSM)
+B, C            (b, l, g, n)    input and output projections; group j serves heads
+                                [j*h/g, (j+1)*h/g)
+D               (h,) or (h, p)  skip connection
+z               (b, l, h, p)    gate
+seq_idx         (b, l)          integer id of the packed sequence each token belongs to
+h_t             (b, h, p, n)    state; ``initial_states`` is the state before step 0
+==============  ==============  ================================================
+
+The recurrence (Mamba-2 paper, eq. 1 with scalar A per head):
+
+    Δ_t = clamp(softplus(dt_t + dt_bias), *dt_limit)
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t ⊗ B_t          (h_t := 0 first where seq_idx changes)
+    y_t = h_t C_t + D x_t,   then y_t ⊙ silu(z_t)
+
+``ssd_recurrent_ref`` runs it one step at a time. ``mamba_chunk_scan_ref``
+computes the same thing chunk by chunk (paper, section 6, "SSD algorithm"):
+
+1. split the sequence into chunks of ``chunk_size`` steps (zero-padded: Δ=0 leaves the state alone);
+2. within a chunk, y is a masked attention-like matmul: y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{s<k≤t} Δ_k A) Δ_s x_s;
+3. each chunk's own contribution to the state at its end;
+4. pass states from chunk to chunk (a short sequential loop over chunks);
+5. add each chunk's entering state, decayed to every position, read out through C.
+
+Math runs in fp32 (float64 when x is float64); y is returned in x's dtype and
+final states in the math dtype. Tokens whose seq_idx differs never interact;
+``initial_states`` belong to the first packed sequence of each row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
+    dt = dt.to(compute)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _finish(y, x, D, z):
+    if D is not None:
+        D = D.to(y.dtype)
+        y = y + x * (D[:, None] if D.ndim == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def _segsum(a, same_seq):
+    """S[..., t, s] = Σ_{s<k≤t} a[..., k] for s ≤ t (and tokens of one sequence), else -inf.
+
+    Summing the masked increments directly, instead of subtracting two prefix
+    sums, keeps it exact where the cumulative decay is large.
+    """
+    T = a.shape[-1]
+    increments = a[..., :, None].expand(*a.shape, T)  # [..., k, s] = a[k]
+    strictly_below = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    S = increments.masked_fill(~strictly_below, 0.0).cumsum(dim=-2)
+    keep = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0) & same_seq
+    return S.masked_fill(~keep, -math.inf)
+
+
+def mamba_chunk_scan_ref(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    dt_limit=(0.0, math.inf),
+    initial_states=None,
+    seq_idx=None,
+    return_final_states=False,
+):
+    out_dtype = x.dtype
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    T = chunk_size
+    nchunks = max(1, -(-seqlen // T))
+    pad = nchunks * T - seqlen
+
+    x_in = x.to(compute)
+    dt = _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
+    if seq_idx is None:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.long, device=x.device)
+    seq_idx = seq_idx.long()
+    first_seq = seq_idx[:, :1] if seqlen else torch.zeros(batch, 1, dtype=torch.long, device=x.device)
+
+    # 1. Chunk, padding the tail with Δ=0 (a no-op step) of the last sequence.
+    def chunked(t):
+        t = F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad))
+        return t.reshape(batch, nchunks, T, *t.shape[2:])
+
+    heads_per_group = nheads // ngroups
+    xc = chunked(x_in)  # (b, c, T, h, p)
+    dtc = chunked(dt)  # (b, c, T, h)
+    Bc = chunked(B.to(compute)).repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
+    Cc = chunked(C.to(compute)).repeat_interleave(heads_per_group, dim=3)
+    last_seq = seq_idx[:, -1:] if seqlen else first_seq
+    seqc = torch.cat([seq_idx, last_seq.expand(batch, pad)], dim=1).view(batch, nchunks, T)
+
+    a = (dtc * A.to(compute)).permute(0, 3, 1, 2)  # (b, h, c, T): log-decay of each step
+    same_seq = (seqc[:, :, :, None] == seqc[:, :, None, :])[:, None]  # (b, 1, c, T, T)
+    S = _segsum(a, same_seq)  # (b, h, c, T, T)
+
+    # 2. Within-chunk outputs: masked (C_t · B_s) decay Δ_s x_s.
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * torch.exp(S)
+    y = torch.einsum("bhcls,bcsh,bcshp->bclhp", scores, dtc, xc)
+
+    # 3. Each chunk's own state at its last step (S's last row: decay from s to the end).
+    to_end = torch.exp(S[..., -1, :])  # (b, h, c, T)
+    chunk_states = torch.einsum("bcshn,bhcs,bcsh,bcshp->bchpn", Bc, to_end, dtc, xc)
+
+    # 4. Pass states across chunk boundaries; a state survives a chunk only if
+    #    the chunk's last token is of the state's sequence.
+    chunk_decay = torch.exp(a.sum(-1))  # (b, h, c)
+    if initial_states is None:
+        state = x_in.new_zeros(batch, nheads, headdim, dstate)
+    else:
+        state = initial_states.to(compute)
+    state_seq = first_seq[:, 0]
+    entering, entering_seq = [], []
+    for c in range(nchunks):
+        entering.append(state)
+        entering_seq.append(state_seq)
+        survives = (seqc[:, c, -1] == state_seq).to(compute)[:, None, None, None]
+        state = state * chunk_decay[:, :, c, None, None] * survives + chunk_states[:, c]
+        state_seq = seqc[:, c, -1]
+    entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+    entering_seq = torch.stack(entering_seq, dim=1)  # (b, c)
+
+    # 5. Entering state decayed to each position (inclusive prefix of the chunk), read out through C.
+    prefix = torch.exp(a.cumsum(-1))  # (b, h, c, T)
+    reaches = (seqc == entering_seq[:, :, None]).to(compute)[:, None]  # (b, 1, c, T)
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, prefix * reaches)
+
+    y = y.reshape(batch, nchunks * T, nheads, headdim)[:, :seqlen]
+    y = _finish(y, x_in, D, z).to(out_dtype)
+    return (y, state) if return_final_states else y
+
+
+def ssd_recurrent_ref(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    dt_limit=(0.0, math.inf),
+    initial_states=None,
+    seq_idx=None,
+    return_final_states=False,
+):
+    """The SSD recurrence, one step at a time: the oracle for ``mamba_chunk_scan_ref``."""
+    out_dtype = x.dtype
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, seqlen, nheads, headdim = x.shape
+    heads_per_group = nheads // B.shape[2]
+    x_in = x.to(compute)
+    dt = _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
+    B = B.to(compute).repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
+    C = C.to(compute).repeat_interleave(heads_per_group, dim=2)
+    A = A.to(compute)
+
+    h = x_in.new_zeros(batch, nheads, headdim, B.shape[-1]) if initial_states is None else initial_states.to(compute)
+    ys = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            new_seq = (seq_idx[:, t] != seq_idx[:, t - 1]).to(compute)[:, None, None, None]
+            h = h * (1 - new_seq)
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        h = decay * h + (dt[:, t, :, None] * x_in[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = torch.stack(ys, dim=1) if ys else x_in.new_zeros(x.shape)
+    y = _finish(y, x_in, D, z).to(out_dtype)
+    return (y, h) if return_final_states else y

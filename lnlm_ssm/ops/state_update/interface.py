@@ -1,0 +1,23 @@
+"""Public decode step: ``selective_state_update``, as in mamba_ssm."""
+
+from __future__ import annotations
+
+from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
+from lnlm_ssm.ops.state_update.shapes import canonicalize
+
+_KERNELS = {
+    "reference": selective_state_update_ref,
+}
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend="auto"):
+    """One decoding step: updates ``state`` in place and returns y.
+
+    Shapes are listed in ``lnlm_ssm/ops/state_update/shapes.py`` (Mamba-1 and
+    Mamba-2 layouts). y has x's shape and dtype.
+    """
+    s = canonicalize(state, x, dt, A, B, C, D, z, dt_bias)
+    kernel = resolve("selective_state_update", backend, s.x.device, _KERNELS)
+    y = kernel(*s, dt_softplus=dt_softplus)
+    return y.squeeze(-1) if state.ndim == 3 else y
