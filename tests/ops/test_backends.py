@@ -1,0 +1,68 @@
+"""Backend selection: what is reported, what "auto" picks, and errors for unusable backends."""
+
+import pytest
+import torch
+
+import lnlm_ssm.ops as ops
+from lnlm_ssm.ops import BackendUnavailableError, available_backends, backend_report, selective_scan_fn
+from lnlm_ssm.ops._backends import resolve
+
+
+def test_reference_always_available():
+    assert "reference" in available_backends()
+    report = backend_report()
+    assert set(report) == {"reference", "cpu", "triton", "cuda"}
+    assert report["reference"] == "available"
+    for name, status in report.items():
+        assert (status == "available") == (name in available_backends())
+
+
+def test_auto_falls_back_to_reference_when_op_has_no_kernel():
+    kernels = {"reference": lambda: "ref"}
+    assert resolve("op", "auto", torch.device("cpu"), kernels)() == "ref"
+
+
+def test_auto_prefers_built_cpu_kernel():
+    kernels = {"reference": lambda: "ref", "cpu": lambda: "cpu"}
+    expected = "cpu" if "cpu" in available_backends() else "ref"
+    assert resolve("op", "auto", torch.device("cpu"), kernels)() == expected
+
+
+def test_unknown_backend_is_a_value_error():
+    u = torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'triton', 'cuda'\), got 'fast'"):
+        selective_scan_fn(u, u, -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backend_without_gpu_explains(backend, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops._backends._probe.cache_clear()
+    u = torch.randn(1, 2, 3)
+    with pytest.raises(BackendUnavailableError, match=rf"selective_scan: backend '{backend}' is not available: .*(CUDA GPU|torch.cuda)"):
+        selective_scan_fn(u, u, -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend=backend)
+    ops._backends._probe.cache_clear()
+
+
+def test_backend_without_kernel_for_op_says_which_exist():
+    kernels = {"reference": lambda: "ref"}
+    if "cpu" in available_backends():
+        expected = r"op: backend 'cpu' has no kernel for this op yet; this op has: reference"
+    else:
+        expected = r"op: backend 'cpu' is not available: .*pip install --no-build-isolation"
+    with pytest.raises(BackendUnavailableError, match=expected):
+        resolve("op", "cpu", torch.device("cpu"), kernels)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs the C++ extension")
+def test_backend_on_wrong_device_says_so():
+    kernels = {"reference": lambda: "ref", "cpu": lambda: "cpu"}
+    with pytest.raises(BackendUnavailableError, match=r"op: backend 'cpu' cannot run on meta tensors"):
+        resolve("op", "cpu", torch.device("meta"), kernels)
+
+
+def test_explicit_reference_matches_auto():
+    u = torch.randn(1, 2, 3)
+    args = (u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    torch.testing.assert_close(selective_scan_fn(*args, backend="reference"), selective_scan_fn(*args))
