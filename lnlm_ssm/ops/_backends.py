@@ -9,8 +9,8 @@ Backends:
 
 ``backend="auto"`` takes the first backend in :data:`AUTO_ORDER` for the
 tensors' device that is usable and has a kernel for the op. Each op lists its
-kernels in its ``interface.py``; an op that has only a reference resolves to
-it. An explicit backend that cannot serve the call raises
+kernels in its ``interface.py`` and declares them with :func:`register`; an op
+that has only a reference resolves to it. An explicit backend that cannot serve the call raises
 :class:`BackendUnavailableError` saying why and how to get it: there is no
 silent fallback.
 """
@@ -32,6 +32,9 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
 }
+
+# float64 inputs ask for float64 math, which only these backends do; "auto" skips the others.
+FLOAT64_BACKENDS = ("reference", "cpu")
 
 _INSTALL_HINT = "reinstall from the repository root with `pip install --no-build-isolation -v -e .`"
 
@@ -94,14 +97,14 @@ def backend_report() -> dict[str, str]:
     return {b: (_probe(b) or "available") for b in BACKENDS}
 
 
-def _serves_device(backend: str, device: torch.device) -> bool:
+def _serves_device(backend: str, device_type: str) -> bool:
     if backend == "reference":
         return True
     if backend == "cpu":
-        return device.type == "cpu"
+        return device_type == "cpu"
     if backend == "triton":
-        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())
-    return device.type == "cuda"
+        return device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
+    return device_type == "cuda"
 
 
 def _materialise(kernel: Kernel) -> Callable:
@@ -111,30 +114,53 @@ def _materialise(kernel: Kernel) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def resolve(op: str, backend: str, device: torch.device, kernels: Mapping[str, Kernel]) -> Callable:
-    """Pick the kernel of ``op`` for ``backend`` on ``device``.
+# Every op's kernels, by op name (filled by register()), and the kernels picked
+# so far, by the key _pick() returns.
+_KERNELS: dict[str, Mapping[str, Kernel]] = {}
+_PICKED: dict[str, Callable] = {}
 
-    ``kernels`` maps backend names to the op's implementations; it always
-    holds "reference".
-    """
+
+def register(op: str, kernels: Mapping[str, Kernel]) -> None:
+    """Declare ``op``'s kernels: backend name -> callable or "module:attribute". "reference" is required."""
+    _KERNELS[op] = kernels
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    """The kernel of ``op`` for ``backend`` on ``device``; ``dtype`` is the dtype of the op's main input."""
+    return _PICKED[_pick(op, backend, device.type, dtype)]
+
+
+# torch.compile runs this at trace time instead of tracing it (it probes
+# extensions and imports kernel modules): its inputs and result are constants.
+@torch.compiler.assume_constant_result
+def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
+    kernels = _KERNELS[op]
     if backend == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if candidate in kernels and not _probe(candidate) and _serves_device(candidate, device):
-                return _materialise(kernels[candidate])
-        return _materialise(kernels["reference"])
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    reason = _probe(backend)
-    if reason:
-        raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
-    if backend not in kernels:
-        raise BackendUnavailableError(
-            f"{op}: backend {backend!r} has no kernel for this op yet; "
-            f"this op has: {', '.join(sorted(kernels))}"
-        )
-    if not _serves_device(backend, device):
-        raise BackendUnavailableError(
-            f"{op}: backend {backend!r} cannot run on {device.type} tensors; "
-            "move the tensors or pick another backend"
-        )
-    return _materialise(kernels[backend])
+        chosen = "reference"
+        for candidate in AUTO_ORDER.get(device_type, ()):
+            if dtype == torch.float64 and candidate not in FLOAT64_BACKENDS:
+                continue
+            if candidate in kernels and not _probe(candidate) and _serves_device(candidate, device_type):
+                chosen = candidate
+                break
+    else:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        reason = _probe(backend)
+        if reason:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
+        if backend not in kernels:
+            raise BackendUnavailableError(
+                f"{op}: backend {backend!r} has no kernel for this op yet; "
+                f"this op has: {', '.join(sorted(kernels))}"
+            )
+        if not _serves_device(backend, device_type):
+            raise BackendUnavailableError(
+                f"{op}: backend {backend!r} cannot run on {device_type} tensors; "
+                "move the tensors or pick another backend"
+            )
+        chosen = backend
+    key = f"{op}:{chosen}"
+    if key not in _PICKED:
+        _PICKED[key] = _materialise(kernels[chosen])
+    return key

@@ -5,7 +5,7 @@ import torch
 
 import lnlm_ssm.ops as ops
 from lnlm_ssm.ops import BackendUnavailableError, available_backends, backend_report, selective_scan_fn
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 
 
 def test_reference_always_available():
@@ -17,15 +17,21 @@ def test_reference_always_available():
         assert (status == "available") == (name in available_backends())
 
 
+def resolve_new(op, backend, device, kernels):
+    """Register a test op under its own name, then resolve it."""
+    register(op, kernels)
+    return resolve(op, backend, device)
+
+
 def test_auto_falls_back_to_reference_when_op_has_no_kernel():
     kernels = {"reference": lambda: "ref"}
-    assert resolve("op", "auto", torch.device("cpu"), kernels)() == "ref"
+    assert resolve_new("only-reference", "auto", torch.device("cpu"), kernels)() == "ref"
 
 
 def test_auto_prefers_built_cpu_kernel():
     kernels = {"reference": lambda: "ref", "cpu": lambda: "cpu"}
     expected = "cpu" if "cpu" in available_backends() else "ref"
-    assert resolve("op", "auto", torch.device("cpu"), kernels)() == expected
+    assert resolve_new("with-cpu", "auto", torch.device("cpu"), kernels)() == expected
 
 
 def test_unknown_backend_is_a_value_error():
@@ -48,18 +54,18 @@ def test_gpu_backend_without_gpu_explains(backend, monkeypatch):
 def test_backend_without_kernel_for_op_says_which_exist():
     kernels = {"reference": lambda: "ref"}
     if "cpu" in available_backends():
-        expected = r"op: backend 'cpu' has no kernel for this op yet; this op has: reference"
+        expected = r"no-cpu: backend 'cpu' has no kernel for this op yet; this op has: reference"
     else:
-        expected = r"op: backend 'cpu' is not available: .*pip install --no-build-isolation"
+        expected = r"no-cpu: backend 'cpu' is not available: .*pip install --no-build-isolation"
     with pytest.raises(BackendUnavailableError, match=expected):
-        resolve("op", "cpu", torch.device("cpu"), kernels)
+        resolve_new("no-cpu", "cpu", torch.device("cpu"), kernels)
 
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="needs the C++ extension")
 def test_backend_on_wrong_device_says_so():
     kernels = {"reference": lambda: "ref", "cpu": lambda: "cpu"}
-    with pytest.raises(BackendUnavailableError, match=r"op: backend 'cpu' cannot run on meta tensors"):
-        resolve("op", "cpu", torch.device("meta"), kernels)
+    with pytest.raises(BackendUnavailableError, match=r"on-meta: backend 'cpu' cannot run on meta tensors"):
+        resolve_new("on-meta", "cpu", torch.device("meta"), kernels)
 
 
 def test_explicit_reference_matches_auto():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops._checks import Shapes, check_choice, check_seq_idx
 from lnlm_ssm.ops.conv1d.reference import ACTIVATIONS, causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -12,6 +12,8 @@ _KERNELS = {
 _UPDATE_KERNELS = {
     "reference": causal_conv1d_update_ref,
 }
+register("causal_conv1d_fn", _KERNELS)
+register("causal_conv1d_update", _UPDATE_KERNELS)
 
 
 def _bind_weight(shapes: Shapes, weight, bias, activation) -> int:
@@ -51,7 +53,7 @@ def causal_conv1d_fn(
         if not return_final_states:
             raise ValueError("final_states_out is only written with return_final_states=True")
         shapes.bind("final_states_out", final_states_out, ("batch", "dim", width - 1))
-    kernel = resolve("causal_conv1d_fn", backend, shapes.device, _KERNELS)
+    kernel = resolve("causal_conv1d_fn", backend, shapes.device, dtype=x.dtype)
     result = kernel(
         x,
         weight,
@@ -85,5 +87,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
         raise ValueError(
             f"conv_state must hold at least width - 1 = {width - 1} steps, got shape {tuple(conv_state.shape)}"
         )
-    kernel = resolve("causal_conv1d_update", backend, shapes.device, _UPDATE_KERNELS)
+    kernel = resolve("causal_conv1d_update", backend, shapes.device, dtype=x.dtype)
     return kernel(x, conv_state, weight, bias, activation)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops._checks import Shapes, check_divisible, check_positive_int, check_tensor
 from lnlm_ssm.ops.norm.reference import rms_norm_ref
 
 _KERNELS = {
     "reference": rms_norm_ref,
 }
+register("rms_norm_fn", _KERNELS)
 
 
 def rms_norm_fn(
@@ -44,7 +45,7 @@ def rms_norm_fn(
         check_divisible("hidden", shapes["hidden"], "group_size", group_size)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
-    kernel = resolve("rms_norm_fn", backend, shapes.device, _KERNELS)
+    kernel = resolve("rms_norm_fn", backend, shapes.device, dtype=x.dtype)
     return kernel(
         x,
         weight,

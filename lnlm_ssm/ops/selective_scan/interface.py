@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops._checks import Shapes, check_divisible
 from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
 
 _KERNELS = {
     "reference": selective_scan_ref,
+    "cpu": "lnlm_ssm.ops.selective_scan.cpu:selective_scan_cpu",
 }
+register("selective_scan", _KERNELS)
 
 
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> Shapes:
@@ -64,7 +66,7 @@ def selective_scan_fn(
     ``initial_state``.
     """
     shapes = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    kernel = resolve("selective_scan", backend, shapes.device, _KERNELS)
+    kernel = resolve("selective_scan", backend, shapes.device, dtype=u.dtype)
     return kernel(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state=initial_state
     )

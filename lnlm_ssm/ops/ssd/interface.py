@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops._checks import Shapes, check_divisible, check_positive_int, check_seq_idx
 from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref
 
 _KERNELS = {
     "reference": mamba_chunk_scan_ref,
 }
+register("mamba_chunk_scan_combined", _KERNELS)
 
 
 def _check_dt_limit(dt_limit):
@@ -76,7 +77,7 @@ def mamba_chunk_scan_combined(
     """
     shapes = _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
     dt_limit = _check_dt_limit(dt_limit)
-    kernel = resolve("mamba_chunk_scan_combined", backend, shapes.device, _KERNELS)
+    kernel = resolve("mamba_chunk_scan_combined", backend, shapes.device, dtype=x.dtype)
     return kernel(
         x,
         dt,

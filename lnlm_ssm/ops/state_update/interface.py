@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from lnlm_ssm.ops._backends import resolve
+from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
 from lnlm_ssm.ops.state_update.shapes import canonicalize
 
 _KERNELS = {
     "reference": selective_state_update_ref,
+    "cpu": "lnlm_ssm.ops.state_update.cpu:selective_state_update_cpu",
+    "cuda": "lnlm_ssm.ops.state_update.cuda:selective_state_update_cuda",
 }
+register("selective_state_update", _KERNELS)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend="auto"):
@@ -18,6 +21,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Mamba-2 layouts). y has x's shape and dtype.
     """
     s = canonicalize(state, x, dt, A, B, C, D, z, dt_bias)
-    kernel = resolve("selective_state_update", backend, s.x.device, _KERNELS)
+    kernel = resolve("selective_state_update", backend, s.x.device, dtype=s.x.dtype)
     y = kernel(*s, dt_softplus=dt_softplus)
     return y.squeeze(-1) if state.ndim == 3 else y
