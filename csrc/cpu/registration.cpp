@@ -1,0 +1,76 @@
+// The lnlm_ssm operator library: every op's schema, defined once, and the
+// Python module object of the extension `lnlm_ssm._C`.
+//
+// Kernels register against these schemas elsewhere with
+// TORCH_LIBRARY_IMPL(lnlm_ssm, CPU, m) (csrc/cpu/*.cpp) or
+// TORCH_LIBRARY_IMPL(lnlm_ssm, CUDA, m) (the `lnlm_ssm._cuda` extension, which
+// must be loaded after this one). The fake (meta) implementations that
+// torch.compile traces with are registered in lnlm_ssm/ops/_library.py.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(lnlm_ssm, m) {
+  // One decoding step of the selective SSM (Mamba-1 and Mamba-2), in the
+  // canonical layout of lnlm_ssm/ops/state_update/shapes.py:
+  //   state (b,h,p,n) updated in place; x, dt, z (b,h,p); A (h,p,n);
+  //   B, C (b,g,n); D, dt_bias (h,p). Returns y (b,h,p) in x's dtype.
+  m.def(
+      "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+
+  // The Mamba-1 selective scan (csrc/cpu/selective_scan.cpp has the layout).
+  // checkpoints: the state entering every `checkpoint_every` steps, for the
+  // backward (empty when checkpoint_every is 0).
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus, int checkpoint_every) "
+      "-> (Tensor out, Tensor last_state, Tensor checkpoints)");
+  // Gradients of absent optional inputs come back as empty tensors.
+  m.def(
+      "selective_scan_bwd(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor checkpoints, bool delta_softplus, "
+      "int checkpoint_every) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+      "Tensor ddelta_bias, Tensor dinitial_state)");
+
+  // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
+  // silu to the output.
+  m.def(
+      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, Tensor? seq_idx, "
+      "bool silu) -> Tensor");
+  // dbias is empty when bias is absent.
+  m.def(
+      "causal_conv1d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
+      "Tensor? seq_idx, bool silu) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
+  // Decode step(s) x (b, d, l): returns out (b, d, l) and shifts x into conv_state (b, d, state_len) in place.
+  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+
+  // The Mamba-2 SSD chunked scan (csrc/cpu/ssd.cpp has the layout). dt is
+  // taken before dt_bias, softplus and the clamp to [dt_min, dt_max].
+  // chunk_states: the state entering each chunk, for the backward.
+  m.def(
+      "ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
+      "Tensor? initial_states, Tensor? seq_idx, int chunk_size, bool dt_softplus, float dt_min, float dt_max) "
+      "-> (Tensor out, Tensor final_states, Tensor chunk_states)");
+  // Gradients of absent optional inputs come back as empty tensors; ddt is the
+  // gradient of dt before dt_bias (so also that of dt_bias, summed).
+  m.def(
+      "ssd_chunk_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? seq_idx, Tensor chunk_states, int chunk_size, "
+      "bool dt_softplus, float dt_min, float dt_max) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
+      "Tensor dD, Tensor dz, Tensor dinitial_states)");
+}
+
+// `import lnlm_ssm._C` loads this shared library, which runs the registrations
+// above. The module itself has no methods: the ops live in torch.ops.lnlm_ssm.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "lnlm_ssm C++ CPU kernels; the ops are in torch.ops.lnlm_ssm",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module);
+}
