@@ -1,0 +1,176 @@
+"""The C++ CPU selective scan against the reference: outputs, last state and every gradient."""
+
+import pytest
+import torch
+
+import lnlm_ssm.ops.selective_scan.cpu as scan_cpu_module
+from lnlm_ssm.ops import available_backends, selective_scan_fn, selective_scan_ref
+from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension lnlm_ssm._C is not built")
+
+FIELDS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch=2, dim=5, seqlen=37, dstate=6, ngroups=None, dtype=torch.float32, optional=True, noncontiguous=False):
+    def r(*shape, scale=1.0, dt=dtype):
+        if noncontiguous and len(shape) > 1:
+            t = torch.randn(*reversed(shape), dtype=torch.float64).permute(*reversed(range(len(shape))))
+        else:
+            t = torch.randn(*shape, dtype=torch.float64)
+        return (t * scale).to(dt)
+
+    bc = (batch, dstate, seqlen) if ngroups is None else (batch, ngroups, dstate, seqlen)
+    t = dict(
+        u=r(batch, dim, seqlen),
+        delta=r(batch, dim, seqlen, scale=0.5),
+        A=-(r(dim, dstate, dt=torch.float32).abs() + 0.1),
+        B=r(*bc),
+        C=r(*bc),
+        D=r(dim, dt=torch.float32),
+        z=r(batch, dim, seqlen),
+        delta_bias=r(dim, scale=0.3, dt=torch.float32),
+        initial_state=r(batch, dim, dstate, dt=torch.float32),
+    )
+    if not optional:
+        t.update(D=None, z=None, delta_bias=None, initial_state=None)
+    return t
+
+
+def run(t, backend, softplus=True):
+    """Outputs and the gradients of a random projection of (y, last_state) w.r.t. every input."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
+    y, last = selective_scan_fn(**{**t, **leaves}, delta_softplus=softplus, return_last_state=True, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
+    grads = torch.autograd.grad((y * gy).sum() + (last * gl).sum(), list(leaves.values()))
+    return y, last, dict(zip(leaves, grads))
+
+
+def to64(t):
+    return {k: (None if v is None else v.double()) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(),
+        dict(seqlen=1),
+        dict(seqlen=97, dstate=1),
+        dict(seqlen=130, dstate=16, ngroups=1),
+        dict(dim=6, ngroups=3, dstate=9),
+        dict(batch=1, dim=3, seqlen=1025, dstate=3),
+    ],
+)
+def test_matches_reference(dtype, shape):
+    t = make_inputs(dtype=dtype, **shape)
+    y, last, grads = run(t, "cpu")
+    y_ref, last_ref, grads_ref = run(t, "reference")
+    assert y.dtype == dtype and last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(y, y_ref, dtype)
+    assert_close(last, last_ref, dtype)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], dtype, msg=name)
+
+
+@pytest.mark.parametrize("optional", [True, False])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_optional_inputs(optional, softplus):
+    t = make_inputs(dtype=torch.float64, optional=optional)
+    y, last, grads = run(t, "cpu", softplus)
+    y_ref, last_ref, grads_ref = run(t, "reference", softplus)
+    assert_close(y, y_ref)
+    assert_close(last, last_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    """Error against the float64 reference at most twice that of the reference run on the same low-precision inputs."""
+    t = make_inputs(dim=8, seqlen=64, dstate=16, dtype=dtype)
+    y, last, grads = run(t, "cpu")
+    y_lowp, last_lowp, grads_lowp = run(t, "reference")
+    y64, last64, grads64 = run(to64(t), "reference")
+    assert y.dtype == dtype
+    assert_close_to_ref(y, y64, y_lowp, msg="y")
+    assert_close_to_ref(last, last64, last_lowp, msg="last_state")
+    for name in grads64:
+        assert_close_to_ref(grads[name], grads64[name], grads_lowp[name], msg=name)
+
+
+def test_noncontiguous_inputs():
+    t = make_inputs(dtype=torch.float64, ngroups=1, noncontiguous=True)
+    assert not t["u"].is_contiguous()
+    y, last, grads = run(t, "cpu")
+    y_ref, last_ref, grads_ref = run(t, "reference")
+    assert_close(y, y_ref)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], msg=name)
+
+
+@pytest.mark.parametrize("every", [128, 1024])
+def test_checkpoint_interval_changes_nothing(every, monkeypatch):
+    """Chunk boundaries of the backward's recomputation inside the sequence leave every result as it was."""
+    t = make_inputs(dtype=torch.float64, seqlen=150)
+    expected = run(t, "cpu")
+    monkeypatch.setattr(scan_cpu_module, "CHECKPOINT_EVERY", every)
+    y, last, grads = run(t, "cpu")
+    assert_close(y, expected[0])
+    for name in grads:
+        assert_close(grads[name], expected[2][name], msg=name)
+
+
+def test_threads_agree():
+    t = make_inputs(dim=16, seqlen=200, dstate=16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(t, "cpu")
+        torch.set_num_threads(2)
+        two = run(t, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for name in one[2]:
+        assert_close(one[2][name], two[2][name], msg=name)
+
+
+def test_grad_through_last_state_only():
+    t = make_inputs(dtype=torch.float64)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+    for backend in ("cpu", "reference"):
+        _, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+        grads = torch.autograd.grad(last.sum(), [leaves["u"], leaves["A"], leaves["initial_state"]])
+        if backend == "cpu":
+            cpu_grads = grads
+    for g, g_ref in zip(cpu_grads, grads):
+        assert_close(g, g_ref)
+
+
+def test_no_grad_forward_matches():
+    t = make_inputs()
+    with torch.no_grad():
+        y = selective_scan_fn(**t, delta_softplus=True, backend="cpu")
+    assert_close(y, selective_scan_ref(**t, delta_softplus=True))
+
+
+def test_torch_compile_fullgraph():
+    t = make_inputs(dim=4, seqlen=16, dstate=4)
+
+    def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        y, last = selective_scan_fn(
+            u, delta, A, B, C, D, z, delta_bias, True, True, initial_state=initial_state, backend="cpu"
+        )
+        return y.sum() + last.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [v.clone().requires_grad_(True) for v in t.values()]
+    out = compiled(*leaves)
+    out.backward()
+    expected = f(*t.values())
+    assert_close(out.detach(), expected)
+    assert all(v.grad is not None for v in leaves)
