@@ -40,99 +40,12 @@
 #include <optional>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace lnlm_ssm {
 namespace {
 
 constexpr const char* kOp = "selective_state_update (cpu)";
-
-// ---------------------------------------------------------------- math
-
-// exp for float without a libm call, so that a loop over it vectorises:
-// Cephes' expf (range reduction by ln 2, degree-6 polynomial), within ~2 ulp of
-// exp on [-87.33, 88.37]. Below that it returns 0 (exp would give a subnormal,
-// < 1.2e-38) and above it +inf; NaN stays NaN.
-inline float exp_vec(float x) {
-  constexpr float kHi = 88.3762626647949f;
-  constexpr float kLo = -87.3365447505531f;
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  float xc = x > kHi ? kHi : (x < kLo ? kLo : x);
-  xc = (x != x) ? 0.0f : xc;
-  const float k = (xc * kLog2e + kRound) - kRound;
-  float r = xc - k * kLn2Hi;
-  r = r - k * kLn2Lo;
-  const float r2 = r * r;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * r2 + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = poly * scale;
-  result = x < kLo ? 0.0f : result;
-  result = x > kHi ? INFINITY : result;
-  return (x != x) ? x : result;
-}
-
-inline double exp_vec(double x) {
-  return std::exp(x);
-}
-
-// log for normal floats > 0 without a libm call (Cephes' logf, ~1 ulp).
-inline float log_vec(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xff) - 126);  // x = m * 2^e, m in [0.5, 1)
-  bits = (bits & 0x807fffffu) | 0x3f000000u;
-  float m;
-  std::memcpy(&m, &bits, sizeof(m));
-  const bool below = m < 0.707106781186547524f;
-  e = below ? e - 1.0f : e;
-  m = below ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * e;
-}
-
-// softplus with torch's threshold 20: x > 20 ? x : log1p(exp(x)), computed as
-// max(x, 0) + log1p(exp(-|x|)) so that it vectorises and never overflows.
-inline float softplus(float x) {
-  const float t = exp_vec(-std::fabs(x));  // in [0, 1]
-  const float u = 1.0f + t;
-  const float um1 = u - 1.0f;
-  // log1p(t) = log(u) * t / (u - 1), which undoes the rounding of 1 + t (Goldberg);
-  // the denominator is never 0, so that the loop needs no branch.
-  const float ratio = t / (um1 == 0.0f ? 1.0f : um1);
-  const float log1p_t = um1 == 0.0f ? t : log_vec(u) * ratio;
-  const float r = (x > 0.0f ? x : 0.0f) + log1p_t;
-  return x > 20.0f ? x : r;
-}
-
-inline double softplus(double x) {
-  return x > 20.0 ? x : std::log1p(std::exp(x));
-}
-
-template <typename T>
-inline T silu(T v) {
-  return v / (T(1) + exp_vec(-v));
-}
 
 // ---------------------------------------------------------------- strided rows of any float dtype
 
@@ -335,7 +248,7 @@ void state_update(const at::Tensor& state, const at::Tensor& A, const Inputs& in
       if (in.dt_softplus) {
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-          dt[i] = softplus(dt[i]);
+          dt[i] = softplus_vec(dt[i]);
         }
       }
       load_heads(in.x, b, h0, nh, P, x);
@@ -377,7 +290,7 @@ void state_update(const at::Tensor& state, const at::Tensor& A, const Inputs& in
         load_heads(in.z, b, h0, nh, P, gate);
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-          yv[i] *= silu(gate[i]);
+          yv[i] *= gate[i] * sigmoid_vec(gate[i]);
         }
       }
       store_row(yv, len, y_dtype, y_data + bh0 * y_row_bytes);  // y is contiguous: the block is one run
