@@ -74,9 +74,11 @@ def selective_scan_ref(
 
     h = u.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(compute)
     ys = []
-    for t in range(seqlen):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        y_t = torch.einsum("bgcn,bgn->bgc", h.view(batch, ngroups, per_group, dstate), C[..., t])
+    # unbind, not indexing: the backward of x[:, :, t] builds a zero tensor of x's
+    # full size at every step, which makes the backward quadratic in seqlen.
+    for decay_t, drive_t, C_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(-1)):
+        h = decay_t * h + drive_t
+        y_t = torch.einsum("bgcn,bgn->bgc", h.view(batch, ngroups, per_group, dstate), C_t)
         ys.append(y_t.reshape(batch, dim))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
 
