@@ -10,6 +10,7 @@ from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref
 
 _KERNELS = {
     "reference": mamba_chunk_scan_ref,
+    "cpu": "lnlm_ssm.ops.ssd.cpu:mamba_chunk_scan_cpu",
 }
 register("mamba_chunk_scan_combined", _KERNELS)
 
