@@ -159,7 +159,9 @@ def cxx_flags(env: Mapping[str, str]) -> list[str]:
     # selects vectorise). Neither changes results, unlike -ffast-math, which is not used.
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if not portable(env):
-        flags.append("-march=native")
+        # gcc keeps to 256-bit vectors by default even where AVX-512 exists; the scans'
+        # inner loops measured 1.2x faster with 512 (ignored on CPUs without it).
+        flags += ["-march=native", "-mprefer-vector-width=512"]
     return flags
 
 

@@ -121,6 +121,17 @@ inline void step_sizes(const T* delta, int64_t len, acc_t bias, bool softplus_on
   }
 }
 
+// Each block reads kChannels rows of kBlock steps: streams too short and too many
+// for the hardware prefetcher, so the next block of a row is requested by hand.
+template <typename T>
+inline void prefetch_next_block(const T* row_block, int64_t len, int64_t remaining) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t ahead = std::min<int64_t>(kBlock, remaining - len);
+  for (int64_t i = 0; i < ahead; i += kLine) {
+    __builtin_prefetch(row_block + len + i);
+  }
+}
+
 // The forward advances kChannels channels of one group together, one per
 // vector lane: their B and C are shared, so each state element needs no
 // horizontal sum, and the lanes' recurrences are independent (the backward, by
@@ -219,6 +230,11 @@ void forward_kernel(
           // Per-step scalars, vectorised over time along each channel, then laid out by lane.
           for (int64_t c = 0; c < nc; ++c) {
             const int64_t row = (b * s.dim + d0 + c) * L + t0;
+            prefetch_next_block(delta + row, len, L - t0);
+            prefetch_next_block(u + row, len, L - t0);
+            if (z) {
+              prefetch_next_block(z + row, len, L - t0);
+            }
             step_sizes(delta + row, len, delta_bias ? delta_bias[d0 + c] : acc_t(0), delta_softplus, column,
                        static_cast<acc_t*>(nullptr));
             for (int64_t i = 0; i < len; ++i) {
@@ -230,17 +246,20 @@ void forward_kernel(
           for (int64_t c = 0; c < nc; ++c) {
             const int64_t row = (b * s.dim + d0 + c) * L + t0;
             const acc_t skip = D ? D[d0 + c] : acc_t(0);
+            for (int64_t i = 0; i < len; ++i) {
+              column[i] = y[i * kChannels + c];
+            }
             if (z) {
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i) {
                 const acc_t zi = static_cast<acc_t>(z[row + i]);
-                const acc_t yi = y[i * kChannels + c] + skip * static_cast<acc_t>(u[row + i]);
+                const acc_t yi = column[i] + skip * static_cast<acc_t>(u[row + i]);
                 out[row + i] = static_cast<T>(yi * zi * sigmoid_vec(zi));
               }
             } else {
 #pragma omp simd
               for (int64_t i = 0; i < len; ++i) {
-                out[row + i] = static_cast<T>(y[i * kChannels + c] + skip * static_cast<acc_t>(u[row + i]));
+                out[row + i] = static_cast<T>(column[i] + skip * static_cast<acc_t>(u[row + i]));
               }
             }
           }

@@ -2,6 +2,7 @@
 // (no libm calls in the float path).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -9,18 +10,19 @@
 namespace lnlm_ssm {
 
 // exp for float without a libm call: range reduction by ln 2 (Cody-Waite split)
-// and a degree-6 polynomial (Cephes' expf coefficients), within ~2 ulp of exp on
-// [-87.33, 88.37]. Below that it returns 0 (exp would give a subnormal,
-// < 1.2e-38) and above it +inf; NaN stays NaN.
+// and a degree-6 polynomial (Cephes' expf coefficients), within ~2 ulp of exp
+// where the result is a normal float. Results below ~1e-38 flush to 0, x above
+// ~88.38 gives +inf, NaN stays NaN. The edge cases cost three selects in all,
+// which matters here: this sits in the innermost loop of every scan.
 inline float exp_vec(float x) {
-  constexpr float kHi = 88.3762626647949f;
-  constexpr float kLo = -87.3365447505531f;
+  constexpr float kLimit = 88.7f;  // |k| <= 128: the biased exponent below stays in [-1, 255]
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  float xc = x > kHi ? kHi : (x < kLo ? kLo : x);
-  xc = (x != x) ? 0.0f : xc;
+  // Written as selects so that a NaN passes through to the final select.
+  float xc = x < -kLimit ? -kLimit : x;
+  xc = xc > kLimit ? kLimit : xc;
   const float k = (xc * kLog2e + kRound) - kRound;
   float r = xc - k * kLn2Hi;
   r = r - k * kLn2Lo;
@@ -32,12 +34,12 @@ inline float exp_vec(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r2 + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  // A biased exponent of 0 or below gives scale 0 (the result flushes to 0); 255 gives +inf.
+  const int32_t biased = std::max(static_cast<int32_t>(k) + 127, 0);
+  const uint32_t bits = static_cast<uint32_t>(biased) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float result = poly * scale;
-  result = x < kLo ? 0.0f : result;
-  result = x > kHi ? INFINITY : result;
+  const float result = poly * scale;
   return (x != x) ? x : result;
 }
 

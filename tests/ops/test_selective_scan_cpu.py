@@ -174,3 +174,16 @@ def test_torch_compile_fullgraph():
     expected = f(*t.values())
     assert_close(out.detach(), expected)
     assert all(v.grad is not None for v in leaves)
+
+
+def test_extreme_decays_match_reference():
+    """The kernel's exp at its edges: decay flushed to 0, decay overflowing to inf, and NaN in A."""
+    u = torch.ones(1, 5, 3)
+    delta = torch.ones(1, 5, 3)
+    A = torch.tensor([[-1000.0], [-88.0], [-87.0], [float("nan")], [100.0]])
+    B = torch.ones(1, 1, 3)
+    C = torch.ones(1, 1, 3)
+    y = selective_scan_fn(u, delta, A, B, C, backend="cpu")
+    y_ref = selective_scan_ref(u, delta, A, B, C)
+    assert torch.equal(y[:, :3], y_ref[:, :3])
+    assert y[:, 3:].isnan().all() and y_ref[:, 3:].isnan().all()
