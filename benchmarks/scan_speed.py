@@ -41,7 +41,11 @@ What is measured
   "mem" = tensors from torch's allocator (profiler allocation events on CPU,
   ``max_memory_allocated`` on CUDA), "rss" = growth of the process's resident
   set on Linux CPU (everything, allocator slack included). Both include the
-  gradients the call returns; neither includes the inputs;
+  output and the gradients the call returns; neither includes the inputs.
+  "extra" subtracts what the call has to return (y and one gradient per
+  input, at their sizes) from rss (from mem where rss is unknown): the scratch
+  and saved state an implementation needs on top. The header prints the size
+  of the input u (selective_scan) or x (ssd) to compare it with;
 - ``--budget-s`` bounds the time spent on one measurement (warm-up + repeats,
   and the memory probe, of one impl at one seqlen and mode). The time per call
   at the next seqlen is extrapolated from the shorter ones (power law through
@@ -370,6 +374,12 @@ def shape_description(args) -> str:
     )
 
 
+def _input_mib(args, seqlen: int, dtype: torch.dtype) -> float:
+    """Size of u (selective_scan: batch x dim x seqlen) or x (ssd: batch x seqlen x nheads x headdim)."""
+    per_step = args.dim if args.op == "selective_scan" else args.nheads * args.headdim
+    return args.batch * per_step * seqlen * torch.empty((), dtype=dtype).element_size() / 2**20
+
+
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
@@ -397,6 +407,8 @@ class Row:
     frac_matmul_peak: Optional[float] = None
     peak_mem_bytes: Optional[int] = None
     peak_rss_bytes: Optional[int] = None
+    returned_bytes: Optional[int] = None
+    extra_bytes: Optional[int] = None
     check_ok: Optional[bool] = None
     notes: list = field(default_factory=list)
 
@@ -541,6 +553,10 @@ def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def measure(args, impls_ok, device, dtype, notes) -> list[Row]:
     rows: list[Row] = []
     history: dict = {}
@@ -593,6 +609,10 @@ def measure(args, impls_ok, device, dtype, notes) -> list[Row]:
                         if not args.no_memory and not note:
                             mem = peak_extra_memory(call, device)
                             row.peak_mem_bytes, row.peak_rss_bytes = mem["torch_bytes"], mem["rss_bytes"]
+                            row.returned_bytes = _nbytes(dy) + sum(_nbytes(t) for t in grad_inputs)
+                            seen = row.peak_rss_bytes if row.peak_rss_bytes is not None else row.peak_mem_bytes
+                            if seen is not None:
+                                row.extra_bytes = seen - row.returned_bytes
                 except ops.BackendUnavailableError as exc:
                     row.notes.append(f"{mode} skipped: {exc}")
                 except Exception as exc:  # one failing row should not hide the others
@@ -688,7 +708,7 @@ def _pct(frac: Optional[float]) -> str:
 def format_table(rows: list[Row]) -> str:
     head = (
         "op", "seqlen", "impl", "fwd ms", "f+b ms", "x ref fwd", "x ref f+b",
-        "GB/s", "%bw", "GFLOP/s", "%peak", "mem MiB", "rss MiB", "note",
+        "GB/s", "%bw", "GFLOP/s", "%peak", "mem MiB", "rss MiB", "extra MiB", "note",
     )
     body = []
     for r in rows:
@@ -700,7 +720,8 @@ def format_table(rows: list[Row]) -> str:
             _fmt(r.speedup_fwd, ".2f"), _fmt(r.speedup_fwdbwd, ".2f"),
             _fmt(r.fwd_gbps, ".2f"), _pct(r.frac_bandwidth),
             _fmt(r.fwd_gflops, ".2f"), _pct(r.frac_matmul_peak),
-            format_bytes_mib(r.peak_mem_bytes), format_bytes_mib(r.peak_rss_bytes), note,
+            format_bytes_mib(r.peak_mem_bytes), format_bytes_mib(r.peak_rss_bytes), format_bytes_mib(r.extra_bytes),
+            note,
         ))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     left = {0, 2, len(head) - 1}
@@ -862,6 +883,11 @@ def run(args) -> dict:
             notes.append(warning)
             print(f"# WARNING: {warning}")
         print(f"# {args.op}: {shape_description(args)}")
+        first = "u" if args.op == "selective_scan" else "x"
+        print(
+            f"# size of {first} at each seqlen (MiB): "
+            + ", ".join(f"{seqlen}: {_input_mib(args, seqlen, dtype):.1f}" for seqlen in args.seqlens)
+        )
         print(
             f"# fwd under no_grad; fwd+bwd = grads of all float inputs; median of up to {args.repeats} "
             f"after {args.warmup} warm-up; --budget-s {format(args.budget_s, 'g') if args.budget_s else 'off'}"
