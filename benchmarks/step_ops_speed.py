@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Causal conv1d and the decode step: the cpu backend beside the best torch compositions, in one run.
+
+Usage::
+
+    python benchmarks/step_ops_speed.py            # CPU, 2 threads, fp32, the sizes of a 130M model
+    python benchmarks/step_ops_speed.py --quick    # tiny sizes (CI)
+
+Rows (each on the same inputs, median of --repeats after --warmup calls):
+
+- conv1d fwd / fwd+bwd, (batch, dim, seqlen) with width 4, bias and silu, as a
+  Mamba layer calls it: ``cpu``, the ``reference`` (a sum of width shifted
+  multiplies) and ``torch F.conv1d`` (one grouped ``F.conv1d`` with padding,
+  sliced to the causal part, then ``F.silu``; autograd for the backward);
+- conv1d update, one decode step of (batch, dim) against a (batch, dim, width)
+  state: ``cpu``, the ``reference``, and ``torch roll`` (roll the state in
+  place, write the new column, multiply-sum with the weight);
+- selective_state_update, one decode step in place, Mamba-1 layout (batch,
+  dim, dstate) and Mamba-2 layout (batch, nheads, headdim, dstate): ``cpu``
+  and the ``reference``, which is the plain torch composition (exp, multiply,
+  sum over dstate).
+
+"x fastest torch" is the fastest torch composition's time over the row's.
+Results go to ``results.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lnlm_ssm import ops
+from lnlm_ssm.utils.benchmark import median, time_fn, torch_threads
+
+HERE = Path(__file__).resolve().parent
+TORCH_ROWS = ("reference", "torch F.conv1d", "torch roll")
+
+
+def conv_cases(args):
+    gen = torch.Generator().manual_seed(0)
+    b, d, L, w = args.batch, args.conv_dim, args.seqlen, 4
+    x = torch.randn(b, d, L, generator=gen)
+    weight = torch.randn(d, w, generator=gen) / w
+    bias = torch.randn(d, generator=gen)
+    dy = torch.randn(b, d, L, generator=gen)
+
+    def lib(backend):
+        return lambda x, weight, bias: ops.causal_conv1d_fn(x, weight, bias, activation="silu", backend=backend)
+
+    def torch_conv(x, weight, bias):
+        return F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=d)[..., :L])
+
+    impls = {"cpu": lib("cpu"), "reference": lib("reference"), "torch F.conv1d": torch_conv}
+    cases = []
+    for name, fn in impls.items():
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(x, weight, bias)
+
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+
+        def fwd_bwd(fn=fn, leaves=leaves):
+            return torch.autograd.grad(fn(*leaves), leaves, dy)
+
+        cases.append((f"conv1d fwd (b{b} d{d} l{L} w{w})", name, fwd))
+        cases.append((f"conv1d fwd+bwd (b{b} d{d} l{L} w{w})", name, fwd_bwd))
+
+    xs = torch.randn(args.decode_batch, d, generator=gen)
+    state = torch.randn(args.decode_batch, d, w, generator=gen)
+
+    def torch_roll(x, state):
+        state.copy_(state.roll(-1, dims=-1))
+        state[..., -1] = x
+        return F.silu((state * weight).sum(-1) + bias)
+
+    update = {
+        "cpu": lambda x, s: ops.causal_conv1d_update(x, s, weight, bias, activation="silu", backend="cpu"),
+        "reference": lambda x, s: ops.causal_conv1d_update(x, s, weight, bias, activation="silu", backend="reference"),
+        "torch roll": torch_roll,
+    }
+    for name, fn in update.items():
+        s = state.clone()
+
+        def step(fn=fn, s=s):
+            with torch.no_grad():
+                return fn(xs, s)
+
+        cases.append((f"conv1d update (b{args.decode_batch} d{d} w{w})", name, step))
+    return cases
+
+
+def state_update_cases(args):
+    gen = torch.Generator().manual_seed(1)
+    b = args.decode_batch
+    cases = []
+    d, n = args.dim, args.dstate
+    m1 = dict(
+        state=torch.randn(b, d, n, generator=gen), x=torch.randn(b, d, generator=gen),
+        dt=torch.randn(b, d, generator=gen), A=-torch.rand(d, n, generator=gen),
+        B=torch.randn(b, n, generator=gen), C=torch.randn(b, n, generator=gen),
+        D=torch.randn(d, generator=gen), z=torch.randn(b, d, generator=gen), dt_bias=torch.randn(d, generator=gen),
+    )
+    h, p, n2 = args.nheads, args.headdim, args.dstate2
+    m2 = dict(
+        state=torch.randn(b, h, p, n2, generator=gen), x=torch.randn(b, h, p, generator=gen),
+        dt=torch.randn(b, h, generator=gen)[..., None].expand(b, h, p),
+        A=-torch.rand(h, generator=gen)[:, None, None].expand(h, p, n2),
+        B=torch.randn(b, 1, n2, generator=gen), C=torch.randn(b, 1, n2, generator=gen),
+        D=torch.randn(h, generator=gen)[:, None].expand(h, p), dt_bias=torch.randn(h, generator=gen)[:, None].expand(h, p),
+    )
+    for label, inputs in ((f"state update mamba1 (b{b} d{d} n{n})", m1), (f"state update mamba2 (b{b} h{h} p{p} n{n2})", m2)):
+        for backend in ("cpu", "reference"):
+            kw = dict(inputs, state=inputs["state"].clone())
+
+            def step(kw=kw, backend=backend):
+                with torch.no_grad():
+                    return ops.selective_state_update(**kw, dt_softplus=True, backend=backend)
+
+            cases.append((label, backend, step))
+    return cases
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--out", type=Path, help="default benchmarks/out/step_ops-cpu-<timestamp>/")
+    args = p.parse_args(argv)
+    # mamba-130m: d_inner 1536 (conv over d_inner), dstate 16; mamba2-130m: 24 heads of 64, dstate 128.
+    sizes = dict(batch=2, conv_dim=1536, seqlen=2048, decode_batch=1, dim=1536, dstate=16, nheads=24, headdim=64, dstate2=128)
+    if args.quick:
+        sizes = dict(batch=1, conv_dim=64, seqlen=128, decode_batch=1, dim=64, dstate=16, nheads=4, headdim=16, dstate2=16)
+    for k, v in sizes.items():
+        setattr(args, k, v)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 50)
+    if args.out is None:
+        args.out = HERE / "out" / f"step_ops-cpu-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+    rows = []
+    with torch_threads(args.threads):
+        for label, impl, fn in conv_cases(args) + state_update_cases(args):
+            times = time_fn(fn, warmup=args.warmup, repeats=args.repeats, device="cpu")
+            rows.append({"case": label, "impl": impl, "median_us": median(times) * 1e6, "times_s": times})
+    fastest_torch = {}
+    for r in rows:
+        if r["impl"] in TORCH_ROWS:
+            fastest_torch[r["case"]] = min(fastest_torch.get(r["case"], float("inf")), r["median_us"])
+    for r in rows:
+        r["x_fastest_torch"] = fastest_torch[r["case"]] / r["median_us"]
+    order = list(dict.fromkeys(r["case"] for r in rows))
+    rows.sort(key=lambda r: order.index(r["case"]))
+
+    width = max(len(r["case"]) for r in rows)
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, fp32")
+    print(f"{'case':<{width}}  {'impl':<15}  {'median us':>11}  {'x fastest torch':>15}")
+    for r in rows:
+        print(f"{r['case']:<{width}}  {r['impl']:<15}  {r['median_us']:>11.1f}  {r['x_fastest_torch']:>15.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.json", "w") as f:
+        json.dump({"benchmark": "step_ops_speed", "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "torch": torch.__version__, "threads": args.threads, "sizes": sizes, "rows": rows}, f, indent=2)
+    print(f"\nwrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
