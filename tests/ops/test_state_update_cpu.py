@@ -311,3 +311,20 @@ def test_compiled_public_function_with_cpu_backend():
     y = step(state, *rest)
     assert_close(y, expected, f32)
     assert_close(state, expected_state, f32)
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_threads_agree(layout):
+    """The step is split over (batch, channel) rows: the thread count must not change a bit."""
+    args = make_inputs(layout, f32, f32, batch=4, nheads=8, headdim=16)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            state = args[0].clone()
+            y = selective_state_update(state, *args[1:], dt_softplus=True, backend="cpu")
+            results.append((y, state))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
