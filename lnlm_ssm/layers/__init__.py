@@ -35,3 +35,7 @@ stack them without knowing which is which:
 Parameter names follow mamba_ssm's checkpoint layout exactly, so that its
 state dicts load without renaming.
 """
+
+from lnlm_ssm.layers.cache import AttentionCache, Mamba2Cache, MambaCache
+from lnlm_ssm.layers.mamba import Mamba
+from lnlm_ssm.layers.mamba2 import Mamba2
