@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import MambaCache
 from lnlm_ssm.ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from lnlm_ssm.ops._backends import BACKENDS
+from lnlm_ssm.ops._checks import check_positive_int
 
 
 def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,9 +46,10 @@ def inverse_softplus_dt(size: int, dt_min: float, dt_max: float, dt_init_floor: 
     return (dt + torch.log(-torch.expm1(-dt))).to(factory.get("dtype") or torch.get_default_dtype())
 
 
-def check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+def check_backend(backend) -> None:
+    """Catch a misspelt backend when the layer is built rather than at its first forward."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
 
 
 def check_hidden_states(hidden_states, d_model: int, cache) -> int:
@@ -141,6 +144,7 @@ class Mamba(nn.Module):
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
         check_positive_int("dt_rank", dt_rank)
+        check_backend(backend)
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant'; got {dt_init!r}")
         factory = {"device": device, "dtype": dtype}

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import Mamba2Cache
 from lnlm_ssm.layers.mamba import (
+    check_backend,
     check_hidden_states,
-    check_positive_int,
     chunk_mask,
     conv_weight,
     conv_with_cache,
@@ -32,6 +32,7 @@ from lnlm_ssm.ops import (
     rms_norm_fn,
     selective_state_update,
 )
+from lnlm_ssm.ops._checks import check_positive_int
 
 
 class _GatedRMSNorm(nn.Module):
@@ -104,6 +105,7 @@ class Mamba2(nn.Module):
             ("chunk_size", chunk_size),
         ):
             check_positive_int(name, value)
+        check_backend(backend)
         d_inner = expand * d_model
         if d_inner % headdim:
             raise ValueError(f"headdim must divide d_inner = expand * d_model = {d_inner}; got headdim={headdim}")

@@ -187,6 +187,7 @@ def test_cache_allocation():
         ({"dt_rank": 0}, "dt_rank"),
         ({"dt_init": "normal"}, "dt_init"),
         ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+        ({"backend": "gpu"}, "backend must be one of"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):

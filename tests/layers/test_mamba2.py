@@ -203,6 +203,7 @@ def test_cache_allocation():
         ({"A_init_range": (0, 16)}, "A_init_range"),
         ({"dt_limit": (0.1, 0.01)}, "dt_limit"),
         ({"norm_eps": 0.0}, "norm_eps"),
+        ({"backend": "gpu"}, "backend must be one of"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
