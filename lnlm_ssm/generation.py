@@ -1,0 +1,320 @@
+"""Inference cache, sampling and the decode loop of ``MambaLM.generate``.
+
+Generation runs in two phases through one ``InferenceCache``:
+
+1. prefill: one forward over the prompt with the cache (the chunked path of every
+   mixer), keeping only the last position's logits;
+2. decode: one forward per new token with seqlen 1 (every mixer's single-step path).
+
+Prompts of different lengths are batched by padding on the LEFT with an
+``attention_mask`` (1 real, 0 pad), so every row's last prompt token sits in the
+last column and the new tokens of all rows are appended in the same column.
+
+This module knows nothing of MambaLM's internals: it calls ``model(...)``,
+``model.allocate_cache(...)`` and, for CUDA graphs, ``model.decode_logits(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+__all__ = [
+    "InferenceCache",
+    "apply_repetition_penalty",
+    "generate",
+    "sample_next_token",
+    "top_k_filter",
+    "top_p_filter",
+]
+
+
+class InferenceCache:
+    """Every layer's inference state, allocated once, plus the attention mask seen so far.
+
+    ``layers[i]`` is the object layer i's ``allocate_cache`` returned. ``seqlen`` counts
+    the positions seen (padding included). The mask of those positions is kept only
+    once some padding was given (``mask`` is None while every position was real), in a
+    buffer of ``max_seqlen`` columns so that decoding appends without copying.
+    """
+
+    def __init__(self, layers: list, batch_size: int, max_seqlen: int, device: torch.device) -> None:
+        self.layers = list(layers)
+        self.batch_size = batch_size
+        self.max_seqlen = max_seqlen
+        self.device = torch.device(device)
+        self.seqlen = 0
+        self._mask_buffer: Optional[torch.Tensor] = None
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """(batch, seqlen) bool mask of the positions seen, or None when all were real."""
+        return None if self._mask_buffer is None else self._mask_buffer[:, : self.seqlen]
+
+    def mask_with(self, new_mask: Optional[torch.Tensor], seqlen: int) -> Optional[torch.Tensor]:
+        """Record the mask of ``seqlen`` new positions (None: all real) and return the mask of past + new.
+
+        Does not advance ``seqlen``; ``advance`` does, once the forward has run.
+        """
+        if new_mask is None and self._mask_buffer is None:
+            return None
+        if self._mask_buffer is None:
+            # Positions before the first padding were all real; columns not yet written stay True
+            # so that decoding, whose tokens are always real, has nothing to write.
+            self._mask_buffer = torch.ones(self.batch_size, self.max_seqlen, dtype=torch.bool, device=self.device)
+        end = self.seqlen + seqlen
+        if new_mask is not None:
+            self._mask_buffer[:, self.seqlen : end] = new_mask
+        return self._mask_buffer[:, :end]
+
+    def advance(self, seqlen: int) -> None:
+        self.seqlen += seqlen
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor of every layer (the mask buffer excluded)."""
+        return [
+            value
+            for layer in self.layers
+            for value in (getattr(layer, f.name) for f in dataclasses.fields(layer))
+            if isinstance(value, torch.Tensor)
+        ]
+
+    def set_seqlen(self, seqlen: int) -> None:
+        """Set the position count of this cache and of every layer cache (after a CUDA graph replay)."""
+        self.seqlen = seqlen
+        for layer in self.layers:
+            layer.seqlen = seqlen
+
+    def reset(self) -> None:
+        """Zero every state in place and forget the positions and the mask seen."""
+        for layer in self.layers:
+            layer.reset()
+        self.seqlen = 0
+        self._mask_buffer = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling. Every function takes logits (batch, vocab) and returns new logits; filtered-out
+# tokens get -inf so that softmax gives them probability zero.
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make the tokens marked in ``seen`` (batch, vocab) bool less likely (CTRL paper, Keskar et al. 2019).
+
+    A positive logit is divided by ``penalty``, a negative one multiplied, so that
+    ``penalty > 1`` always lowers the token's probability.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits of each row (0: keep all)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al. 2019): keep the most likely tokens until their mass reaches ``top_p``.
+
+    A token is kept when the mass of the more likely tokens before it is below
+    ``top_p``, so the most likely token is always kept.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """One token per row of ``logits`` (batch, vocab) -> (batch,) int64.
+
+    ``temperature == 0`` or ``top_k == 1`` is greedy (argmax). Otherwise the logits are
+    divided by ``temperature``, filtered by ``top_k`` then ``top_p``, and sampled.
+    """
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy); got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no top-k filter); got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filter); got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1: none); got {repetition_penalty!r}")
+
+
+def _check_prompt(input_ids, attention_mask, vocab_size: int) -> Optional[torch.Tensor]:
+    """Validate the prompt; returns the mask as bool (or None)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an int32/int64 tensor; got {input_ids!r:.80}")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, seqlen) with seqlen >= 1; got {tuple(input_ids.shape)}")
+    low, high = input_ids.min().item(), input_ids.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}); got values in [{low}, {high}]")
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    if (mask[:, :-1] & ~mask[:, 1:]).any():
+        raise ValueError("attention_mask must pad on the left (a row's zeros before its ones): generation appends on the right")
+    if not mask[:, -1].all():
+        raise ValueError("attention_mask: every row needs at least its last prompt position real")
+    return mask
+
+
+class _CUDAGraphDecoder:
+    """The decode step captured in a CUDA graph: static input ids in, static logits out.
+
+    Capture runs the step (warm-up, then capture) on the cache's own tensors, which
+    changes them, so their contents are saved before and restored after. Only models
+    whose decode step does not depend on the position are captured: an attention
+    layer writes its KV at a position counted in Python, which a replay would not see.
+    """
+
+    def __init__(self, model, cache: InferenceCache) -> None:
+        saved = [t.clone() for t in cache.tensors()]
+        seqlen = cache.seqlen
+        self.cache = cache
+        self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
+        side = torch.cuda.Stream(device=cache.device)
+        side.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(side):
+            # Warm-up on a side stream, as CUDA graph capture requires: kernels are compiled and
+            # autotuned here, not during capture.
+            for _ in range(2):
+                model.decode_logits(self.input_ids, cache.layers)
+        torch.cuda.current_stream(cache.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_logits(self.input_ids, cache.layers)
+        for tensor, value in zip(cache.tensors(), saved):
+            tensor.copy_(value)
+        cache.set_seqlen(seqlen)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.set_seqlen(self.cache.seqlen + 1)
+        return self.logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    streamer: Optional[Callable[[torch.Tensor], None]] = None,
+    cache: Optional[InferenceCache] = None,
+    generator: Optional[torch.Generator] = None,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
+    """Continue ``input_ids`` (batch, prompt) by up to ``max_new_tokens``; returns (batch, prompt + new).
+
+    - ``attention_mask`` (batch, prompt): 1 real, 0 padding, padding on the left.
+    - ``temperature=0`` or ``top_k=1``: greedy. ``repetition_penalty`` applies to the
+      tokens of this call's prompt (padding excluded) and of the new tokens.
+    - ``eos_token_id``: a row that emitted it keeps emitting it; generation stops
+      early once every row has, so fewer than ``max_new_tokens`` may be returned.
+    - ``streamer``: called with each new token tensor (batch,) as it is chosen.
+    - ``cache``: continue from an ``InferenceCache`` that has seen earlier tokens
+      (chunked prefill; ``input_ids`` are then only the new prompt tokens). It must
+      have room for ``cache.seqlen + prompt + max_new_tokens`` positions. Without
+      it one is allocated for this call.
+    - ``generator``: the torch.Generator sampling draws from (reproducible runs).
+    - ``cuda_graph``: on CUDA, replay the decode step as a captured CUDA graph
+      (captured once per call; not for models with attention layers).
+    """
+    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    vocab_size = model.config.vocab_size
+    mask = _check_prompt(input_ids, attention_mask, vocab_size)
+    batch, prompt_len = input_ids.shape
+    if cuda_graph:
+        if input_ids.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device; got {input_ids.device}")
+        if "Attention" in model.config.layer_types():
+            raise ValueError(
+                "cuda_graph=True supports models without attention layers: an attention layer's KV position "
+                "is counted in Python, which a graph replay cannot advance"
+            )
+    if cache is None:
+        cache = model.allocate_cache(batch, prompt_len + max_new_tokens)
+    elif not isinstance(cache, InferenceCache):
+        raise TypeError(f"cache must be an InferenceCache (model.allocate_cache); got {type(cache).__name__}")
+    elif cache.batch_size != batch:
+        raise ValueError(f"cache was allocated for batch {cache.batch_size}; input_ids has batch {batch}")
+    needed = cache.seqlen + prompt_len + max_new_tokens
+    if needed > cache.max_seqlen:
+        raise ValueError(
+            f"cache has room for max_seqlen={cache.max_seqlen} positions; this call needs {needed} "
+            f"({cache.seqlen} seen + {prompt_len} prompt + {max_new_tokens} new)"
+        )
+    if max_new_tokens == 0:
+        return input_ids
+
+    seen = None
+    if repetition_penalty != 1.0:
+        real = torch.ones_like(input_ids) if mask is None else mask.long()
+        counts = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=input_ids.device)
+        seen = counts.scatter_add_(1, input_ids.long(), real) > 0
+
+    logits = model(input_ids, attention_mask=mask, cache=cache, num_last_tokens=1).logits[:, -1]
+    step = _CUDAGraphDecoder(model, cache) if cuda_graph else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for i in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer(token)
+        if i == max_new_tokens - 1 or (eos_token_id is not None and finished.all()):
+            break
+        token_ids = token[:, None].to(input_ids.dtype)
+        if step is not None:
+            logits = step(token_ids)
+        else:
+            logits = model(token_ids, cache=cache, num_last_tokens=1).logits[:, -1]
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
