@@ -36,6 +36,9 @@ Parameter names follow mamba_ssm's checkpoint layout exactly, so that its
 state dicts load without renaming.
 """
 
+from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.cache import AttentionCache, Mamba2Cache, MambaCache
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
+from lnlm_ssm.layers.mlp import GatedMLP
+from lnlm_ssm.layers.norm import RMSNorm
