@@ -181,7 +181,7 @@ class Mamba2(nn.Module):
         mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is ignored (no positions in an SSM)."""
+        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (no positions in an SSM)."""
         past = check_hidden_states(hidden_states, self.d_model, cache)
         batch, seqlen, _ = hidden_states.shape
         keep = chunk_mask(mask, batch, past, seqlen, hidden_states.dtype)

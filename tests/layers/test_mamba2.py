@@ -34,7 +34,8 @@ CONFIGS = {
 def make_mamba2(dtype=torch.float64, backend="reference", **kwargs):
     """A tiny Mamba2 whose parameters are all perturbed, so no layout mistake hides behind a constant init."""
     layer = Mamba2(
-        D_MODEL, d_state=D_STATE, d_conv=D_CONV, headdim=HEADDIM, chunk_size=CHUNK, dtype=dtype, backend=backend, **kwargs
+        D_MODEL, d_state=D_STATE, d_conv=D_CONV, headdim=HEADDIM, chunk_size=CHUNK, dtype=dtype, backend=backend,
+        **kwargs,
     )
     with torch.no_grad():
         for p in layer.parameters():
