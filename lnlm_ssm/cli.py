@@ -1,0 +1,136 @@
+"""The ``lnlm-ssm`` command line: ``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...``.
+
+One subcommand per task (``generate`` now; ``train`` to come), each a
+``_add_<name>(subparsers)`` that registers its arguments and a handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from lnlm_ssm.models.config import PRESETS
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text to stdout",
+        description="Continue --prompt with a checkpoint or a randomly initialised preset; the new text "
+        "(not the prompt) is written to stdout as it is generated.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"a checkpoint directory / Hub repo id, or a preset name ({', '.join(sorted(PRESETS))}): "
+        "a preset builds a randomly initialised model with the byte tokenizer",
+    )
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="at most this many new tokens (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random init (presets) and of sampling")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype (default float32)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a directory or tokenizer.json to read the tokenizer from (default: the --model directory)",
+    )
+    p.set_defaults(handler=_generate)
+
+
+def _load(args, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from --model: a preset or a checkpoint."""
+    from lnlm_ssm.models.lm import MambaLM
+    from lnlm_ssm.tokenizer import ByteTokenizer, load_tokenizer
+
+    if args.model in PRESETS:
+        tokenizer = ByteTokenizer()
+        print(
+            f"lnlm-ssm: {args.model!r} is a preset: building a randomly initialised model with the byte "
+            f"tokenizer (vocab_size {tokenizer.vocab_size}); its output is noise",
+            file=sys.stderr,
+        )
+        model = MambaLM.from_name(args.model, vocab_size=tokenizer.vocab_size, device=device, dtype=dtype)
+        return model, tokenizer
+    model = MambaLM.from_pretrained(args.model, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    vocab_size = model.config.vocab_size
+    if isinstance(tokenizer, ByteTokenizer) and vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"{args.model} has no tokenizer.json and its vocab_size {vocab_size} is not the byte tokenizer's "
+            f"{tokenizer.vocab_size}: give the tokenizer it was trained with by --tokenizer"
+        )
+    if tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+    return model, tokenizer
+
+
+def _generate(args) -> int:
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = _load(args, device, _DTYPES[args.dtype])
+    model.eval()
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise ValueError("--prompt must not be empty: generation continues at least one token")
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    new_ids: list[int] = []
+    written = 0
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal written
+        new_ids.append(int(token[0]))
+        text = tokenizer.decode(new_ids)
+        # A character split over several tokens (bytes) decodes as U+FFFD until it is whole.
+        complete = len(text.rstrip("\ufffd"))
+        if complete > written:
+            sys.stdout.write(text[written:complete])
+            sys.stdout.flush()
+            written = complete
+
+    model.generate(
+        torch.tensor([prompt_ids], dtype=torch.long, device=device),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        streamer=stream,
+        generator=generator,
+    )
+    sys.stdout.write(tokenizer.decode(new_ids)[written:] + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lnlm-ssm", description="Mamba language models: kernels, models, generation")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (2 for a bad argument or input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"lnlm-ssm {args.command}: error: {err}", file=sys.stderr)
+        return 2
