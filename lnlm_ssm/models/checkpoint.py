@@ -84,7 +84,8 @@ def save_pretrained(model: torch.nn.Module, directory: Union[str, os.PathLike]) 
     directory.mkdir(parents=True, exist_ok=True)
 
     tensors = _tensors_to_save(model.state_dict(), config)
-    config_text = json.dumps({**config.to_dict(), "model_type": MODEL_TYPE, VERSION_KEY: __version__}, indent=2)
+    fields = {**config.to_dict(), "model_type": MODEL_TYPE, VERSION_KEY: __version__}
+    config_text = json.dumps(_encode_special_floats(fields), indent=2, allow_nan=False)
 
     weights_tmp = _temp_path(directory, WEIGHTS_NAME)
     config_tmp = _temp_path(directory, CONFIG_NAME)
@@ -249,8 +250,18 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def _encode_special_floats(obj: Any) -> Any:
+    # Strict JSON has no inf or nan (dt_limit's default is (0, inf)); write them as transformers >= 5 does.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": str(obj).replace("inf", "Infinity").replace("nan", "NaN")}
+    if isinstance(obj, dict):
+        return {k: _encode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_special_floats(v) for v in obj]
+    return obj
+
+
 def _decode_special_floats(obj: dict) -> Any:
-    # transformers >= 5 writes inf and nan as {"__float__": "Infinity"}.
     if obj.keys() == {"__float__"}:
         return float(obj["__float__"])
     return obj
@@ -437,7 +448,8 @@ def _config_from_hf_mamba2(raw: dict[str, Any]) -> MambaLMConfig:
         headdim=head_dim,
         ngroups=raw.get("n_groups", 8),
         chunk_size=raw.get("chunk_size", 256),
-        dt_limit=tuple(raw.get("time_step_limit", (0.0, math.inf))),
+        # A list, as JSON gives it back: configs then compare equal after a save and load.
+        dt_limit=list(raw.get("time_step_limit", (0.0, math.inf))),
         # HF's gated norm multiplies by silu(z) before normalising, in groups of d_inner / ngroups.
         norm_before_gate=raw.get("norm_before_gate", False),
         norm_eps=eps,

@@ -17,7 +17,11 @@ from lnlm_ssm.models.lm import MambaLM
 CONFIGS = {
     "mamba1": dict(d_model=16, n_layer=2, vocab_size=37, ssm_cfg={"layer": "Mamba1", "d_state": 4}),
     "mamba2": dict(
-        d_model=16, n_layer=2, vocab_size=37, ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8}
+        d_model=16,
+        n_layer=2,
+        vocab_size=37,
+        # inf is not strict JSON: config.json must still be readable by any JSON parser.
+        ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8, "dt_limit": [0.0, float("inf")]},
     ),
     "hybrid": dict(
         d_model=16,
@@ -83,8 +87,12 @@ def test_round_trip_is_bit_exact(tmp_path, name):
         assert loaded.lm_head.weight is loaded.backbone.embedding.weight
     else:
         assert torch.equal(stored["lm_head.weight"], model.lm_head.weight)
-    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text(), parse_constant=reject_non_json)
     assert written["model_type"] == "lnlm_ssm" and written["lnlm_ssm_version"]
+
+
+def reject_non_json(name):
+    raise AssertionError(f"config.json holds {name}, which strict JSON does not allow")
 
 
 def test_model_methods_round_trip_and_dtype(tmp_path):

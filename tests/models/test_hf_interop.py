@@ -87,6 +87,16 @@ def test_logits_match(hf_model):
     assert_close(our_logits(ours, IDS), expected)
 
 
+def test_resaved_in_our_format_loads_the_same(hf_model, tmp_path):
+    _, directory = hf_model
+    ours = load_pretrained(directory)
+    ours.save_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
+    assert again.config == ours.config
+    for key, t in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[key], t), key
+
+
 def test_greedy_generation_matches(hf_model):
     hf, directory = hf_model
     ours = load_pretrained(directory).eval()
