@@ -172,7 +172,8 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
 def _check_prompt(input_ids, attention_mask, vocab_size: int) -> Optional[torch.Tensor]:
     """Validate the prompt; returns the mask as bool (or None)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids must be an int32/int64 tensor; got {input_ids!r:.80}")
+        got = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an int32/int64 tensor; got {got}")
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (batch, seqlen) with seqlen >= 1; got {tuple(input_ids.shape)}")
     low, high = input_ids.min().item(), input_ids.max().item()
@@ -186,7 +187,9 @@ def _check_prompt(input_ids, attention_mask, vocab_size: int) -> Optional[torch.
         )
     mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
     if (mask[:, :-1] & ~mask[:, 1:]).any():
-        raise ValueError("attention_mask must pad on the left (a row's zeros before its ones): generation appends on the right")
+        raise ValueError(
+            "attention_mask must pad on the left (a row's zeros before its ones): generation appends on the right"
+        )
     if not mask[:, -1].all():
         raise ValueError("attention_mask: every row needs at least its last prompt position real")
     return mask

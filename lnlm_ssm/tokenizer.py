@@ -77,11 +77,11 @@ def load_tokenizer(path: Union[str, Path]) -> Union[ByteTokenizer, HFTokenizer]:
     elif path.is_file():
         file = path
     else:
-        raise FileNotFoundError(f"path must be a checkpoint directory or a tokenizer.json file; {str(path)!r} is neither")
-    if importlib.util.find_spec("tokenizers") is None:
-        raise ImportError(
-            f"{file} needs the 'tokenizers' package to be read: pip install tokenizers"
+        raise FileNotFoundError(
+            f"path must be a checkpoint directory or a tokenizer.json file; {str(path)!r} is neither"
         )
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ImportError(f"{file} needs the 'tokenizers' package to be read: pip install tokenizers")
     from tokenizers import Tokenizer
 
     return HFTokenizer(Tokenizer.from_file(str(file)))

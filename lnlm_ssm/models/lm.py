@@ -41,7 +41,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MambaLMOutput:
-    """``logits`` (batch, seqlen or num_last_tokens, vocab_size); ``loss`` when labels were given; the ``cache`` used."""
+    """``logits`` (batch, seqlen or num_last_tokens, vocab_size); ``loss`` when labels were given; the ``cache``."""
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
@@ -84,7 +84,9 @@ class Block(nn.Module):
             raise ConfigError(f"layer {layer_idx} ({layer_type}) does not take the {cfg} given: {err}") from err
         if config.d_intermediate > 0:
             self.norm2 = _make_norm(config, factory, backend)
-            self.mlp = GatedMLP(config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory)
+            self.mlp = GatedMLP(
+                config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory
+            )
         else:
             self.norm2 = self.mlp = None
 
@@ -290,7 +292,8 @@ class MambaLM(nn.Module):
             raise ValueError("give exactly one of input_ids (batch, seqlen) and inputs_embeds (batch, seqlen, d_model)")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"input_ids must be an int32/int64 tensor; got {getattr(input_ids, 'dtype', input_ids)!r}")
+                got = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise TypeError(f"input_ids must be an int32/int64 tensor; got {got}")
             if input_ids.ndim != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must have shape (batch, seqlen >= 1); got {tuple(input_ids.shape)}")
             return self.backbone.embedding(input_ids)
@@ -320,7 +323,9 @@ class MambaLM(nn.Module):
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if labels.shape != logits.shape[:2]:
-            raise ValueError(f"labels must have shape (batch, seqlen) = {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape (batch, seqlen) = {tuple(logits.shape[:2])}; got {tuple(labels.shape)}"
+            )
         labels = labels.to(logits.device)
         if mask is not None:
             labels = labels.masked_fill(~mask, IGNORE_INDEX)
