@@ -73,6 +73,8 @@ def save_pretrained(model: torch.nn.Module, directory: Union[str, os.PathLike]) 
     directory without ``config.json`` that ``load_pretrained`` refuses, never a
     config paired with the wrong weights.
     """
+    # torch.compile's wrapper prefixes every key with "_orig_mod."; save the model it wraps.
+    model = getattr(model, "_orig_mod", model)
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not isinstance(config, MambaLMConfig):
         raise TypeError(

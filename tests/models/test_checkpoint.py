@@ -109,6 +109,14 @@ def test_model_methods_round_trip_and_dtype(tmp_path):
     assert load_pretrained(tmp_path / "bf16").backbone.embedding.weight.dtype == torch.bfloat16
 
 
+# Importing torch._dynamo warns about torch.jit internals; nothing here uses them.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_model_saves_without_the_wrapper_prefix(tmp_path):
+    model = make_model("mamba1")
+    save_pretrained(torch.compile(model), tmp_path)
+    assert_same_model(load_pretrained(tmp_path), model)
+
+
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     old, new = make_model("mamba1"), make_model("mamba1")
     save_pretrained(old, tmp_path)
