@@ -32,6 +32,7 @@ from lnlm_ssm.ops import (
     rms_norm_fn,
     selective_state_update,
 )
+from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.ops._checks import check_positive_int
 
 
@@ -64,8 +65,8 @@ class Mamba2(nn.Module):
     (the gated norm's eps; HF configs set it from ``layer_norm_epsilon``).
     ``d_inner = expand * d_model`` splits into ``nheads = d_inner // headdim``
     heads; B and C are shared by the ``nheads // ngroups`` heads of a group.
-    ``backend`` is passed to every op but the gated norm, which has only a
-    PyTorch kernel and runs it under "auto" (or "reference" when asked).
+    ``backend`` is passed to every op that has a kernel for it, and "auto" to
+    the others (``lnlm_ssm.ops._backends.backend_for``).
     """
 
     def __init__(
@@ -210,9 +211,7 @@ class Mamba2(nn.Module):
     def _gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., d_inner): the gated norm (or nothing: the scan gated already) and out_proj."""
         if self.rmsnorm:
-            # The norm has only a PyTorch kernel, which "auto" picks: naming "cpu"
-            # for it would raise although the scans and convs do run there.
-            y = self.norm(y, z, backend="reference" if self.backend == "reference" else "auto")
+            y = self.norm(y, z, backend=backend_for("rms_norm_fn", self.backend))
         return self.out_proj(y)
 
     def _scan(self, hidden_states, cache: Optional[Mamba2Cache], keep: Optional[torch.Tensor]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.layers.norm import RMSNorm
+from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.models.config import ConfigError, MambaLMConfig, preset
 
 __all__ = ["MambaLM", "MambaLMOutput"]
@@ -105,7 +106,7 @@ class Block(nn.Module):
 
 def _make_norm(config: MambaLMConfig, factory: dict, backend: str) -> nn.Module:
     if config.rms_norm:
-        return RMSNorm(config.d_model, eps=config.norm_epsilon, backend=backend, **factory)
+        return RMSNorm(config.d_model, eps=config.norm_epsilon, backend=backend_for("rms_norm_fn", backend), **factory)
     return _LayerNorm(config.d_model, eps=config.norm_epsilon, **factory)
 
 
@@ -132,7 +133,10 @@ class Backbone(nn.Module):
 class MambaLM(nn.Module):
     """A language model of Mamba-1, Mamba-2 and attention layers as ``config`` describes.
 
-    ``backend`` is passed to every op of every layer ("auto" picks the fastest per device).
+    ``backend`` is passed to every op of every layer that has a kernel for it,
+    and "auto" (the fastest per device) to the others: ``backend="cpu"`` runs the
+    scans, convs and decode steps on the C++ kernels and the norms, which have
+    no C++ kernel, on their PyTorch one.
     """
 
     def __init__(self, config: MambaLMConfig, *, device=None, dtype=None, backend: str = "auto") -> None:

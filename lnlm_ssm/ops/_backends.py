@@ -125,6 +125,17 @@ def register(op: str, kernels: Mapping[str, Kernel]) -> None:
     _KERNELS[op] = kernels
 
 
+def backend_for(op: str, backend: str) -> str:
+    """``backend`` when ``op`` has a kernel for it, else "auto".
+
+    For modules that take one ``backend`` for all the ops they call: naming
+    "cpu" there means "the cpu kernels where they exist", so an op that has
+    none (the norms run only their PyTorch kernel on CPU) goes by "auto"
+    rather than failing the whole model.
+    """
+    return backend if backend == "auto" or backend in _KERNELS[op] else "auto"
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
     """The kernel of ``op`` for ``backend`` on ``device``; ``dtype`` is the dtype of the op's main input."""
     return _PICKED[_pick(op, backend, device.type, dtype)]
