@@ -61,8 +61,10 @@ class MambaLMConfig:
         if not self.norm_epsilon > 0:
             raise ConfigError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")
         self.attn_layer_idx = list(self.attn_layer_idx or [])
-        self.ssm_cfg = dict(self.ssm_cfg or {})
-        self.attn_cfg = dict(self.attn_cfg or {})
+        # Tuples become lists, as they come back from config.json, so that a saved
+        # and reloaded config compares equal to the one it was saved from.
+        self.ssm_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in (self.ssm_cfg or {}).items()}
+        self.attn_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in (self.attn_cfg or {}).items()}
         ssm_layer = self.ssm_cfg.get("layer", "Mamba1")
         if ssm_layer not in SSM_LAYERS:
             raise ConfigError(f"ssm_cfg['layer'] must be one of {SSM_LAYERS}; got {ssm_layer!r}")
@@ -145,6 +147,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         attn_cfg={"num_heads": 12, "head_dim": 64, "rotary_emb_dim": 64},
     ),
 }
+
+
+# About 1M parameters with the byte tokenizer's 257 tokens: for demos, tests and
+# the training smoke runs, where 60 steps on 2 cores take well under a minute.
+_BYTE_VOCAB = 257
+_TINY_ATTN = {"num_heads": 4, "head_dim": 32, "rotary_emb_dim": 32}
+_TINY_MAMBA2 = {"layer": "Mamba2", "d_state": 32, "headdim": 32, "chunk_size": 64}
+PRESETS.update(
+    {
+        "mamba-tiny": dict(d_model=128, n_layer=8, vocab_size=_BYTE_VOCAB, ssm_cfg={"layer": "Mamba1"}),
+        "mamba2-tiny": dict(d_model=128, n_layer=8, vocab_size=_BYTE_VOCAB, ssm_cfg=_TINY_MAMBA2),
+        "hybrid-tiny": dict(
+            d_model=128, n_layer=8, vocab_size=_BYTE_VOCAB, layer_pattern="MMMA", ssm_cfg=_TINY_MAMBA2, attn_cfg=_TINY_ATTN
+        ),
+        "gpt-tiny": dict(
+            d_model=128, n_layer=5, vocab_size=_BYTE_VOCAB, d_intermediate=384, layer_pattern="A", attn_cfg=_TINY_ATTN
+        ),
+    }
+)
 
 
 def preset(name: str, **overrides: Any) -> MambaLMConfig:

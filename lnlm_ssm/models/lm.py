@@ -166,11 +166,15 @@ class MambaLM(nn.Module):
         return cls(preset(name, **overrides), device=device, dtype=dtype, backend=backend)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None) -> "MambaLM":
-        """Load a checkpoint (ours or mamba_ssm's): see ``models.checkpoint.load_pretrained``."""
+    def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, strict: bool = True) -> "MambaLM":
+        """Load a checkpoint in our layout, mamba_ssm's, or HF transformers' (Mamba, Mamba-2, Llama).
+
+        A directory, or a hub repo id when huggingface_hub is installed; see
+        ``lnlm_ssm.models.checkpoint.load_pretrained``.
+        """
         from lnlm_ssm.models.checkpoint import load_pretrained
 
-        return load_pretrained(path_or_repo_id, device=device, dtype=dtype)
+        return load_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict)
 
     def save_pretrained(self, directory):
         """Write config.json and the weights; returns the directory. See ``models.checkpoint.save_pretrained``."""
