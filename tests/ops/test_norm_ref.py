@@ -32,6 +32,10 @@ def test_residual_in_fp32():
     assert y.dtype == torch.bfloat16 and new_res.dtype == torch.float32
     _, res_first_layer = rms_norm_fn(x, w, prenorm=True)
     assert res_first_layer.dtype == torch.bfloat16 and torch.equal(res_first_layer, x)
+    # "at least fp32": a float64 residual stream keeps its precision.
+    x64, res64 = torch.randn(4, 8, dtype=f64), torch.randn(4, 8, dtype=f64)
+    _, new_res64 = rms_norm_fn(x64, w.double(), residual=res64, prenorm=True, residual_in_fp32=True)
+    assert new_res64.dtype == f64 and torch.equal(new_res64, x64 + res64)
 
 
 @pytest.mark.parametrize("norm_before_gate", [True, False])

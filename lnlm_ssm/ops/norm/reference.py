@@ -10,7 +10,8 @@ Steps, over the last dimension (hidden) of x:
 
 Math runs in fp32 (float64 for float64 x); y is returned in x's dtype. With
 ``prenorm=True`` the new residual is returned too, in fp32 when
-``residual_in_fp32`` else in the residual's dtype (x's when there is none).
+``residual_in_fp32`` (float64 stays float64: the flag asks for at least fp32)
+else in the residual's dtype (x's when there is none).
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ def rms_norm_ref(
 ):
     out_dtype = x.dtype
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if residual_in_fp32:
+    residual_dtype = residual.dtype if residual is not None else x.dtype
+    if residual_in_fp32 and residual_dtype != torch.float64:
         residual_dtype = torch.float32
-    else:
-        residual_dtype = residual.dtype if residual is not None else x.dtype
 
     h = x.to(compute)
     if residual is not None:
