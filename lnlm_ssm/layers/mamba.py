@@ -111,7 +111,38 @@ def conv_with_cache(x, conv1d: nn.Conv1d, conv_state: torch.Tensor, backend: str
     return out
 
 
-class Mamba(nn.Module):
+class SSMMixer(nn.Module):
+    """The forward both SSM mixers share: validate, then the decode step or the (chunked) scan.
+
+    Subclasses set ``d_model`` and implement ``_step(hidden_states, cache, keep)``
+    (seqlen 1 with a cache) and ``_scan(hidden_states, cache, keep)`` (everything
+    else); ``keep`` is the current chunk's 0/1 padding mask or None.
+    """
+
+    d_model: int
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (no positions in an SSM)."""
+        past = check_hidden_states(hidden_states, self.d_model, cache)
+        batch, seqlen, _ = hidden_states.shape
+        keep = chunk_mask(mask, batch, past, seqlen, hidden_states.dtype)
+        if cache is not None and seqlen == 1:
+            out = self._step(hidden_states, cache, keep)
+        else:
+            out = self._scan(hidden_states, cache, keep)
+        if cache is not None:
+            cache.seqlen += seqlen
+        return out
+
+
+class Mamba(SSMMixer):
     """Mamba-1 mixer: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
     Arguments and parameter names as mamba_ssm's ``Mamba``; ``backend`` is passed
@@ -199,26 +230,6 @@ class Mamba(nn.Module):
                 batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_state_dtype(dtype)
             ),
         )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cache: Optional[MambaCache] = None,
-        *,
-        mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (no positions in an SSM)."""
-        past = check_hidden_states(hidden_states, self.d_model, cache)
-        batch, seqlen, _ = hidden_states.shape
-        keep = chunk_mask(mask, batch, past, seqlen, hidden_states.dtype)
-        if cache is not None and seqlen == 1:
-            out = self._step(hidden_states, cache, keep)
-        else:
-            out = self._scan(hidden_states, cache, keep)
-        if cache is not None:
-            cache.seqlen += seqlen
-        return out
 
     def _scan(self, hidden_states, cache: Optional[MambaCache], keep: Optional[torch.Tensor]) -> torch.Tensor:
         # W @ h^T gives x and z as (batch, d_inner, seqlen), contiguous along seqlen as the scan wants.

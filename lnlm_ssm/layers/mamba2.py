@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import Mamba2Cache
 from lnlm_ssm.layers.mamba import (
+    SSMMixer,
     check_backend,
-    check_hidden_states,
-    chunk_mask,
     conv_weight,
     conv_with_cache,
     fp32_or_wider,
@@ -58,7 +57,7 @@ class _GatedRMSNorm(nn.Module):
         )
 
 
-class Mamba2(nn.Module):
+class Mamba2(SSMMixer):
     """Mamba-2 mixer: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
     Arguments and parameter names as mamba_ssm's ``Mamba2``, plus ``norm_eps``
@@ -173,26 +172,6 @@ class Mamba2(nn.Module):
                 batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_state_dtype(dtype)
             ),
         )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cache: Optional[Mamba2Cache] = None,
-        *,
-        mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (no positions in an SSM)."""
-        past = check_hidden_states(hidden_states, self.d_model, cache)
-        batch, seqlen, _ = hidden_states.shape
-        keep = chunk_mask(mask, batch, past, seqlen, hidden_states.dtype)
-        if cache is not None and seqlen == 1:
-            out = self._step(hidden_states, cache, keep)
-        else:
-            out = self._scan(hidden_states, cache, keep)
-        if cache is not None:
-            cache.seqlen += seqlen
-        return out
 
     def _split_xbc(self, xBC: torch.Tensor):
         """x (..., nheads, headdim), B and C (..., ngroups, d_state) from the conv's output (..., conv_dim)."""
