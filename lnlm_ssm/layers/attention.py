@@ -11,12 +11,20 @@ sees key ``s`` when ``s <= t`` (causal), ``s > t - sliding_window`` (window) and
 ``mask[:, s]`` is true (padding). A padded query would then see nothing at all;
 it is allowed to see itself so that softmax stays finite (its output is never
 used, but a NaN there would poison the gradients).
+
+Attention runs through torch's ``scaled_dot_product_attention``, or through
+flash-attn's ``flash_attn_func`` (>= 2.3, for its ``window_size``) when that is
+installed, ``use_flash_attn`` is on, and the call is one it serves exactly: CUDA
+fp16/bf16 tensors and no padding mask. It takes grouped kv heads as they are and
+aligns the causal diagonal bottom-right, which is the alignment a query chunk
+after a cached past needs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +38,18 @@ def _positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_func() -> Optional[Callable]:
+    """flash-attn's ``flash_attn_func`` when flash-attn >= 2.3 is installed, else None."""
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func as func
+    except ImportError:
+        return None
+    major, minor = (int(part) for part in flash_attn.__version__.split(".")[:2])
+    return func if (major, minor) >= (2, 3) else None
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
@@ -69,6 +89,7 @@ class Attention(nn.Module):
         rotary_emb_dim: RoPE on the first this-many channels of each q/k head (0: none).
         sliding_window: each query sees at most this many most recent keys, itself included.
         d_conv: mamba_ssm's optional short conv on qkv; only 0 (none) is supported.
+        use_flash_attn: use flash-attn where it serves the call exactly (see the module docstring).
         backend: accepted for the mixer contract; attention calls no lnlm_ssm op,
             and ``scaled_dot_product_attention`` picks its kernel itself.
 
@@ -90,6 +111,7 @@ class Attention(nn.Module):
         rotary_emb_interleaved: bool = False,
         sliding_window: Optional[int] = None,
         d_conv: int = 0,
+        use_flash_attn: bool = True,
         layer_idx: Optional[int] = None,
         device=None,
         dtype=None,
@@ -137,6 +159,7 @@ class Attention(nn.Module):
         self.rotary_emb_interleaved = rotary_emb_interleaved
         self.sliding_window = sliding_window
         self.d_conv = d_conv
+        self.use_flash_attn = use_flash_attn
         self.layer_idx = layer_idx
         self.backend = backend
 
@@ -217,6 +240,10 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, past: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale + masks) v over ``(batch, seqlen|total, heads, head_dim)`` inputs."""
         seqlen, total = q.shape[1], k.shape[1]
+        flash = self.use_flash_attn and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if flash and flash_attn_func() is not None:
+            window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
+            return flash_attn_func()(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal, window_size=window)
         groups = self.num_heads // self.num_heads_kv
         if groups > 1:
             # Repeating the kv heads works on every torch >= 2.4 and with any mask;

@@ -300,3 +300,23 @@ def test_bad_mask_and_inputs():
         layer(x, position_ids=torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"hidden_states must have shape \(batch, seqlen, d_model=12\)"):
         layer(torch.randn(2, 3, 10, dtype=f64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn runs on a CUDA GPU only")
+@pytest.mark.parametrize("num_heads_kv,sliding_window", [(4, None), (2, None), (1, 5)])
+def test_flash_attn_path_matches_sdpa(num_heads_kv, sliding_window):
+    """Full sequence, then a chunk after a cached past, then one decode step: flash-attn == SDPA."""
+    from lnlm_ssm.layers.attention import flash_attn_func
+
+    if flash_attn_func() is None:
+        pytest.skip("flash-attn >= 2.3 is not installed")
+    torch.manual_seed(0)
+    kw = dict(num_heads=4, num_heads_kv=num_heads_kv, rotary_emb_dim=16, sliding_window=sliding_window)
+    flash = Attention(64, **kw, device="cuda", dtype=torch.bfloat16)
+    sdpa = Attention(64, **kw, use_flash_attn=False, device="cuda", dtype=torch.bfloat16)
+    sdpa.load_state_dict(flash.state_dict())
+    x = torch.randn(2, 24, 64, device="cuda", dtype=torch.bfloat16)
+    assert_close(flash(x), sdpa(x))
+    caches = [m.allocate_cache(2, 32) for m in (flash, sdpa)]
+    for chunk in (x[:, :10], x[:, 10:23], x[:, 23:]):
+        assert_close(flash(chunk, caches[0]), sdpa(chunk, caches[1]))
