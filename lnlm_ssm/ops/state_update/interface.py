@@ -9,6 +9,7 @@ from lnlm_ssm.ops.state_update.shapes import canonicalize
 _KERNELS = {
     "reference": selective_state_update_ref,
     "cpu": "lnlm_ssm.ops.state_update.cpu:selective_state_update_cpu",
+    "triton": "lnlm_ssm.ops.state_update.triton:selective_state_update_triton",
     "cuda": "lnlm_ssm.ops.state_update.cuda:selective_state_update_cuda",
 }
 register("selective_state_update", _KERNELS)

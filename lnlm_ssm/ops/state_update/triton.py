@@ -1,0 +1,159 @@
+"""Decode step in Triton: one kernel, updating ``state`` in place.
+
+The launcher takes the canonical form of ``shapes.py`` (state (b, h, p, n);
+x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n); D, dt_bias (h, p); any strides,
+stride 0 included), as the cpu and cuda launchers do, and returns y
+``(batch, nheads, headdim)`` in x's dtype.
+
+The (head, headdim) pairs of one batch entry are flattened into rows: a program
+takes a block of consecutive rows with their whole dstate, so Mamba-1 (headdim 1)
+and Mamba-2 (headdim 64) both get wide tiles. B and C are gathered per row by
+group. Block sizes follow from the shape, with no autotuning: the kernel is
+memory bound and a first decode step should not wait for a tuning sweep.
+
+Math runs in fp32; the state may be any float dtype and is written back in it.
+float64 inputs are refused (backend "reference" or "cpu" do float64 math).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from lnlm_ssm.ops._backends import _triton_interpreted
+
+# triton_op lets torch.compile see the launch itself; its body cannot be traced
+# when the kernels are interpreted, so there it is an opaque custom_op.
+_TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
+_wrap = torch.library.wrap_triton if _TRITON_OP else (lambda kernel: kernel)
+
+# Elements of state per program: enough to hide latency, few enough to stay in registers.
+_TILE = 4096
+
+
+@triton.jit
+def _store(ptrs, value, mask):
+    """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
+
+    The GPU rounds so when narrowing to bfloat16, but Triton's interpreter
+    truncates: rounding the bits here first makes both give torch's result.
+    """
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        value = tl.where(value == value, rounded, value)  # NaN stays NaN
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
+    nheads, headdim, dstate, heads_per_group,
+    s_sb, s_sh, s_sp, s_sn,
+    x_sb, x_sh, x_sp,
+    dt_sb, dt_sh, dt_sp,
+    A_sh, A_sp, A_sn,
+    B_sb, B_sg, B_sn,
+    C_sb, C_sg, C_sn,
+    D_sh, D_sp,
+    z_sb, z_sh, z_sp,
+    db_sh, db_sp,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Offsets in int64: a large state passes 2**31 elements.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.arange(0, BLOCK_N)
+    row_ok = rows < nheads * headdim
+    n_ok = n < dstate
+    mask = row_ok[:, None] & n_ok[None, :]
+    h = rows // headdim
+    p = rows % headdim
+    g = h // heads_per_group
+
+    x = tl.load(x_ptr + b * x_sb + h * x_sh + p * x_sp, mask=row_ok, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh + p * dt_sp, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + h * db_sh + p * db_sp, mask=row_ok, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        # torch's softplus threshold: linear above 20.
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    A = tl.load(A_ptr + h[:, None] * A_sh + p[:, None] * A_sp + n[None, :] * A_sn, mask=mask, other=0.0)
+    B = tl.load(B_ptr + b * B_sb + g[:, None] * B_sg + n[None, :] * B_sn, mask=mask, other=0.0)
+    C = tl.load(C_ptr + b * C_sb + g[:, None] * C_sg + n[None, :] * C_sn, mask=mask, other=0.0)
+    state_ptrs = state_ptr + b * s_sb + h[:, None] * s_sh + p[:, None] * s_sp + n[None, :] * s_sn
+    state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    decay = tl.exp(dt[:, None] * A.to(tl.float32))
+    state = decay * state + (dt * x)[:, None] * B.to(tl.float32)
+    _store(state_ptrs, state, mask)
+
+    y = tl.sum(state * C.to(tl.float32), axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + h * D_sh + p * D_sp, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * z_sb + h * z_sh + p * z_sp, mask=row_ok, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    _store(y_ptr + b * nheads * headdim + rows, y, row_ok)
+
+
+def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    return (0,) * ndim if t is None else t.stride()
+
+
+def _launch(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    dt_softplus: bool,
+) -> torch.Tensor:
+    batch, nheads, headdim, dstate = state.shape
+    y = torch.empty((batch, nheads, headdim), dtype=x.dtype, device=x.device)
+    rows = nheads * headdim
+    if y.numel() == 0:
+        return y
+    block_n = triton.next_power_of_2(dstate)
+    block_r = min(triton.next_power_of_2(rows), max(1, _TILE // block_n))
+    grid = (triton.cdiv(rows, block_r), batch)
+    _wrap(_state_update_kernel)[grid](
+        state, x, dt, A, B, C, x if D is None else D, x if z is None else z, x if dt_bias is None else dt_bias, y,
+        nheads, headdim, dstate, nheads // B.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_strides(D, 2), *_strides(z, 3), *_strides(dt_bias, 2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4 if block_r * block_n >= 1024 else 1,
+    )
+    return y
+
+
+def _fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return x.new_empty(x.shape)
+
+
+if _TRITON_OP:
+    _op = torch.library.triton_op("lnlm_ssm_triton::selective_state_update", _launch, mutates_args=("state",))
+else:
+    _op = torch.library.custom_op("lnlm_ssm_triton::selective_state_update", _launch, mutates_args=("state",))
+    _op.register_fake(_fake)
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    if x.dtype == torch.float64:
+        raise TypeError(
+            "selective_state_update: backend 'triton' computes in float32 and x has dtype float64; "
+            "use backend='reference' or 'cpu' for float64"
+        )
+    if any(stride == 0 and size > 1 for stride, size in zip(state.stride(), state.shape)):
+        raise ValueError(
+            "state is updated in place, so it must not be a view whose elements overlap (such as an expanded "
+            f"tensor); got strides {state.stride()}"
+        )
+    return _op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
