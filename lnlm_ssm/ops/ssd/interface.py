@@ -11,6 +11,7 @@ from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref
 _KERNELS = {
     "reference": mamba_chunk_scan_ref,
     "cpu": "lnlm_ssm.ops.ssd.cpu:mamba_chunk_scan_cpu",
+    "triton": "lnlm_ssm.ops.ssd.triton:mamba_chunk_scan_triton",
 }
 register("mamba_chunk_scan_combined", _KERNELS)
 
