@@ -158,6 +158,8 @@ def prepare_corpus(
     tok, tok_info, tok_identity = _resolve_tokenizer(tokenizer)
     if tok.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id: documents are joined with eos, so one is needed")
+    if not 0 <= tok.eos_token_id < tok.vocab_size:
+        raise ValueError(f"tokenizer's eos_token_id {tok.eos_token_id} is outside [0, vocab_size={tok.vocab_size})")
     exts = _normalize_extensions(extensions)
 
     all_files = [source] if source.is_file() else _walk(source, exclude=out_dir)
@@ -183,15 +185,13 @@ def prepare_corpus(
     source_fp = _fingerprint({"source": str(source), "files": listing})
     options_fp = _fingerprint(options)
 
+    fingerprints = {"source_fingerprint": source_fp, "options_fingerprint": options_fp}
     try:
         existing = Corpus.open(out_dir)
     except (OSError, ValueError):
         existing = None  # nothing there yet, or a damaged one: rebuild
-    if existing is not None:
-        if existing.manifest.get("source_fingerprint") == source_fp and existing.manifest.get(
-            "options_fingerprint"
-        ) == options_fp:
-            return existing
+    if existing is not None and all(existing.manifest.get(k) == v for k, v in fingerprints.items()):
+        return existing
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -199,15 +199,22 @@ def prepare_corpus(
     read = _fasta_documents if kind == "fasta" else _text_documents
     documents = _split_if_single(read(files, max_bytes, counts), val_fraction)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-    doc_tokens, doc_bytes = _write_tokens(documents, tok, dtype, out_dir)
-    if not doc_tokens:
-        (out_dir / TOKENS_NAME).unlink()
-        raise ValueError(
-            f"no text in {source}: {counts['files']} file(s) read, {counts['skipped']} skipped as unreadable or binary"
-        )
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TOKENS_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            doc_tokens, doc_bytes = _write_tokens(documents, tok, dtype, f)
+        if not doc_tokens:
+            raise ValueError(
+                f"no text in {source}: {counts['files']} file(s) read, {counts['skipped']} skipped as unreadable "
+                "or binary"
+            )
+        n_train_docs = _train_document_count(doc_tokens, val_fraction)
+        os.replace(tmp, out_dir / TOKENS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
     n_tokens = int(sum(doc_tokens))
-    n_train_docs = _train_document_count(doc_tokens, val_fraction)
     split_at = int(sum(doc_tokens[:n_train_docs]))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -232,8 +239,7 @@ def prepare_corpus(
         },
         "n_files": counts["files"],
         "n_skipped_files": counts["skipped"],
-        "source_fingerprint": source_fp,
-        "options_fingerprint": options_fp,
+        **fingerprints,
         "options": options,
     }
     _atomic_write(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
@@ -278,7 +284,9 @@ def _normalize_extensions(extensions) -> Optional[frozenset]:
     if extensions is None:
         return None
     if isinstance(extensions, str):
-        raise TypeError(f"extensions must be a collection of strings such as ['.py', '.md']; got the str {extensions!r}")
+        raise TypeError(
+            f"extensions must be a collection of strings such as ['.py', '.md']; got the str {extensions!r}"
+        )
     exts = frozenset("." + e.lower().lstrip(".") for e in extensions)
     if not exts or "." in exts:
         raise ValueError(f"extensions must be non-empty file name endings such as ['.py', '.md']; got {extensions!r}")
@@ -437,33 +445,26 @@ def _encode(tokenizer, text: str) -> tuple[np.ndarray, int]:
     return ids, len(data)
 
 
-def _write_tokens(documents: Iterator[str], tokenizer, dtype: np.dtype, out_dir: Path) -> tuple[list, list]:
-    """Write every non-empty document and its eos to out_dir/tokens.bin; (tokens, bytes) per document."""
+def _write_tokens(documents: Iterator[str], tokenizer, dtype: np.dtype, f) -> tuple[list, list]:
+    """Write every non-empty document and its eos to the file ``f``; (tokens, bytes) per document."""
     eos = np.array([tokenizer.eos_token_id], dtype=dtype)
     doc_tokens, doc_bytes = [], []
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TOKENS_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    block, block_len = [], 0
+    for text in documents:
+        if not text:
+            continue
+        ids, n_bytes = _encode(tokenizer, text)
+        block += [ids.astype(dtype, copy=False), eos]
+        block_len += len(ids) + 1
+        doc_tokens.append(len(ids) + 1)
+        doc_bytes.append(n_bytes)
+        if block_len >= _WRITE_BLOCK:
+            np.concatenate(block).tofile(f)
             block, block_len = [], 0
-            for text in documents:
-                if not text:
-                    continue
-                ids, n_bytes = _encode(tokenizer, text)
-                block += [ids.astype(dtype, copy=False), eos]
-                block_len += len(ids) + 1
-                doc_tokens.append(len(ids) + 1)
-                doc_bytes.append(n_bytes)
-                if block_len >= _WRITE_BLOCK:
-                    np.concatenate(block).tofile(f)
-                    block, block_len = [], 0
-            if block:
-                np.concatenate(block).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / TOKENS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if block:
+        np.concatenate(block).tofile(f)
+    f.flush()
+    os.fsync(f.fileno())
     return doc_tokens, doc_bytes
 
 
@@ -524,7 +525,9 @@ class Corpus:
         try:
             manifest = json.loads(manifest_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{manifest_path} is corrupt ({e}): delete {directory} and prepare the corpus again") from e
+            raise ValueError(
+                f"{manifest_path} is corrupt ({e}): delete {directory} and prepare the corpus again"
+            ) from e
         problem = _manifest_problem(manifest)
         if problem:
             raise ValueError(f"{manifest_path} is invalid: {problem}; delete {directory} and prepare the corpus again")
@@ -599,7 +602,10 @@ def _manifest_problem(m) -> Optional[str]:
     if m.get("dtype") not in ("uint16", "uint32"):
         return f"dtype {m.get('dtype')!r}, expected 'uint16' or 'uint32'"
     if not (train["start"] == 0 and train["stop"] == val["start"] and val["stop"] == n and train["stop"] <= n):
-        return f"the splits train [{train['start']}, {train['stop']}) val [{val['start']}, {val['stop']}) do not cover [0, {n})"
+        return (
+            f"the splits train [{train['start']}, {train['stop']}) val [{val['start']}, {val['stop']}) "
+            f"do not cover [0, {n})"
+        )
     return None
 
 
