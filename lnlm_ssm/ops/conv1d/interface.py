@@ -9,10 +9,12 @@ from lnlm_ssm.ops.conv1d.reference import ACTIVATIONS, causal_conv1d_ref, causal
 _KERNELS = {
     "reference": causal_conv1d_ref,
     "cpu": "lnlm_ssm.ops.conv1d.cpu:causal_conv1d_cpu",
+    "triton": "lnlm_ssm.ops.conv1d.triton:causal_conv1d_triton",
 }
 _UPDATE_KERNELS = {
     "reference": causal_conv1d_update_ref,
     "cpu": "lnlm_ssm.ops.conv1d.cpu:causal_conv1d_update_cpu",
+    "triton": "lnlm_ssm.ops.conv1d.triton:causal_conv1d_update_triton",
 }
 register("causal_conv1d_fn", _KERNELS)
 register("causal_conv1d_update", _UPDATE_KERNELS)
