@@ -8,6 +8,7 @@ from lnlm_ssm.ops.norm.reference import rms_norm_ref
 
 _KERNELS = {
     "reference": rms_norm_ref,
+    "triton": "lnlm_ssm.ops.norm.triton:rms_norm_triton",
 }
 register("rms_norm_fn", _KERNELS)
 
