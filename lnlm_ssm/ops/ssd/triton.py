@@ -11,7 +11,7 @@ the cumsums, and a reverse cumsum that maps it onto dt, A and dt_bias.
 
 Saved for the backward: the inputs, the fp32 cumsums and dt (b, h, c, T), C B^T
 (b, c, g, T, T), the states entering each chunk (b, c, h, p, n) and, with z,
-the output before the gate.
+the output before the gate (fp32).
 
 Block sizes come from the shapes, not autotuning: first calls stay fast and the
 same sizes are valid on Ampere and Hopper. Both launchers are
@@ -27,16 +27,10 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from lnlm_ssm.ops.ssd.triton_kernels import (
-    bmm_cb_kernel,
-    chunk_cumsum_bwd_kernel,
-    chunk_cumsum_fwd_kernel,
-    chunk_scan_fwd_kernel,
-    chunk_state_kernel,
-    state_passing_bwd_kernel,
-    state_passing_fwd_kernel,
-)
-from lnlm_ssm.ops.ssd.triton_kernels_bwd import chunk_scan_bwd_dbc_kernel, chunk_scan_bwd_dx_kernel
+# Kernels are looked up on their modules at each launch, so that a test can reload
+# them under TRITON_INTERPRET=1 (Triton picks compiled or interpreted at @triton.jit).
+from lnlm_ssm.ops.ssd import triton_kernels as _fwd
+from lnlm_ssm.ops.ssd import triton_kernels_bwd as _bwd
 
 _STATE_BLOCK = 256  # elements of one (p, n) state per program in state passing
 
@@ -50,8 +44,12 @@ def _strides(t: Optional[torch.Tensor], ndim: int):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _fp32_dots(x: torch.Tensor, B: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 or B.dtype != x.dtype
+def _dot_mode(x: torch.Tensor, B: torch.Tensor) -> int:
+    if x.dtype == torch.float32 or B.dtype != x.dtype:
+        return _fwd.DOT_FP32
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # the interpreter
+        return _fwd.DOT_LOWP_VIA_FP32
+    return _fwd.DOT_LOWP
 
 
 def _heads_per_prog(heads_per_group: int) -> int:
@@ -65,7 +63,7 @@ def _chunk_cumsum(dt, A, dt_bias, chunk_size, nchunks, dt_softplus, dt_min, dt_m
     cs = torch.empty_like(dt_out)
     block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // triton.next_power_of_2(chunk_size)))
     grid = (batch, nchunks, triton.cdiv(nheads, block_h))
-    wrap_triton(chunk_cumsum_fwd_kernel)[grid](
+    wrap_triton(_fwd.chunk_cumsum_fwd_kernel)[grid](
         dt, A, dt_bias if dt_bias is not None else A, dt_out, cs,
         seqlen, nheads, nchunks, chunk_size, *dt.stride(), dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
@@ -74,17 +72,17 @@ def _chunk_cumsum(dt, A, dt_bias, chunk_size, nchunks, dt_softplus, dt_min, dt_m
     return dt_out, cs
 
 
-def _chunk_state(x, y, dt_out, cs, seq_idx, chunk_size, nchunks, from_start, fp32):
+def _chunk_state(x, y, dt_out, cs, seq_idx, chunk_size, nchunks, from_start, mode):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = y.shape[2], y.shape[3]
     out = x.new_empty(batch, nchunks, nheads, headdim, dstate, dtype=torch.float32)
     block_p, block_n = _block(headdim), _block(dstate)
     grid = (batch * nchunks * nheads, triton.cdiv(headdim, block_p), triton.cdiv(dstate, block_n))
-    wrap_triton(chunk_state_kernel)[grid](
+    wrap_triton(_fwd.chunk_state_kernel)[grid](
         x, y, dt_out, cs, seq_idx if seq_idx is not None else cs, out,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *y.stride(), *_strides(seq_idx, 2),
-        FROM_START=from_start, HAS_SEQ=seq_idx is not None, FP32=fp32,
+        FROM_START=from_start, HAS_SEQ=seq_idx is not None, MODE=mode,
         BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_K=_block(chunk_size),
     )
     return out
@@ -111,7 +109,7 @@ def _ssd_fwd(
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = max(1, triton.cdiv(seqlen, chunk_size))
-    fp32 = _fp32_dots(x, B)
+    mode = _dot_mode(x, B)
     has_seq = seq_idx is not None
     seq_arg = seq_idx if has_seq else A
     seq_strides = _strides(seq_idx, 2)
@@ -120,29 +118,30 @@ def _ssd_fwd(
 
     cb = x.new_empty(batch, nchunks, ngroups, chunk_size, chunk_size, dtype=torch.float32)
     block_t = _block(chunk_size)
-    wrap_triton(bmm_cb_kernel)[(batch * nchunks * ngroups, triton.cdiv(chunk_size, block_t), triton.cdiv(chunk_size, block_t))](
+    wrap_triton(_fwd.bmm_cb_kernel)[(batch * nchunks * ngroups, triton.cdiv(chunk_size, block_t), triton.cdiv(chunk_size, block_t))](
         C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, *B.stride(), *C.stride(),
-        FP32=_fp32_dots(B, B), BLOCK_M=block_t, BLOCK_N=block_t, BLOCK_K=_block(dstate),
+        MODE=_dot_mode(B, B), BLOCK_M=block_t, BLOCK_N=block_t, BLOCK_K=_block(dstate),
     )
 
-    states = _chunk_state(x, B, dt_out, cs, seq_idx, chunk_size, nchunks, False, fp32)
+    states = _chunk_state(x, B, dt_out, cs, seq_idx, chunk_size, nchunks, False, mode)
     final_states = x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32)
     dim = headdim * dstate
-    wrap_triton(state_passing_fwd_kernel)[(batch, nheads, triton.cdiv(dim, _STATE_BLOCK))](
+    wrap_triton(_fwd.state_passing_fwd_kernel)[(batch, nheads, triton.cdiv(dim, _STATE_BLOCK))](
         states, initial_states if initial_states is not None else states, cs, seq_arg, final_states,
         seqlen, nheads, nchunks, chunk_size, dim, *seq_strides,
         HAS_INIT=initial_states is not None, HAS_SEQ=has_seq, BLOCK=_STATE_BLOCK,
     )
 
     out = x.new_empty(batch, seqlen, nheads, headdim)
-    out_x = torch.empty_like(out) if z is not None else out.new_empty(0)
+    # fp32: dz from a half-precision copy would err by more than the inputs' rounding.
+    out_x = torch.empty_like(out, dtype=torch.float32) if z is not None else out.new_empty(0)
     block_p = _block(headdim)
     grid = (batch * nchunks * nheads, triton.cdiv(chunk_size, block_t), triton.cdiv(headdim, block_p))
-    wrap_triton(chunk_scan_fwd_kernel)[grid](
+    wrap_triton(_fwd.chunk_scan_fwd_kernel)[grid](
         cb, x, z if z is not None else x, dt_out, cs, C, states, D if D is not None else cs, seq_arg, out, out_x,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *_strides(z, 4), *C.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=has_seq, FP32=fp32,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=has_seq, MODE=mode,
         BLOCK_M=block_t, BLOCK_N=block_p, BLOCK_K=block_t, BLOCK_DSTATE=_block(dstate),
     )
     return out, out_x, final_states, states, dt_out, cs, cb
@@ -178,7 +177,7 @@ def _ssd_bwd(
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = cs.shape[2]
-    fp32 = _fp32_dots(x, B)
+    mode = _dot_mode(x, B)
     has_seq = seq_idx is not None
     seq_arg = seq_idx if has_seq else A
     seq_strides = _strides(seq_idx, 2)
@@ -187,7 +186,8 @@ def _ssd_bwd(
         gate = torch.sigmoid(z.float())
         silu_grad = gate * (1 + z.float() * (1 - gate))
         dz = (grad_out.float() * out_x.float() * silu_grad).to(z.dtype)
-        dy = (grad_out.float() * z.float() * gate).to(x.dtype)
+        # Kept in fp32: rounding it to x's half precision would cost more than the inputs' rounding.
+        dy = grad_out.float() * z.float() * gate
     else:
         dz = x.new_empty(0)
         dy = grad_out
@@ -195,12 +195,12 @@ def _ssd_bwd(
 
     # Gradient of each chunk's entering state from its outputs, then passed backwards:
     # dstates[c] becomes the gradient of the state leaving chunk c.
-    dstates = _chunk_state(dy, C, dt_out, cs, seq_idx, chunk_size, nchunks, True, fp32)
+    dstates = _chunk_state(dy, C, dt_out, cs, seq_idx, chunk_size, nchunks, True, mode)
     dim = headdim * dstate
     nblocks = triton.cdiv(dim, _STATE_BLOCK)
     dinit = x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32)
     dlast_passing = x.new_empty(batch, nheads, nchunks, nblocks, dtype=torch.float32)
-    wrap_triton(state_passing_bwd_kernel)[(batch, nheads, nblocks)](
+    wrap_triton(_fwd.state_passing_bwd_kernel)[(batch, nheads, nblocks)](
         states, dstates, grad_final_states if grad_final_states is not None else dinit, cs, seq_arg, dinit,
         dlast_passing, seqlen, nheads, nchunks, chunk_size, dim, *seq_strides,
         HAS_DFINAL=grad_final_states is not None, HAS_SEQ=has_seq, BLOCK=_STATE_BLOCK,
@@ -210,11 +210,11 @@ def _ssd_bwd(
     grid = (batch * nchunks * nheads, triton.cdiv(chunk_size, block_t), triton.cdiv(headdim, block_p))
     dx = x.new_empty(batch, seqlen, nheads, headdim)
     ddt_direct = x.new_empty(grid[2], batch, nheads, nchunks, chunk_size, dtype=torch.float32)
-    wrap_triton(chunk_scan_bwd_dx_kernel)[grid](
+    wrap_triton(_bwd.chunk_scan_bwd_dx_kernel)[grid](
         x, dy, cb, dt_out, cs, B, dstates, D if D is not None else cs, seq_arg, dx, ddt_direct,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *dy.stride(), *B.stride(), *seq_strides,
-        HAS_D=D is not None, HAS_SEQ=has_seq, FP32=fp32,
+        HAS_D=D is not None, HAS_SEQ=has_seq, MODE=mode, DY_EXACT=z is None,
         BLOCK_M=block_t, BLOCK_N=block_p, BLOCK_K=block_t, BLOCK_DSTATE=_block(dstate),
     )
 
@@ -228,11 +228,11 @@ def _ssd_bwd(
     # dC first: it writes dcs, which the dB pass then adds to.
     for for_B in (False, True):
         partial = x.new_empty(splits, batch, seqlen, ngroups, dstate, dtype=torch.float32)
-        wrap_triton(chunk_scan_bwd_dbc_kernel)[grid](
+        wrap_triton(_bwd.chunk_scan_bwd_dbc_kernel)[grid](
             x, dy, B, C, dt_out, cs, dstates if for_B else states, seq_arg, partial, dcs, dlast_B,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, heads_per_prog,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_strides,
-            FOR_B=for_B, HAS_SEQ=has_seq, FP32=fp32,
+            FOR_B=for_B, HAS_SEQ=has_seq, MODE=mode, DY_EXACT=z is None,
             BLOCK_M=block_r, BLOCK_K=block_r, BLOCK_P=_block(headdim, 1 << 30), BLOCK_N=_block(dstate, 1 << 30),
             num_warps=8,
         )
@@ -243,7 +243,7 @@ def _ssd_bwd(
     dbias_part = torch.empty_like(dA_part)
     block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // triton.next_power_of_2(chunk_size)))
     # dt is read and ddt written with one set of strides.
-    wrap_triton(chunk_cumsum_bwd_kernel)[(batch, nchunks, triton.cdiv(nheads, block_h))](
+    wrap_triton(_fwd.chunk_cumsum_bwd_kernel)[(batch, nchunks, triton.cdiv(nheads, block_h))](
         dt.contiguous(), A, dt_bias if dt_bias is not None else A, dt_out, dcs,
         dlast_passing.sum(-1) + dlast_B.sum(-1), ddt_direct.sum(0), ddt, dA_part, dbias_part,
         seqlen, nheads, nchunks, chunk_size, *ddt.stride(), dt_min, dt_max,

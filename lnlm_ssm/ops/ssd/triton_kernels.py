@@ -22,20 +22,37 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _operand(v, like_ptr, FP32: tl.constexpr):
-    # Matmul operands go in the inputs' dtype (tensor cores), or fp32 when any is fp32.
-    if FP32:
-        return v.to(tl.float32)
-    return v.to(like_ptr.dtype.element_ty)
+# Matmul modes (MODE): in fp32 (fp32 or mixed-dtype inputs; tf32 would miss fp32's
+# tolerance by far), on the inputs' half-precision tensor cores, or the same
+# half-precision values multiplied in fp32 (exact products, as tensor cores give):
+# the interpreter's bf16 tl.dot is wrong.
+DOT_FP32, DOT_LOWP, DOT_LOWP_VIA_FP32 = 0, 1, 2
 
 
 @triton.jit
-def _dot(a, b, acc, FP32: tl.constexpr):
-    # fp32 inputs ask for fp32 products: tf32 would miss fp32's tolerance by far.
-    if FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+def _lowp_dot(a, b, acc, MODE: tl.constexpr):
+    if MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mm(a, b, acc, like_ptr, MODE: tl.constexpr, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
+    """acc + a @ b. In half precision an operand computed in fp32 (a decay-weighted matrix, a
+    state) is split into high and low half-precision parts, so the product keeps about twice
+    the half's mantissa: rounding it once would cost more than the inputs' own rounding.
+    Operands that are inputs as given (``*_EXACT``) are representable and need no low part."""
+    if MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    ty = like_ptr.dtype.element_ty
+    a_hi = a.to(ty)
+    b_hi = b.to(ty)
+    acc = _lowp_dot(a_hi, b_hi, acc, MODE)
+    if not A_EXACT:
+        acc = _lowp_dot((a.to(tl.float32) - a_hi.to(tl.float32)).to(ty), b_hi, acc, MODE)
+    if not B_EXACT:
+        acc = _lowp_dot(a_hi, (b.to(tl.float32) - b_hi.to(tl.float32)).to(ty), acc, MODE)
+    return acc
 
 
 @triton.jit
@@ -45,7 +62,7 @@ def _decay(keep, log_decay):
 
 @triton.jit
 def _seq_at(seq_ptr, b, pos, s_seq_b, s_seq_l):
-    return tl.load(seq_ptr + b.to(tl.int64) * s_seq_b + pos.to(tl.int64) * s_seq_l)
+    return tl.load(seq_ptr + b.to(tl.int64) * s_seq_b + pos * s_seq_l)
 
 
 @triton.jit
@@ -133,7 +150,7 @@ def bmm_cb_kernel(
     C_ptr, B_ptr, cb_ptr,
     seqlen, ngroups, nchunks, chunk_size, dstate,
     s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n,
-    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """cb[b, c, g, t, s] = C_t . B_s for s <= t (blocks above the diagonal are never read)."""
     pid = tl.program_id(0)
@@ -154,7 +171,7 @@ def bmm_cb_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         Ct = tl.load(C_base + k[None, :] * s_c_n, mask=mt[:, None] & (k < dstate)[None, :], other=0.0)
         Bs = tl.load(B_base + k[:, None] * s_b_n, mask=(k < dstate)[:, None] & ms[None, :], other=0.0)
-        acc = _dot(Ct, Bs, acc, FP32)
+        acc = _mm(Ct, Bs, acc, C_ptr, MODE, True, True)
     off = (((b * nchunks + c) * ngroups + g).to(tl.int64) * chunk_size + t[:, None]) * chunk_size + s[None, :]
     tl.store(cb_ptr + off, acc, mask=(t < chunk_size)[:, None] & (s < chunk_size)[None, :])
 
@@ -164,7 +181,7 @@ def chunk_state_kernel(
     x_ptr, y_ptr, dt_ptr, cs_ptr, seq_ptr, out_ptr,
     seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
     s_x_b, s_x_l, s_x_h, s_x_p, s_y_b, s_y_l, s_y_g, s_y_n, s_seq_b, s_seq_l,
-    FROM_START: tl.constexpr, HAS_SEQ: tl.constexpr, FP32: tl.constexpr,
+    FROM_START: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[b, c, h] = sum_s w_s x_s^T y_s over the chunk, (p, n).
@@ -206,7 +223,7 @@ def chunk_state_kernel(
             w = _decay(keep, cs_s)
         else:
             w = _decay(keep, cs_last - cs_s) * tl.load(dt_ptr + cs_base + s, mask=s < chunk_size, other=0.0)
-        acc = _dot(_operand(xs * w[None, :], x_ptr, FP32), _operand(ys, x_ptr, FP32), acc, FP32)
+        acc = _mm(xs * w[None, :], ys, acc, y_ptr, MODE, False, True)
     off = (((b * nchunks + c) * nheads + h).to(tl.int64) * headdim + p[:, None]) * dstate + n[None, :]
     tl.store(out_ptr + off, acc, mask=(p < headdim)[:, None] & (n < dstate)[None, :])
 
@@ -279,7 +296,7 @@ def chunk_scan_fwd_kernel(
     cb_ptr, x_ptr, z_ptr, dt_ptr, cs_ptr, C_ptr, states_ptr, D_ptr, seq_ptr, out_ptr, out_x_ptr,
     seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
     s_x_b, s_x_l, s_x_h, s_x_p, s_z_b, s_z_l, s_z_h, s_z_p, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, FP32: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
 ):
     """y_t = exp(cs_t) C_t . state_in + sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s + D x_t, gated by z."""
@@ -309,7 +326,7 @@ def chunk_scan_fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_DSTATE)
         Ct = tl.load(C_base + n[None, :] * s_c_n, mask=mt[:, None] & (n < dstate)[None, :], other=0.0)
         state = tl.load(state_base + n[:, None], mask=(n < dstate)[:, None] & mp[None, :], other=0.0)
-        acc = _dot(_operand(Ct, x_ptr, FP32), _operand(state, x_ptr, FP32), acc, FP32)
+        acc = _mm(Ct, state, acc, x_ptr, MODE, True, False)
     acc *= _decay(reach, cs_t)[:, None]
 
     x_base = x_ptr + b.to(tl.int64) * s_x_b + h * s_x_h + p[None, :] * s_x_p
@@ -326,7 +343,7 @@ def chunk_scan_fwd_kernel(
         dt_s = tl.load(dt_ptr + cs_base + s, mask=s < chunk_size, other=0.0)
         w = cb * _decay(keep, cs_t[:, None] - cs_s[None, :]) * dt_s[None, :]
         xs = tl.load(x_base + (start + s).to(tl.int64)[:, None] * s_x_l, mask=ms[:, None] & mp[None, :], other=0.0)
-        acc = _dot(_operand(w, x_ptr, FP32), _operand(xs, x_ptr, FP32), acc, FP32)
+        acc = _mm(w, xs, acc, x_ptr, MODE, False, True)
 
     mask = mt[:, None] & mp[None, :]
     if HAS_D:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lnlm_ssm.ops.ssd.triton_kernels import _decay, _dot, _operand, _seq_at
+from lnlm_ssm.ops.ssd.triton_kernels import _decay, _mm, _seq_at
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def chunk_scan_bwd_dx_kernel(
     x_ptr, dy_ptr, cb_ptr, dt_ptr, cs_ptr, B_ptr, dstates_ptr, D_ptr, seq_ptr, dx_ptr, ddt_ptr,
     seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, FP32: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DY_EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DSTATE: tl.constexpr,
 ):
     """dx_s = dt_s (sum_{t>=s} (C_t . B_s) exp(cs_t - cs_s) dy_t + exp(cs_last - cs_s) dstate_out B_s) + D dy_s;
@@ -54,7 +54,7 @@ def chunk_scan_bwd_dx_kernel(
         n = n0 + tl.arange(0, BLOCK_DSTATE)
         Bs = tl.load(B_base + n[None, :] * s_b_n, mask=ms[:, None] & (n < dstate)[None, :], other=0.0)
         ds = tl.load(ds_base + n[:, None], mask=(n < dstate)[:, None] & mp[None, :], other=0.0)
-        acc = _dot(_operand(Bs, x_ptr, FP32), _operand(ds, x_ptr, FP32), acc, FP32)
+        acc = _mm(Bs, ds, acc, x_ptr, MODE, True, False)
     acc *= _decay(to_end, cs_last - cs_s)[:, None]
 
     dy_base = dy_ptr + b.to(tl.int64) * s_dy_b + h * s_dy_h + p[None, :] * s_dy_p
@@ -70,7 +70,7 @@ def chunk_scan_bwd_dx_kernel(
         cs_t = tl.load(cs_ptr + cs_base + t, mask=t < chunk_size, other=0.0)
         w = cb * _decay(keep, cs_t[None, :] - cs_s[:, None])
         dyt = tl.load(dy_base + (start + t).to(tl.int64)[:, None] * s_dy_l, mask=mt[:, None] & mp[None, :], other=0.0)
-        acc = _dot(_operand(w, x_ptr, FP32), _operand(dyt, x_ptr, FP32), acc, FP32)
+        acc = _mm(w, dyt, acc, x_ptr, MODE, False, DY_EXACT)
 
     mask = ms[:, None] & mp[None, :]
     xs = tl.load(x_ptr + b.to(tl.int64) * s_x_b + pos_s[:, None] * s_x_l + h * s_x_h + p[None, :] * s_x_p,
@@ -93,7 +93,7 @@ def chunk_scan_bwd_dbc_kernel(
     seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, heads_per_prog,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_b_b, s_b_l, s_b_g, s_b_n,
     s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
-    FOR_B: tl.constexpr, HAS_SEQ: tl.constexpr, FP32: tl.constexpr,
+    FOR_B: tl.constexpr, HAS_SEQ: tl.constexpr, MODE: tl.constexpr, DY_EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dC (FOR_B false) or dB of a group, summed over a slice of its heads (one slice per program_id(2)).
@@ -125,6 +125,8 @@ def chunk_scan_bwd_dbc_kernel(
         own_ptr, s_o_b, s_o_l, s_o_g, s_o_n = B_ptr, s_b_b, s_b_l, s_b_g, s_b_n
         lo = pid_m * BLOCK_M
         hi = chunk_size
+        ROWS_EXACT: tl.constexpr = True
+        COLS_EXACT: tl.constexpr = DY_EXACT
     else:
         row_ptr, s_r_b, s_r_l, s_r_h, s_r_p = dy_ptr, s_dy_b, s_dy_l, s_dy_h, s_dy_p
         col_ptr, s_k_b, s_k_l, s_k_h, s_k_p = x_ptr, s_x_b, s_x_l, s_x_h, s_x_p
@@ -132,6 +134,8 @@ def chunk_scan_bwd_dbc_kernel(
         own_ptr, s_o_b, s_o_l, s_o_g, s_o_n = C_ptr, s_c_b, s_c_l, s_c_g, s_c_n
         lo = 0
         hi = tl.minimum((pid_m + 1) * BLOCK_M, chunk_size)
+        ROWS_EXACT: tl.constexpr = DY_EXACT
+        COLS_EXACT: tl.constexpr = True
     own = tl.load(own_ptr + b.to(tl.int64) * s_o_b + pos_r[:, None] * s_o_l + g * s_o_g + n[None, :] * s_o_n,
                   mask=mr[:, None] & mn[None, :], other=0.0).to(tl.float32)
     if HAS_SEQ:
@@ -152,8 +156,8 @@ def chunk_scan_bwd_dbc_kernel(
         # The state term: the chunk's own state (dB) or the entering state (dC), (p, n).
         state = tl.load(states_ptr + ((b * nchunks + c) * nheads + h).to(tl.int64) * headdim * dstate
                         + p[:, None] * dstate + n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
-        from_state = _dot(_operand(rows, x_ptr, FP32), _operand(state, x_ptr, FP32),
-                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), FP32)
+        from_state = _mm(rows, state, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_ptr, MODE,
+                         ROWS_EXACT, False)
         state_keep = mr
         if HAS_SEQ:
             state_keep &= seq_r == ref_seq
@@ -171,8 +175,8 @@ def chunk_scan_bwd_dbc_kernel(
             mk = (k < chunk_size) & (start + k < seqlen)
             cols = tl.load(col_ptr + b.to(tl.int64) * s_k_b + pos_k[None, :] * s_k_l + h * s_k_h + p[:, None] * s_k_p,
                            mask=mp[:, None] & mk[None, :], other=0.0)
-            inner = _dot(_operand(rows, x_ptr, FP32), _operand(cols, x_ptr, FP32),
-                         tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), FP32)
+            inner = _mm(rows, cols, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), x_ptr, MODE,
+                        ROWS_EXACT, COLS_EXACT)
             cs_k = tl.load(cs_ptr + cs_base + k, mask=k < chunk_size, other=0.0)
             keep = mr[:, None] & mk[None, :]
             if FOR_B:
@@ -189,7 +193,7 @@ def chunk_scan_bwd_dbc_kernel(
                 weight *= tl.load(dt_ptr + cs_base + k, mask=k < chunk_size, other=0.0)[None, :]
             mat = tl.load(mat_ptr + b.to(tl.int64) * s_m_b + pos_k[:, None] * s_m_l + g * s_m_g + n[None, :] * s_m_n,
                           mask=mk[:, None] & mn[None, :], other=0.0)
-            pairs = _dot(_operand(weight, x_ptr, FP32), _operand(mat, x_ptr, FP32), pairs, FP32)
+            pairs = _mm(weight, mat, pairs, x_ptr, MODE, False, True)
         if FOR_B:
             grad = from_state + pairs * dt_r[:, None]
         else:
