@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Everything that needs a real GPU, in one go (about 8 minutes at most on an H100):
+#
+#   1. versions: nvidia-smi, torch, CUDA, triton -> versions.json, nvidia-smi.txt
+#   2. build: pip install --no-build-isolation --no-deps -e . with the CUDA kernels
+#      for sm_90 (LNLM_SSM_CUDA=1 LNLM_SSM_CUDA_ARCHS=9.0 MAX_JOBS=16); if it fails
+#      the rest runs with the Triton kernels only, and build.log says why
+#   3. tests: every CUDA and Triton test (each backend against the reference in
+#      fp32/bf16/fp16; the GPU-only ones are those skipped on CPU) -> tests.log
+#   4. benchmarks: scan_speed.py --device cuda for selective_scan and ssd -> JSON + PNG
+#   5. the summary table (benchmarks/gpu_summary.py), printed last -> summary.txt
+#
+# Run from the repository root on a machine with a CUDA GPU and a CUDA build of
+# torch (+ triton) already installed; no network is needed. Results go to
+# ${OUT:-benchmarks/results/gpu-<date>}/. Each step has its own time limit, so a
+# hang costs only that step; a failed step is recorded and the script goes on.
+
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT" || exit 1
+PY="${PYTHON:-python}"
+STEPS="$OUT/steps.tsv"
+: >"$STEPS"
+
+# step NAME LIMIT_S LOG COMMAND...: run COMMAND with its output in LOG, record status and seconds.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (at most ${limit}s) -> $log" >&2
+  local start=$SECONDS rc
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - start)) status=ok note=""
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status=timeout note="killed after ${limit}s; see $log"
+  elif [ "$rc" -ne 0 ]; then
+    status=failed note="exit $rc; see $log"
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$took" "$note" >>"$STEPS"
+  echo "   $status in ${took}s" >&2
+  return "$rc"
+}
+
+# 1. versions
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+step versions 60 "$OUT/versions.log" "$PY" - "$OUT/versions.json" <<'EOF'
+import json, platform, subprocess, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError as exc:
+    info["triton"] = f"not importable ({exc})"
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    info["card"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+else:
+    info["card"] = "no CUDA GPU visible to torch"
+try:
+    info["driver"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout.strip()
+except (OSError, subprocess.SubprocessError) as exc:
+    info["driver"] = f"unknown ({exc})"
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info, indent=2))
+EOF
+
+# 2. build (the CUDA extension for Hopper only, to keep the build short)
+if ! step build 200 "$OUT/build.log" env LNLM_SSM_CUDA=1 LNLM_SSM_CUDA_ARCHS=9.0 MAX_JOBS=16 \
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
+  echo "   the build failed: continuing with the Triton kernels only (reason at the end of $OUT/build.log)" >&2
+  tail -n 20 "$OUT/build.log" >"$OUT/build_failure.txt"
+fi
+"$PY" -c "import lnlm_ssm.ops as o, json; print(json.dumps(o.backend_report(), indent=2))" \
+  >"$OUT/backends.json" 2>&1
+
+# 3. tests: CUDA and Triton ones (on a GPU the Triton tests run compiled, not interpreted)
+step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops -k "cuda or triton" \
+  --junitxml="$OUT/tests.xml"
+
+# 4. benchmarks (seqlens and dtype are scan_speed's CUDA defaults; --budget-s bounds each measurement)
+for op in selective_scan ssd; do
+  step "bench-$op" 70 "$OUT/bench-$op.log" "$PY" benchmarks/scan_speed.py --device cuda --op "$op" \
+    --budget-s 8 --out "$OUT/$op"
+done
+
+# 5. the summary, last
+"$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
