@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from lnlm_ssm.ops._backends import register, resolve
 from lnlm_ssm.ops._checks import Shapes, check_choice, check_seq_idx
 from lnlm_ssm.ops.conv1d.reference import ACTIVATIONS, causal_conv1d_ref, causal_conv1d_update_ref
@@ -16,6 +18,11 @@ _UPDATE_KERNELS = {
     "cpu": "lnlm_ssm.ops.conv1d.cpu:causal_conv1d_update_cpu",
     "triton": "lnlm_ssm.ops.conv1d.triton:causal_conv1d_update_triton",
 }
+# The causal-conv1d package's kernels serve "cuda" when it is installed (found
+# without importing it, so that importing lnlm_ssm stays light).
+if importlib.util.find_spec("causal_conv1d") is not None:
+    _KERNELS["cuda"] = "lnlm_ssm.ops.conv1d.cuda:causal_conv1d_cuda"
+    _UPDATE_KERNELS["cuda"] = "lnlm_ssm.ops.conv1d.cuda:causal_conv1d_update_cuda"
 register("causal_conv1d_fn", _KERNELS)
 register("causal_conv1d_update", _UPDATE_KERNELS)
 
