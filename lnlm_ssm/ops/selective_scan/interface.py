@@ -9,6 +9,7 @@ from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
 _KERNELS = {
     "reference": selective_scan_ref,
     "cpu": "lnlm_ssm.ops.selective_scan.cpu:selective_scan_cpu",
+    "triton": "lnlm_ssm.ops.selective_scan.triton:selective_scan_triton",
     "cuda": "lnlm_ssm.ops.selective_scan.cuda:selective_scan_cuda",
 }
 register("selective_scan", _KERNELS)

@@ -1,0 +1,519 @@
+"""Mamba-1 selective scan in Triton: one fused pass forward, a chunked recomputing backward.
+
+Each program owns ``BLOCK_D`` channels of one (batch, group) and walks time in
+chunks of ``CHUNK`` steps, keeping the (channels, dstate) state in registers
+between chunks. Inside a chunk the recurrence ``h_t = a_t h_{t-1} + x_t`` is a
+parallel scan (``tl.associative_scan``) over (decay, drive) pairs, so u, delta,
+z, B and C are read as (channels, CHUNK) tiles that are contiguous along
+seqlen, and y is written once: the forward reads its inputs once and writes
+its output once.
+
+When gradients are needed the forward also stores the state entering every
+chunk, (batch, dim, nchunks, dstate) in fp32. The backward walks the chunks in
+reverse: it recomputes the chunk's states from that checkpoint, runs the
+adjoint recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as a reverse scan, and
+reduces the gradients without ever storing a (batch, dim, seqlen, dstate)
+tensor:
+
+- dA, dD and d(delta_bias) are per channel: each program sums over its batch
+  row and time in registers, writes one (batch, ...) partial, and the batch
+  sum is done by torch (deterministic);
+- dB and dC are shared by the channels of a group: each program sums its
+  channels first, then adds its (dstate, CHUNK) tile into an fp32 buffer with
+  atomics, so their summation order (not their value) can vary run to run.
+
+Math and state are fp32 for fp32, bf16 and fp16 inputs; float64 is left to the
+reference and cpu backends. Gradients flow through the last state and into
+``initial_state``, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+# Steps per chunk: the time tile of both kernels and the checkpoint interval of
+# the backward. The checkpoints cost dstate * 4 / CHUNK bytes per element of u
+# (1 byte at dstate 16), written only when a gradient is needed.
+CHUNK = 64
+
+# Steps each thread of the forward scans in registers (CHUNK must be a
+# multiple). 16 spills registers and brings back shuffles (sm_80 and sm_90).
+FWD_TILE = 8
+
+# The backward holds about ten (BLOCK_D, dstate, CHUNK) fp32 tiles at once, so
+# it takes fewer channels per program than the forward.
+BWD_BLOCK_D = 2
+BWD_NUM_WARPS = 4
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# One channel per thread (BLOCK_D = 32 * num_warps), see _fwd_kernel. Kept
+# small so that a first call (which tries each) stays quick; valid on Ampere
+# and Hopper. The interpreter, which would time every config (slowly) and
+# has no threads, runs one narrow block.
+_FWD_CONFIGS = [triton.Config({"BLOCK_D": 32 * warps}, num_warps=warps) for warps in (1, 2, 4)]
+if knobs.runtime.interpret:
+    _FWD_CONFIGS = [triton.Config({"BLOCK_D": 8}, num_warps=1)]
+
+
+@triton.jit
+def _compose(decay_a, drive_a, decay_b, drive_b):
+    # Step a then step b, each h -> decay * h + drive. In a reverse scan the
+    # first pair is the later steps, which the adjoint recurrence applies first.
+    return decay_b * decay_a, decay_b * drive_a + drive_b
+
+
+@triton.jit
+def _softplus(x):
+    # torch's softplus (threshold 20), with log1p written out: log(1 + e)
+    # rounds 1 + e and loses e when e is tiny; the ratio e / ((1 + e) - 1)
+    # restores the rounding error (Goldberg's log1p).
+    e = tl.exp(x)
+    one_plus = 1.0 + e
+    log1p = tl.where(one_plus == 1.0, e, tl.log(one_plus) * (e / (one_plus - 1.0)))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _load_delta(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(delta + bias, the step size Δ): Δ is 0 outside ``mask`` so that padded steps leave the state as it is."""
+    pre = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += bias[:, None]
+    step = pre
+    if SOFTPLUS:
+        step = _softplus(pre)
+    return pre, tl.where(mask, step, 0.0)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["per_group", "dstate"])
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, last_ptr, ckpt_ptr,
+    ngroups, per_group, seqlen, dstate, nchunks,
+    s_u_b, s_u_d, s_u_l,
+    s_dt_b, s_dt_d, s_dt_l,
+    s_z_b, s_z_d, s_z_l,
+    s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_B_l,
+    s_C_b, s_C_g, s_C_n, s_C_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    DSTATE: tl.constexpr, NSTATE: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Tiles are (TILE steps, BLOCK_D channels) and BLOCK_D = 32 * num_warps:
+    # each thread owns one channel and TILE consecutive steps, so the scan
+    # along time runs inside the thread (no shuffles) and the states, looped
+    # over one at a time, never need a reduction across threads.
+    b = tl.program_id(1) // ngroups
+    g = tl.program_id(1) % ngroups
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = ch < per_group
+    d = (g * per_group + ch).to(tl.int64)
+    n = tl.arange(0, DSTATE)
+    mask_nd = (n < dstate)[:, None] & mask_d[None, :]
+    dim = ngroups * per_group
+
+    # (DSTATE, BLOCK_D): the states of a channel sit in its thread.
+    A2 = tl.load(A_ptr + d[None, :] * s_A_d + n[:, None] * s_A_n, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0) if HAS_BIAS else None
+    skip = tl.load(D_ptr + d, mask=mask_d, other=0.0) if HAS_D else None
+    state_offs = (b * dim + d)[None, :] * dstate + n[:, None]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros((DSTATE, BLOCK_D), dtype=tl.float32)
+
+    u_col = u_ptr + b * s_u_b + d[None, :] * s_u_d
+    dt_col = delta_ptr + b * s_dt_b + d[None, :] * s_dt_d
+    z_col = z_ptr + b * s_z_b + d[None, :] * s_z_d
+    y_col = y_ptr + (b * dim + d)[None, :] * seqlen
+    B_row = B_ptr + b * s_B_b + g * s_B_g
+    C_row = C_ptr + b * s_C_b + g * s_C_g
+    ckpt = ckpt_ptr + (b * dim + d)[None, :] * nchunks * dstate + n[:, None]
+    local = tl.arange(0, TILE)
+    first = local[:, None] == 0
+    last = local[:, None] == TILE - 1
+
+    for i in range(0, tl.cdiv(seqlen, TILE)):
+        if SAVE_CKPT:
+            if i % (CHUNK // TILE) == 0:
+                tl.store(ckpt + (i // (CHUNK // TILE)) * dstate, h, mask=mask_nd)
+        t = i * TILE + local
+        mask_t = t < seqlen
+        mask = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(u_col + t[:, None] * s_u_l, mask=mask, other=0.0).to(tl.float32)
+        pre = tl.load(dt_col + t[:, None] * s_dt_l, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            pre += bias[None, :]
+        step = _softplus(pre) if SOFTPLUS else pre
+        # Δ = 0 past seqlen: the padded steps leave the state as it is.
+        step = tl.where(mask, step, 0.0)
+        step_u = step * u
+        y = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(NSTATE):
+            is_k = n[:, None] == k
+            B_k = tl.load(B_row + k * s_B_n + t * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
+            C_k = tl.load(C_row + k * s_C_n + t * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
+            decay = tl.exp2(step * tl.sum(tl.where(is_k, A2, 0.0), axis=0)[None, :])
+            drive = step_u * B_k[:, None]
+            # The state carried in from the previous tile enters with the first step's drive.
+            h_k = tl.sum(tl.where(is_k, h, 0.0), axis=0)
+            drive = tl.where(first, drive + decay * h_k[None, :], drive)
+            _, states = tl.associative_scan((decay, drive), axis=0, combine_fn=_compose)
+            y += states * C_k[:, None]
+            h = tl.where(is_k, tl.sum(tl.where(last, states, 0.0), axis=0)[None, :], h)
+        if HAS_D:
+            y += skip[None, :] * u
+        if HAS_Z:
+            zt = tl.load(z_col + t[:, None] * s_z_l, mask=mask, other=0.0).to(tl.float32)
+            y *= zt * tl.sigmoid(zt)
+        tl.store(y_col + t[:, None], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(last_ptr + state_offs, h, mask=mask_nd)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dy_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    ngroups, per_group, seqlen, dstate, nchunks,
+    s_u_b, s_u_d, s_u_l,
+    s_dt_b, s_dt_d, s_dt_l,
+    s_z_b, s_z_d, s_z_l,
+    s_dy_b, s_dy_d, s_dy_l,
+    s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_B_l,
+    s_C_b, s_C_g, s_C_n, s_C_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    DSTATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(1) // ngroups
+    g = tl.program_id(1) % ngroups
+    ch = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = ch < per_group
+    d = (g * per_group + ch).to(tl.int64)
+    n = tl.arange(0, DSTATE)
+    mask_n = n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dim = ngroups * per_group
+
+    A = tl.load(A_ptr + d[:, None] * s_A_d + n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0) if HAS_BIAS else None
+    skip = tl.load(D_ptr + d, mask=mask_d, other=0.0) if HAS_D else None
+    state_offs = (b * dim + d)[:, None] * dstate + n[None, :]
+    # carry: the gradient reaching the state before the chunk just processed,
+    # a_t0 g_t0; before the first (last in time) chunk, the gradient of the last state.
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0)
+    else:
+        carry = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
+    dA = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
+    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    u_row = u_ptr + b * s_u_b + d[:, None] * s_u_d
+    dt_row = delta_ptr + b * s_dt_b + d[:, None] * s_dt_d
+    z_row = z_ptr + b * s_z_b + d[:, None] * s_z_d
+    dy_row = dy_ptr + b * s_dy_b + d[:, None] * s_dy_d
+    out_row = (b * dim + d)[:, None] * seqlen
+    B_rows = B_ptr + b * s_B_b + g * s_B_g + n[:, None] * s_B_n
+    C_rows = C_ptr + b * s_C_b + g * s_C_g + n[:, None] * s_C_n
+    dBC_rows = ((b * ngroups + g) * dstate + n)[:, None] * seqlen
+    ckpt = ckpt_ptr + (b * dim + d)[:, None] * nchunks * dstate + n[None, :]
+    local = tl.arange(0, CHUNK)
+    first_step = local[None, None, :] == 0
+
+    for i in range(0, nchunks):
+        c = nchunks - 1 - i
+        t = c * CHUNK + local
+        mask_t = t < seqlen
+        mask = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+
+        # Recompute the chunk's states from its checkpoint, as the forward did.
+        h0 = tl.load(ckpt + c * dstate, mask=mask_dn, other=0.0)
+        u = tl.load(u_row + t[None, :] * s_u_l, mask=mask, other=0.0).to(tl.float32)
+        pre, step = _load_delta(dt_row + t[None, :] * s_dt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=mask_nt, other=0.0).to(tl.float32)
+        decay = tl.exp2(step[:, None, :] * A2[:, :, None])
+        drive = (step * u)[:, None, :] * Bt[None, :, :]
+        cum_decay, cum_drive = tl.associative_scan((decay, drive), axis=2, combine_fn=_compose)
+        states = cum_decay * h0[:, :, None] + cum_drive
+
+        # Output side: y = (C·h + D u) * silu(z).
+        dy = tl.load(dy_row + t[None, :] * s_dy_l, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_row + t[None, :] * s_z_l, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zt)
+            y = tl.sum(states * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += skip[:, None] * u
+            dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(dz_ptr + out_row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            dy = dy * zt * sig
+        du = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        if HAS_D:
+            dD += tl.sum(dy * u, axis=1)
+            du += skip[:, None] * dy
+
+        # Adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}, a reverse scan
+        # whose decay at t is that of step t + 1: the next step's Δ is loaded
+        # again (from cache). At the chunk's last step it is 1, and the carry
+        # from the later chunks enters as prod_{r=t+1..} a_r * carry.
+        next_t = t + 1
+        mask_next = mask_d[:, None] & ((local < CHUNK - 1) & (next_t < seqlen))[None, :]
+        _, next_step = _load_delta(dt_row + next_t[None, :] * s_dt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
+        next_decay = tl.exp2(next_step[:, None, :] * A2[:, :, None])
+        through, grad = tl.associative_scan(
+            (next_decay, Ct[None, :, :] * dy[:, None, :]), axis=2, combine_fn=_compose, reverse=True
+        )
+        grad += through * carry[:, :, None]
+        carry = tl.sum(tl.where(first_step, decay * grad, 0.0), axis=2)
+
+        # Drive x_t = Δ_t u_t B_t.
+        grad_B = tl.sum(grad * Bt[None, :, :], axis=1)
+        du += step * grad_B
+        dstep = u * grad_B
+        # Decay a_t = exp(Δ_t A), entering as a_t h_{t-1} = h_t - x_t.
+        grad_decay = grad * (states - drive)
+        dstep += tl.sum(grad_decay * A[:, :, None], axis=1)
+        dA += tl.sum(grad_decay * step[:, None, :], axis=2)
+        if SOFTPLUS:
+            dstep *= tl.sigmoid(pre)
+        dstep = tl.where(mask, dstep, 0.0)
+        dbias += tl.sum(dstep, axis=1)
+
+        dBt = tl.sum(grad * (step * u)[:, None, :], axis=0)
+        dCt = tl.sum(states * dy[:, None, :], axis=0)
+        tl.atomic_add(dB_ptr + dBC_rows + t[None, :], dBt, mask=mask_nt, sem="relaxed")
+        tl.atomic_add(dC_ptr + dBC_rows + t[None, :], dCt, mask=mask_nt, sem="relaxed")
+        tl.store(du_ptr + out_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + out_row + t[None, :], dstep.to(ddelta_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(dh0_ptr + state_offs, carry, mask=mask_dn)
+    tl.store(dA_ptr + state_offs, dA, mask=mask_dn)
+    tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
+    tl.store(dbias_ptr + b * dim + d, dbias, mask=mask_d)
+
+
+def _grouped(t: torch.Tensor) -> torch.Tensor:
+    """B or C as (batch, ngroups, dstate, seqlen): the ungrouped layout is the one-group case."""
+    return t if t.ndim == 4 else t.unsqueeze(1)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    # A size-1 dimension is never stepped along; a zero stride keeps offsets small.
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+
+
+# triton_op lets torch.compile see the kernels; its fake implementation is the
+# launcher itself, which under the interpreter would run the kernels on fake
+# tensors, so interpreted kernels are an opaque custom_op with fakes instead.
+_define_op = torch.library.custom_op if knobs.runtime.interpret else torch.library.triton_op
+
+
+@_define_op("lnlm_ssm::selective_scan_triton_fwd", mutates_args=())
+def _fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    delta_softplus: bool,
+    save_checkpoints: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, last_state, checkpoints): checkpoints are the states entering each chunk, or empty."""
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    B, C = _grouped(B), _grouped(C)
+    ngroups = B.shape[1]
+    nchunks = triton.cdiv(seqlen, CHUNK)
+    y = u.new_empty(batch, dim, seqlen)
+    last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
+    checkpoints = u.new_empty(batch, dim, nchunks if save_checkpoints else 0, dstate, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(dim // ngroups, meta["BLOCK_D"]), batch * ngroups)
+
+    # Absent optional tensors are never read (their HAS_* flag is off); u stands in for them.
+    torch.library.wrap_triton(_fwd_kernel)[grid](
+        u, delta, A, B, C,
+        u if D is None else D,
+        u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        u if initial_state is None else initial_state,
+        y, last, checkpoints if save_checkpoints else last,
+        ngroups, dim // ngroups, seqlen, dstate, nchunks,
+        *_strides(u), *_strides(delta), *(_strides(z) if z is not None else (0, 0, 0)),
+        *_strides(A), *_strides(B), *_strides(C),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE_CKPT=save_checkpoints,
+        DSTATE=triton.next_power_of_2(dstate), NSTATE=dstate, CHUNK=CHUNK, TILE=FWD_TILE,
+    )
+    return y, last, checkpoints
+
+
+@_define_op("lnlm_ssm::selective_scan_triton_bwd", mutates_args=())
+def _bwd(
+    dy: torch.Tensor,
+    dlast: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    checkpoints: torch.Tensor,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """(du, ddelta, dz, dB, dC, dA, dD, ddelta_bias, dinitial_state) in fp32 except du, ddelta, dz.
+
+    dz is empty without z; dB and dC are (batch, ngroups, dstate, seqlen).
+    """
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    B, C = _grouped(B), _grouped(C)
+    ngroups = B.shape[1]
+    nchunks = checkpoints.shape[2]
+    f32 = torch.float32
+    du = u.new_empty(batch, dim, seqlen)
+    ddelta = delta.new_empty(batch, dim, seqlen)
+    dz = u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0)
+    dB = u.new_zeros(batch, ngroups, dstate, seqlen, dtype=f32)
+    dC = u.new_zeros(batch, ngroups, dstate, seqlen, dtype=f32)
+    dA = u.new_empty(batch, dim, dstate, dtype=f32)
+    dD = u.new_empty(batch, dim, dtype=f32)
+    dbias = u.new_empty(batch, dim, dtype=f32)
+    dh0 = u.new_empty(batch, dim, dstate, dtype=f32)
+
+    grid = (triton.cdiv(dim // ngroups, BWD_BLOCK_D), batch * ngroups)
+    torch.library.wrap_triton(_bwd_kernel)[grid](
+        u, delta, A, B, C,
+        u if D is None else D,
+        u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        checkpoints, dy,
+        dh0 if dlast is None else dlast,
+        du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
+        ngroups, dim // ngroups, seqlen, dstate, nchunks,
+        *_strides(u), *_strides(delta), *(_strides(z) if z is not None else (0, 0, 0)), *_strides(dy),
+        *_strides(A), *_strides(B), *_strides(C),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
+        SOFTPLUS=delta_softplus,
+        DSTATE=triton.next_power_of_2(dstate), CHUNK=CHUNK, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_NUM_WARPS,
+    )
+    return du, ddelta, dz, dB, dC, dA.sum(0), dD.sum(0), dbias.sum(0), dh0
+
+
+if knobs.runtime.interpret:
+
+    @_fwd.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints):
+        batch, dim, seqlen = u.shape
+        nchunks = triton.cdiv(seqlen, CHUNK) if save_checkpoints else 0
+        return (
+            u.new_empty(batch, dim, seqlen),
+            u.new_empty(batch, dim, A.shape[1], dtype=torch.float32),
+            u.new_empty(batch, dim, nchunks, A.shape[1], dtype=torch.float32),
+        )
+
+    @_bwd.register_fake
+    def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus):
+        batch, dim, seqlen = u.shape
+        dstate = A.shape[1]
+        grouped = (batch, B.shape[1] if B.ndim == 4 else 1, dstate, seqlen)
+        f32 = torch.float32
+        return (
+            u.new_empty(batch, dim, seqlen),
+            delta.new_empty(batch, dim, seqlen),
+            u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0),
+            u.new_empty(grouped, dtype=f32),
+            u.new_empty(grouped, dtype=f32),
+            u.new_empty(dim, dstate, dtype=f32),
+            u.new_empty(dim, dtype=f32),
+            u.new_empty(dim, dtype=f32),
+            u.new_empty(batch, dim, dstate, dtype=f32),
+        )
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        save = any(ctx.needs_input_grad)
+        y, last, checkpoints = torch.ops.lnlm_ssm.selective_scan_triton_fwd(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save
+        )
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+            ctx.delta_softplus = delta_softplus
+            ctx.has_initial_state = initial_state is not None
+        # Without a gradient for y or for the last state, backward gets None
+        # for it instead of a tensor of zeros to read.
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = torch.ops.lnlm_ssm.selective_scan_triton_bwd(
+            torch.zeros_like(u) if dy is None else dy,
+            None if dlast is None else dlast.contiguous(),
+            u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus,
+        )
+        return (
+            du,
+            ddelta,
+            dA.to(A.dtype),
+            dB.view(B.shape).to(B.dtype),
+            dC.view(C.shape).to(C.dtype),
+            None if D is None else dD,
+            None if z is None else dz,
+            None if delta_bias is None else dbias,
+            dh0 if ctx.has_initial_state else None,
+            None,
+        )
+
+
+def selective_scan_triton(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+):
+    if u.dtype == torch.float64:
+        raise TypeError(
+            "u: the triton backend computes in fp32 for float32, bfloat16 and float16 inputs, got float64; "
+            "use backend='reference' or 'cpu' for float64 math"
+        )
+    # The per-channel parameters and the state are read as fp32; autograd casts their gradients back.
+    out, last_state = _SelectiveScan.apply(
+        u, delta, A, B, C, _fp32(D), z, _fp32(delta_bias), _fp32(initial_state), bool(delta_softplus)
+    )
+    return (out, last_state) if return_last_state else out
