@@ -38,6 +38,27 @@ def _library_op(name, fn, mutates_args, fake):
     return op
 
 
+# The kernels use only Triton builtins and the jit helpers below, none of
+# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
+# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
+# would not be interpreted. Ours are decorated when this module is imported.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
 @triton.jit
 def _store(ptrs, value, mask):
     """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
@@ -97,7 +118,7 @@ def _conv_fwd_kernel(
     seq_t = t
     if HAS_SEQ:
         seq_t = _seq_at(seq_ptr, b, t, seq_sb, seq_sl, seqlen)
-    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc = tl.full((BLOCK_D, BLOCK_L), 0.0, tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(WIDTH):
@@ -106,7 +127,7 @@ def _conv_fwd_kernel(
                       x_sb, x_sd, x_sl, i_sb, i_sd, i_sk, seq_sb, seq_sl, HAS_INIT, HAS_SEQ, WIDTH)
         acc += w[:, None] * v
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * _sigmoid(acc)
     out = out_ptr + b * dim * seqlen + d[:, None].to(tl.int64) * seqlen + t[None, :]
     _store(out, acc, d_ok[:, None] & (t < seqlen)[None, :])
 
@@ -128,13 +149,13 @@ def _conv_bwd_kernel(
     seq_s = s
     if HAS_SEQ:
         seq_s = _seq_at(seq_ptr, b, s, seq_sb, seq_sl, seqlen)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    bias = tl.full((BLOCK_D,), 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
 
     # d input[s] = sum_k w[k] * d pre[t] over the outputs t = s + width - 1 - k that read it.
-    dsum = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    d_pre_own = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    dsum = tl.full((BLOCK_D, BLOCK_L), 0.0, tl.float32)
+    d_pre_own = tl.full((BLOCK_D, BLOCK_L), 0.0, tl.float32)
     for k in tl.static_range(WIDTH):
         t = s + (WIDTH - 1 - k)
         reads = (t >= 0) & (t < seqlen)
@@ -147,13 +168,13 @@ def _conv_bwd_kernel(
         g_at = g_ptr + b * g_sb + d[:, None].to(tl.int64) * g_sd + t[None, :].to(tl.int64) * g_sl
         d_pre = tl.load(g_at, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
+            pre = tl.full((BLOCK_D, BLOCK_L), 0.0, tl.float32) + bias[:, None]
             for j in tl.static_range(WIDTH):
                 w_j = tl.load(w_ptr + d * w_sd + j * w_sk, mask=d_ok, other=0.0).to(tl.float32)
                 pre += w_j[:, None] * _input_at(
                     x_ptr, init_ptr, seq_ptr, b, d, t - (WIDTH - 1) + j, seq_t, d_ok, seqlen,
                     x_sb, x_sd, x_sl, i_sb, i_sd, i_sk, seq_sb, seq_sl, HAS_INIT, HAS_SEQ, WIDTH)
-            sig = tl.sigmoid(pre)
+            sig = _sigmoid(pre)
             d_pre = d_pre * sig * (1.0 + pre * (1.0 - sig))
         w_k = tl.load(w_ptr + d * w_sd + k * w_sk, mask=d_ok, other=0.0).to(tl.float32)
         dsum += w_k[:, None] * d_pre
@@ -169,11 +190,11 @@ def _conv_bwd_kernel(
     # This tile's share of the weight and bias gradients.
     part = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
     if HAS_BIAS:
-        tl.store(db_part_ptr + part * dim + d, tl.sum(d_pre_own, axis=1), mask=d_ok)
+        tl.store(db_part_ptr + part * dim + d, _sum(d_pre_own, axis=1), mask=d_ok)
     for k in tl.static_range(WIDTH):
         v = _input_at(x_ptr, init_ptr, seq_ptr, b, d, s - (WIDTH - 1) + k, seq_s, d_ok, seqlen,
                       x_sb, x_sd, x_sl, i_sb, i_sd, i_sk, seq_sb, seq_sl, HAS_INIT, HAS_SEQ, WIDTH)
-        tl.store(dw_part_ptr + (part * dim + d) * WIDTH + k, tl.sum(d_pre_own * v, axis=1), mask=d_ok)
+        tl.store(dw_part_ptr + (part * dim + d) * WIDTH + k, _sum(d_pre_own * v, axis=1), mask=d_ok)
 
 
 @triton.jit
@@ -193,7 +214,7 @@ def _conv_update_kernel(
 
     t = tl.arange(0, BLOCK_L)
     t_ok = d_ok[:, None] & (t < steps)[None, :]
-    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    acc = tl.full((BLOCK_D, BLOCK_L), 0.0, tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(WIDTH):
@@ -203,7 +224,7 @@ def _conv_update_kernel(
         w = tl.load(w_ptr + d * w_sd + k * w_sk, mask=d_ok, other=0.0).to(tl.float32)
         acc += w[:, None] * v
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * _sigmoid(acc)
 
     # The state shifted left by ``steps``, x entering at its end.
     j = tl.arange(0, BLOCK_S)

@@ -41,6 +41,27 @@ def _library_op(name, fn, mutates_args, fake):
     return op
 
 
+# The kernels use only Triton builtins and the jit helpers below, none of
+# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
+# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
+# would not be interpreted. Ours are decorated when this module is imported.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
 @triton.jit
 def _store(ptrs, value, mask):
     """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
@@ -76,10 +97,10 @@ def _norm_fwd_kernel(
         _store(res_out_ptr + m2 * hidden + c2, h, mask)
     if HAS_Z:
         z = tl.load(z_ptr + m2 * z_sr + c2 * z_sc, mask=mask, other=0.0).to(tl.float32)
-        gate = z * tl.sigmoid(z)
+        gate = z * _sigmoid(z)
         if not NORM_BEFORE_GATE:
             h *= gate
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / group + eps)
+    rstd = 1.0 / tl.sqrt(_sum(h * h, axis=1) / group + eps)
     tl.store(rstd_ptr + m * (hidden // group) + tl.program_id(1), rstd, mask=m < rows)
     w = tl.load(w_ptr + c, mask=j < group, other=0.0).to(tl.float32)
     y = h * rstd[:, None] * w[None, :]
@@ -105,11 +126,11 @@ def _norm_bwd_kernel(
     c_ok = j < group
     c2 = c[None, :]
     w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    bias = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    bias = tl.full((1, BLOCK_N), 0.0, tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dw = tl.full((BLOCK_N,), 0.0, tl.float32)
+    db = tl.full((BLOCK_N,), 0.0, tl.float32)
     for start in range(tl.program_id(0) * BLOCK_M, rows, tl.num_programs(0) * BLOCK_M):
         m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (m < rows)[:, None] & c_ok[None, :]
@@ -120,7 +141,7 @@ def _norm_bwd_kernel(
         h = r
         if HAS_Z:
             z = tl.load(z_ptr + m2 * z_sr + c2 * z_sc, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
+            sig = _sigmoid(z)
             gate = z * sig
             dgate = sig * (1.0 + z * (1.0 - sig))
             if not NORM_BEFORE_GATE:
@@ -132,10 +153,10 @@ def _norm_bwd_kernel(
             if NORM_BEFORE_GATE:
                 _store(dz_ptr + m2 * hidden + c2, dy * (n * w + bias) * dgate, mask)
                 dy = dy * gate
-        dw += tl.sum(dy * n, axis=0)
-        db += tl.sum(dy, axis=0)
+        dw += _sum(dy * n, axis=0)
+        db += _sum(dy, axis=0)
         dn = dy * w
-        dh = rstd * (dn - n * (tl.sum(dn * n, axis=1) / group)[:, None])
+        dh = rstd * (dn - n * (_sum(dn * n, axis=1) / group)[:, None])
         dr = dh
         if HAS_Z:
             if not NORM_BEFORE_GATE:

@@ -32,6 +32,27 @@ _wrap = torch.library.wrap_triton if _TRITON_OP else (lambda kernel: kernel)
 _TILE = 4096
 
 
+# The kernels use only Triton builtins and the jit helpers below, none of
+# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
+# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
+# would not be interpreted. Ours are decorated when this module is imported.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
 @triton.jit
 def _store(ptrs, value, mask):
     """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
@@ -90,12 +111,12 @@ def _state_update_kernel(
     state = decay * state + (dt * x)[:, None] * B.to(tl.float32)
     _store(state_ptrs, state, mask)
 
-    y = tl.sum(state * C.to(tl.float32), axis=1)
+    y = _sum(state * C.to(tl.float32), axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + h * D_sh + p * D_sp, mask=row_ok, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + b * z_sb + h * z_sh + p * z_sp, mask=row_ok, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
+        y *= z * _sigmoid(z)
     _store(y_ptr + b * nheads * headdim + rows, y, row_ok)
 
 
