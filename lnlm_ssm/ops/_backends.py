@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import types
 from typing import Callable, Mapping, Union
 
 import torch
@@ -117,7 +118,11 @@ def _materialise(kernel: Kernel) -> Callable:
 # Every op's kernels, by op name (filled by register()), and the kernels picked
 # so far, by the key _pick() returns.
 _KERNELS: dict[str, Mapping[str, Kernel]] = {}
-_PICKED: dict[str, Callable] = {}
+# A namespace rather than a dict: under torch.compile, _pick adds kernels while a
+# function is being traced, and the tracer snapshots a dict's items on first use
+# (a second op picked in the same function would then be missing), whereas it
+# reads an object's attributes when they are accessed.
+_PICKED = types.SimpleNamespace()
 
 
 def register(op: str, kernels: Mapping[str, Kernel]) -> None:
@@ -138,12 +143,9 @@ def backend_for(op: str, backend: str) -> str:
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
     """The kernel of ``op`` for ``backend`` on ``device``; ``dtype`` is the dtype of the op's main input."""
-    return _PICKED[_pick(op, backend, device.type, dtype)]
+    return getattr(_PICKED, _pick(op, backend, device.type, dtype))
 
 
-# torch.compile runs this at trace time instead of tracing it (it probes
-# extensions and imports kernel modules): its inputs and result are constants.
-@torch.compiler.assume_constant_result
 def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
     kernels = _KERNELS[op]
     if backend == "auto":
@@ -172,6 +174,14 @@ def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) ->
             )
         chosen = backend
     key = f"{op}:{chosen}"
-    if key not in _PICKED:
-        _PICKED[key] = _materialise(kernels[chosen])
+    if not hasattr(_PICKED, key):
+        setattr(_PICKED, key, _materialise(kernels[chosen]))
     return key
+
+
+# torch.compile runs _pick at trace time instead of tracing it (it probes
+# extensions and imports kernel modules): its inputs and result are constants.
+# This is what torch.compiler.assume_constant_result does, minus its import of
+# torch._dynamo (and with it Triton), which would add seconds to `import lnlm_ssm`;
+# tests/ops/test_backends.py checks that the decorator still sets this attribute.
+_pick._dynamo_marked_constant = True

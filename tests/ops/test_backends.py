@@ -72,3 +72,34 @@ def test_explicit_reference_matches_auto():
     u = torch.randn(1, 2, 3)
     args = (u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
     torch.testing.assert_close(selective_scan_fn(*args, backend="reference"), selective_scan_fn(*args))
+
+
+def test_pick_is_marked_constant_for_torch_compile():
+    """_pick is marked by hand the way torch.compiler.assume_constant_result marks a function."""
+    from lnlm_ssm.ops import _backends
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert marked._dynamo_marked_constant is True
+    assert _backends._pick._dynamo_marked_constant is True
+
+
+def test_import_stays_light():
+    """`import lnlm_ssm` loads neither Triton nor torch._dynamo (seconds of import time)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lnlm_ssm, lnlm_ssm.ops; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_two_ops_first_picked_inside_one_compiled_function():
+    """Kernels picked for the first time while torch.compile traces are all found (no stale view of them)."""
+    register("_test_add_one", {"reference": lambda x: x + 1})
+    register("_test_double", {"reference": lambda x: x * 2})
+
+    def f(x):
+        return resolve("_test_add_one", "auto", x.device)(x) + resolve("_test_double", "auto", x.device)(x)
+
+    x = torch.arange(3.0)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1 + x * 2)
