@@ -1,16 +1,15 @@
 """Mamba-1 selective scan in Triton: one fused pass forward, a chunked recomputing backward.
 
-Each program owns ``BLOCK_D`` channels of one (batch, group) and walks time in
-chunks of ``CHUNK`` steps, keeping the (channels, dstate) state in registers
-between chunks. Inside a chunk the recurrence ``h_t = a_t h_{t-1} + x_t`` is a
-parallel scan (``tl.associative_scan``) over (decay, drive) pairs, so u, delta,
-z, B and C are read as (channels, CHUNK) tiles that are contiguous along
-seqlen, and y is written once: the forward reads its inputs once and writes
-its output once.
+Forward: each thread owns one channel of one (batch, group) and walks time in
+tiles of ``FWD_TILE`` steps, looping over the dstate states one at a time, so
+the recurrence ``h_t = a_t h_{t-1} + x_t`` is scanned inside the thread (no
+shuffles) and its (dstate,) state stays in registers. u, delta, z, B and C are
+read once, along seqlen, and y is written once.
 
 When gradients are needed the forward also stores the state entering every
-chunk, (batch, dim, nchunks, dstate) in fp32. The backward walks the chunks in
-reverse: it recomputes the chunk's states from that checkpoint, runs the
+chunk of ``CHUNK`` steps, (batch, dim, nchunks, dstate) in fp32. The backward
+(``BWD_BLOCK_D`` channels per program, (channels, dstate, CHUNK) tiles scanned
+with ``tl.associative_scan``) walks the chunks in reverse: it recomputes the chunk's states from that checkpoint, runs the
 adjoint recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as a reverse scan, and
 reduces the gradients without ever storing a (batch, dim, seqlen, dstate)
 tensor:
