@@ -11,8 +11,8 @@ chunk of ``CHUNK`` steps, (batch, dim, nchunks, dstate) in fp32. The backward
 (``BWD_BLOCK_D`` channels per program, (channels, dstate, CHUNK) tiles scanned
 with ``tl.associative_scan``) walks the chunks in reverse: it recomputes
 the chunk's states from that checkpoint, runs the adjoint recurrence
-``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as a reverse scan, and reduces the gradients without ever storing a (batch, dim, seqlen, dstate)
-tensor:
+``g_t = C_t dy_t + a_{t+1} g_{t+1}`` as a reverse scan, and reduces the
+gradients without ever storing a (batch, dim, seqlen, dstate) tensor:
 
 - dA, dD and d(delta_bias) are per channel: each program sums over its batch
   row and time in registers, writes one (batch, ...) partial, and the batch
