@@ -216,8 +216,41 @@ def full_state_dicts(
     _check_info(info)
     options = _state_dict_options(cpu_offload=True)
     if optimizer is None:
-        return get_model_state_dict(model, options=options), None
-    return get_state_dict(model, optimizer, options=options)
+        model_sd, optim_sd = get_model_state_dict(model, options=options), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    # Unsharded CPU tensors come back as the live parameters and optimizer state themselves
+    # (nothing to gather or offload): copy those, so the dicts stay what they were when taken.
+    live = _storages([*model.parameters(), *model.buffers()])
+    if optimizer is not None:
+        live |= _storages(t for state in optimizer.state.values() for t in state.values())
+
+    def snapshot(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if t.untyped_storage().data_ptr() in live else t
+
+    return _map_tensors(model_sd, snapshot), _map_tensors(optim_sd, snapshot)
+
+
+def _storages(tensors) -> set[int]:
+    from torch.distributed.tensor import DTensor
+
+    # A DTensor's full tensor is always a new one: only plain tensors can be shared.
+    return {
+        t.untyped_storage().data_ptr()
+        for t in tensors
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor)
+    }
+
+
+def _map_tensors(tree: Any, fn) -> Any:
+    """``tree`` (nested dicts, lists, tuples) with ``fn`` applied to each tensor in it."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {key: _map_tensors(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(value, fn) for value in tree)
+    return tree
 
 
 def load_full_state_dicts(
@@ -239,6 +272,10 @@ def load_full_state_dicts(
     if (optimizer is None) != (optim_sd is None):
         raise ValueError("give both optimizer and optim_sd, or neither (to load the model alone)")
     options = _state_dict_options(broadcast_from_rank0=_distributed(info))
+    if optim_sd is not None:
+        # Optimizer.load_state_dict adopts tensors already on the right device as its state,
+        # which would tie the caller's dict (and any optimizer loaded from it) to this one.
+        optim_sd = _map_tensors(optim_sd, torch.clone)
     # Two calls, not set_state_dict: it takes an empty model_sd (what ranks > 0 hold) to
     # mean "optimizer only" and skips the model's broadcast there, hanging rank 0.
     set_model_state_dict(model, model_sd, options=options)
