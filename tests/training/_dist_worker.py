@@ -98,6 +98,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = setup()
+    if setup() != info:  # a second call joins nothing twice and says the same
+        raise AssertionError(f"setup() is not idempotent: {info} then {setup()}")
     try:
         result = run(args.mode, args.steps, args.resume_at, info)
         torch.save(result, args.out / f"result-{info.rank}.pt")
