@@ -1,12 +1,15 @@
-"""The ``lnlm-ssm`` command line: ``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...``.
+"""The ``lnlm-ssm`` command line: ``generate`` and ``train``.
 
-One subcommand per task (``generate`` now; ``train`` to come), each a
-``_add_<name>(subparsers)`` that registers its arguments and a handler.
+``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...`` and
+``lnlm-ssm train --preset NAME --data DIR --steps N --out DIR [--config run.toml] ...``.
+One subcommand per task, each a ``_add_<name>(subparsers)`` that registers its
+arguments and a handler.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -119,10 +122,39 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_train(subparsers) -> None:
+    from lnlm_ssm.training.config import add_arguments
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on a text corpus (also under torchrun)",
+        description="Train a preset (with --model overrides) on --data; metrics.jsonl, loss.png, checkpoints and "
+        "the final model (for `lnlm-ssm generate --model OUT/model`) go to --out. Flags override --config's "
+        "TOML values. Under `torchrun --nproc-per-node N -m lnlm_ssm.train --distributed ddp ...` each process "
+        "trains on its slice of the global --batch-size.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    from lnlm_ssm.training.config import config_from_args
+    from lnlm_ssm.training.loop import train
+
+    result = train(config_from_args(args))
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"trained {result['step']} steps: loss {result['loss']:.4f}, held-out loss {result['eval_loss']:.4f} "
+            f"({result['eval_bpb']:.3f} bits/byte); model in {result['model_dir']}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lnlm-ssm", description="Mamba language models: kernels, models, generation")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
+    _add_train(subparsers)
     return parser
 
 

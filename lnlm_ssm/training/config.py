@@ -1,0 +1,257 @@
+"""TrainConfig: every setting of a training run, from a TOML file and/or command-line flags.
+
+A TOML file holds the fields at its top level and the model overrides in a
+``[model]`` table::
+
+    preset = "mamba2-tiny"
+    steps = 2000
+    lr = 1e-3
+    [model]
+    n_layer = 4
+
+Flags given on the command line replace the file's values (``--config run.toml
+--lr 3e-4``). Unknown keys and values of the wrong type are errors that name
+the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from lnlm_ssm.models.config import PRESETS
+
+__all__ = ["TrainConfig", "TrainConfigError", "add_arguments", "config_from_args"]
+
+DTYPES = ("auto", "fp32", "bf16")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+OP_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+class TrainConfigError(ValueError):
+    """A training setting that is missing, unknown or out of range."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """The settings of one training run; the defaults train mamba-tiny on the stdlib corpus on a laptop CPU.
+
+    ``batch_size`` is the global batch (sequences per optimizer step, summed over
+    ranks and accumulation micro-steps), so changing ``grad_accum`` or the number
+    of processes does not change what a step computes.
+    """
+
+    preset: str = field(default="mamba-tiny", metadata=_help("model preset (lnlm_ssm.models.PRESETS)"))
+    model: dict[str, Any] = field(
+        default_factory=dict, metadata=_help("MambaLMConfig fields that replace the preset's")
+    )
+    data: Optional[str] = field(
+        default=None, metadata=_help("a text file or directory (default: the Python stdlib corpus)")
+    )
+    tokenizer: str = field(default="byte", metadata=_help('"byte", "amino", or a tokenizer.json path'))
+    out: str = field(default="runs/train", metadata=_help("run directory: metrics, checkpoints, final model"))
+    steps: int = field(default=1000, metadata=_help("optimizer steps in the whole run"))
+    batch_size: int = field(default=16, metadata=_help("global batch in sequences per optimizer step"))
+    seq_len: int = field(default=128, metadata=_help("tokens per training sequence"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step (same global batch)"))
+    lr: float = field(default=3e-3, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
+    warmup_steps: int = field(default=10, metadata=_help("steps of linear warmup to lr"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW decoupled weight decay on matrices"))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
+    eval_every: int = field(default=20, metadata=_help("steps between held-out evaluations (and at the end)"))
+    eval_batches: int = field(default=4, metadata=_help("held-out batches per evaluation"))
+    log_every: int = field(default=1, metadata=_help("steps between rows of metrics.jsonl"))
+    ckpt_every: int = field(default=50, metadata=_help("steps between training checkpoints (and at the end)"))
+    keep_last: int = field(default=3, metadata=_help("training checkpoints to keep"))
+    resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint in out/checkpoints"))
+    seed: int = field(default=0, metadata=_help("seed of the initialisation and of the data order"))
+    dtype: str = field(
+        default="auto", metadata=_help("compute dtype: auto (bf16 autocast on CUDA with bf16), fp32, bf16")
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata=_help("recompute each block in backward instead of storing its activations")
+    )
+    distributed: str = field(default="none", metadata=_help("data parallelism under torchrun: none, ddp, fsdp"))
+    backend: str = field(default="auto", metadata=_help("op backend: auto, reference, cpu, triton, cuda"))
+    max_bytes: Optional[int] = field(default=None, metadata=_help("read at most this many bytes of the corpus"))
+    device: Optional[str] = field(
+        default=None, metadata=_help("torch device (default: this rank's cuda device, else cpu)")
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if self.preset not in PRESETS:
+            raise TrainConfigError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
+                    "ckpt_every", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.seed < 0:
+            raise TrainConfigError(f"seed must be >= 0; got {self.seed}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise TrainConfigError(f"max_bytes must be >= 1 (or absent: the whole corpus); got {self.max_bytes}")
+        if self.batch_size % self.grad_accum:
+            raise TrainConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum}): "
+                "every micro-batch has the same number of sequences"
+            )
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr must be > 0; got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TrainConfigError(f"min_lr must be in [0, lr={self.lr}]; got {self.min_lr}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise TrainConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise TrainConfigError(f"betas must both be in [0, 1); got {self.betas}")
+        for name, choices in (("dtype", DTYPES), ("distributed", DISTRIBUTED), ("backend", OP_BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise TrainConfigError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-able values; ``TrainConfig(**config.to_dict())`` gives an equal config."""
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{source} must be a table of TrainConfig fields; got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise TrainConfigError(f"{source} has unknown keys {unknown}; known keys: {known}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "TrainConfig":
+        """The config in the TOML file ``path``, with ``overrides`` replacing its values."""
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise TrainConfigError(f"config file {path} is not valid TOML: {err}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+        table = data.get("model", {})
+        if not isinstance(table, dict):
+            raise TrainConfigError(f"config file {path}: model must be a [model] table of MambaLMConfig fields")
+        # Flags name single model fields: merge them into the file's [model] table.
+        model = {**table, **overrides.pop("model", {})}
+        return cls.from_dict({**data, **overrides, "model": model}, source=f"config file {path}")
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the type of field ``f`` (int for float fields, str for paths), or a TrainConfigError."""
+    name = f.name
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None and default is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    expected = type(default) if default is not None else _OPTIONAL_TYPES[name]
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is tuple:
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        )
+        value = tuple(float(v) for v in value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        what = "a pair of numbers" if expected is tuple else f"{'a table' if expected is dict else expected.__name__}"
+        raise TrainConfigError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
+    return dict(value) if expected is dict else value
+
+
+_OPTIONAL_TYPES = {"data": str, "max_bytes": int, "device": str}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _model_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. n_layer=2); got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw  # a bare string such as layer_pattern=MMA
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``--config`` and one flag per TrainConfig field (``--seq-len`` for ``seq_len``).
+
+    Flags left out are absent from the parsed namespace (not set to a default), so
+    that ``config_from_args`` can tell a flag from the TOML file's value.
+    """
+    parser.add_argument("--config", help="a TOML file of TrainConfig fields; flags override its values")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = f.metadata["help"] if default is None else f"{f.metadata['help']} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": shown}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "model":
+            kwargs.update(
+                action="append",
+                type=_model_override,
+                metavar="KEY=VALUE",
+                help="replace one field of the preset's MambaLMConfig; VALUE is JSON or a bare string "
+                "(repeat the flag: --model n_layer=2 --model d_model=64)",
+            )
+        elif f.name == "betas":
+            kwargs.update(type=float, nargs=2, metavar=("BETA1", "BETA2"))
+        elif f.name in ("dtype", "distributed", "backend"):
+            kwargs["choices"] = {"dtype": DTYPES, "distributed": DISTRIBUTED, "backend": OP_BACKENDS}[f.name]
+        else:
+            kwargs["type"] = _OPTIONAL_TYPES.get(f.name) or type(default)
+        if f.name == "preset":
+            kwargs["choices"] = sorted(PRESETS)
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed flags: ``--config``'s file (if any) with the given flags on top."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "model" in given:
+        given["model"] = dict(given["model"])
+    if getattr(args, "config", None):
+        return TrainConfig.from_toml(args.config, **given)
+    return TrainConfig(**given)

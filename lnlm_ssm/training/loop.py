@@ -1,0 +1,386 @@
+"""``train(config)``: the training loop, in one process or in each process of ``torchrun``.
+
+A run directory (``config.out``) ends up holding::
+
+    data/                  the tokenised corpus (prepared once, reused on resume)
+    metrics.jsonl          one row per logged step and per evaluation (training/metrics.py)
+    loss.png               train and held-out loss curves
+    checkpoints/           step-{N:08d}.pt training checkpoints, the newest keep_last
+    model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained)
+
+A step draws ``batch_size`` sequences (the global batch; each rank takes its
+slice), splits its slice into ``grad_accum`` micro-batches, and takes one AdamW
+step with the learning rate of ``lr_at``. A resumed run restores the weights,
+the optimizer, the data sampler and the random generators, so it computes the
+same steps an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lnlm_ssm.models.checkpoint import save_pretrained
+from lnlm_ssm.models.config import PRESETS, MambaLMConfig
+from lnlm_ssm.models.lm import MambaLM
+from lnlm_ssm.training import data as data_lib
+from lnlm_ssm.training import distributed as dist_lib
+from lnlm_ssm.training.checkpoint import (
+    TrainCheckpointError,
+    capture_rng,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lnlm_ssm.training.config import TrainConfig, TrainConfigError
+from lnlm_ssm.training.metrics import MetricsLog, ProgressBar, plot_losses, read_metrics
+
+__all__ = ["lr_at", "param_groups", "train"]
+
+# Settings that fix what the data sampler's saved state means: a resumed run must keep them.
+_DATA_FIELDS = ("data", "tokenizer", "max_bytes", "seq_len", "batch_size")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The learning rate of step ``step`` (0-based): linear warmup to ``lr``, then cosine decay to ``min_lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices only; never on vectors (biases, norms, D, dt_bias) or ``_no_weight_decay``.
+
+    Mamba's A_log is a matrix but marked ``_no_weight_decay``: decay would pull
+    every state's decay rate toward one value.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():  # a tied lm_head is the embedding's tensor and comes once
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` to ``config.steps`` steps; returns the final metrics.
+
+    The result holds ``step``, ``loss`` (the last step's), ``eval_loss`` and
+    ``eval_bpb`` (the final held-out evaluation), ``tokens`` (seen in the whole
+    run), ``tokens_per_s`` and ``elapsed_s`` (this process's share of the run),
+    and the paths ``run_dir``, ``model_dir`` and ``checkpoint``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig; got {type(config).__name__}")
+    info = dist_lib.setup()
+    try:
+        return _Run(config, info).run()
+    finally:
+        dist_lib.cleanup(info)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, info: dist_lib.DistInfo) -> None:
+        if config.device is not None:
+            info = dataclasses.replace(info, device=torch.device(config.device))
+        if info.world_size > 1 and config.distributed == "none":
+            raise TrainConfigError(
+                f"running in {info.world_size} processes with distributed='none' would train {info.world_size} "
+                "separate models: pass --distributed ddp or fsdp"
+            )
+        local_batch, rest = divmod(config.batch_size, info.world_size * config.grad_accum)
+        if rest or not local_batch:
+            raise TrainConfigError(
+                f"batch_size ({config.batch_size}) must be a multiple of world_size x grad_accum "
+                f"({info.world_size} x {config.grad_accum}): every micro-batch has the same size"
+            )
+        self.config, self.info = config, info
+        self.main = dist_lib.is_main(info)
+        self.device = info.device
+        self.out = Path(config.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resume_from = self._resume_path()
+        self.plot_noted = False
+
+    def _resume_path(self) -> Optional[Path]:
+        path = latest_checkpoint(self.ckpt_dir)
+        if self.config.resume and path is None:
+            raise TrainCheckpointError(f"nothing to resume: no checkpoint in {self.ckpt_dir}")
+        if not self.config.resume and path is not None:
+            raise TrainCheckpointError(
+                f"{self.out} already holds checkpoints of a run (newest: {path.name}): pass --resume to continue "
+                "it, or choose another --out"
+            )
+        return path
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _corpus(self):
+        config = self.config
+        source = config.data if config.data is not None else data_lib.default_corpus_dir()
+        # Rank 0 tokenises while the others wait at the barrier; then they find its files and reuse them.
+        if not self.main:
+            dist_lib.barrier(self.info)
+        corpus = data_lib.prepare_corpus(
+            source, self.out / "data", tokenizer=config.tokenizer, max_bytes=config.max_bytes
+        )
+        if self.main:
+            dist_lib.barrier(self.info)
+        return corpus
+
+    def _model_config(self, vocab_size: int) -> MambaLMConfig:
+        # from_dict, not preset(): an unknown field is a ConfigError naming it, not a TypeError.
+        model_config = MambaLMConfig.from_dict({**PRESETS[self.config.preset], "vocab_size": vocab_size,
+                                                **self.config.model})
+        if model_config.vocab_size < vocab_size:
+            raise TrainConfigError(
+                f"model vocab_size {model_config.vocab_size} is smaller than the tokenizer's {vocab_size}"
+            )
+        return model_config
+
+    def _check_resumable(self, state: dict[str, Any], model_config: MambaLMConfig) -> None:
+        path = self.resume_from
+        if state["step"] >= self.config.steps:
+            raise TrainConfigError(
+                f"{path} is at step {state['step']} and the run asks for {self.config.steps} steps: give a larger "
+                "--steps to train further"
+            )
+        if state["model_config"] != model_config.to_dict():
+            saved = state["model_config"]
+            now = model_config.to_dict()
+            keys = sorted(set(saved) | set(now))
+            differ = {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+            raise TrainCheckpointError(
+                f"cannot resume from {path}: it holds a different model; fields (checkpoint, this run): {differ}"
+            )
+        differ = {k: (state["config"].get(k), getattr(self.config, k)) for k in _DATA_FIELDS}
+        differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+        if differ:
+            raise TrainCheckpointError(
+                f"cannot resume from {path} with different data settings; fields (checkpoint, this run): {differ}"
+            )
+
+    def _build_model(self, model_config: MambaLMConfig) -> nn.Module:
+        """The model, wrapped for data parallelism; sets ``self.optimizer`` and ``self.autocast``."""
+        model = MambaLM(model_config, backend=self.config.backend)
+        if self.config.activation_checkpointing:
+            for block in model.backbone.layers:
+                # An instance attribute, so state-dict keys and the FSDP wrapping of blocks stay as they are.
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        groups = param_groups(model, self.config.weight_decay)
+        # Remember each parameter's group by name: FSDP replaces the tensors (and drops their attributes).
+        names = {id(p): n for n, p in model.named_parameters()}
+        group_of = {names[id(p)]: i for i, g in enumerate(groups) for p in g["params"]}
+        wrapped = dist_lib.wrap_model(model, self.config.distributed, self.info)
+        for group in groups:
+            group["params"] = []
+        for name, param in model.named_parameters():
+            groups[group_of[name]]["params"].append(param)
+        config = self.config
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        if config.dtype == "auto":
+            use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else:
+            use_bf16 = config.dtype == "bf16"
+        # Weights and optimizer state stay fp32; matmuls (and the kernels that take it) run in bf16.
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        return wrapped
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config, info = self.config, self.info
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        corpus = self._corpus()
+        model_config = self._model_config(corpus.vocab_size)
+        state = None
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from)
+            self._check_resumable(state, model_config)
+        model = self._build_model(model_config)
+        samplers = {
+            split: data_lib.WindowSampler(
+                corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                rank=info.rank, world_size=info.world_size,
+            )
+            for split in ("train", "val")
+        }
+        step = tokens = 0
+        if state is not None:
+            # Rank 0's dicts are broadcast; the other ranks pass empty ones (full ones break DDP's load there).
+            model_sd, optim_sd = (state["model"], state["optimizer"]) if self.main else ({}, {})
+            dist_lib.load_full_state_dicts(model, self.optimizer, model_sd, optim_sd, info)
+            samplers["train"].load_state_dict(state["sampler"])
+            restore_rng(state["rng"])
+            step, tokens = state["step"], state["progress"]["tokens"]
+        first_step, first_tokens = step, tokens
+        bits_per_nat_byte = 1 / math.log(2) / corpus.bytes_per_token("val")
+        tokens_per_step = config.batch_size * config.seq_len
+
+        log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if state is None else step) if self.main else None
+        bar = ProgressBar(config.steps, initial=step) if self.main else None
+        if bar is not None and state is not None:
+            bar.message(f"resuming from {self.resume_from} at step {step}")
+        result: dict[str, Any] = {}
+        saved = self.resume_from
+        start = last_log_time = time.perf_counter()
+        last_log_step = step
+        try:
+            while step < config.steps:
+                lr = lr_at(step, config)
+                loss, grad_norm = self._step(model, samplers["train"].next_batch(), lr)
+                step += 1
+                tokens += tokens_per_step
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss is {loss} at step {step}: lower --lr (now {config.lr}) or --grad-clip"
+                    )
+                result["loss"] = loss
+                last = step == config.steps
+                now = time.perf_counter()
+                if step % config.log_every == 0 or last:
+                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
+                    last_log_step, last_log_time = step, now
+                    if log is not None:
+                        log.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                                  tokens=tokens, elapsed_s=now - start)
+                if bar is not None:
+                    speed = (tokens - first_tokens) / (now - start)
+                    bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
+                if step % config.eval_every == 0 or last:
+                    eval_loss = self._evaluate(model, samplers["val"])
+                    result.update(eval_loss=eval_loss, eval_bpb=eval_loss * bits_per_nat_byte)
+                    if log is not None:
+                        log.write("eval", step, eval_loss=eval_loss, eval_bpb=result["eval_bpb"])
+                        bar.message(f"step {step}: eval loss {eval_loss:.4f}, {result['eval_bpb']:.3f} bits/byte")
+                if step % config.ckpt_every == 0 or last:
+                    saved = self._save(model, samplers["train"], model_config, step, tokens)
+                    if log is not None:
+                        self._plot(log, step)
+            model_dir = self._export(model, model_config)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        elapsed = time.perf_counter() - start
+        return {
+            **result,
+            "step": step,
+            "tokens": tokens,
+            "elapsed_s": elapsed,
+            "tokens_per_s": (tokens - first_tokens) / elapsed,
+            "run_dir": str(self.out),
+            "model_dir": str(model_dir),
+            "checkpoint": str(saved),
+        }
+
+    def _step(self, model: nn.Module, batch: torch.Tensor, lr: float) -> tuple[float, float]:
+        """One optimizer step on this rank's ``batch``; returns (loss, gradient norm), both averaged over ranks."""
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = batch.to(self.device).chunk(config.grad_accum)
+        total = torch.zeros((), device=self.device)
+        for i, micro in enumerate(micro_batches):
+            with self._grad_sync(model, i == len(micro_batches) - 1):
+                with self.autocast():
+                    loss = model(micro, labels=micro).loss
+                # Micro-batches have equal token counts, so the mean of their means is the batch mean.
+                (loss / config.grad_accum).backward()
+            total += loss.detach()
+        # max_norm=inf measures the norm without clipping, for the log.
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        mean_loss = dist_lib.all_reduce_mean(total / config.grad_accum, self.info)
+        return mean_loss.item(), grad_norm.item()
+
+    @staticmethod
+    def _grad_sync(model: nn.Module, sync: bool):
+        """DDP: skip the gradient all-reduce of every micro-batch but the last (the last one's covers them)."""
+        if not sync and isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, val) -> float:
+        model.eval()
+        try:
+            losses = []
+            for batch in val.eval_batches(self.config.eval_batches):
+                with self.autocast():
+                    losses.append(model(batch.to(self.device), labels=batch.to(self.device)).loss.float())
+            return dist_lib.all_reduce_mean(torch.stack(losses).mean(), self.info).item()
+        finally:
+            model.train()
+
+    def _save(self, model, sampler, model_config: MambaLMConfig, step: int, tokens: int) -> Path:
+        model_sd, optim_sd = dist_lib.full_state_dicts(model, self.optimizer, self.info)
+        if self.main:
+            # RNG states are rank 0's: the loop draws nothing random outside the sampler, whose state is global.
+            save_checkpoint(
+                self.ckpt_dir,
+                {
+                    "step": step,
+                    "model": model_sd,
+                    "optimizer": optim_sd,
+                    "sampler": sampler.state_dict(),
+                    "rng": capture_rng(),
+                    "config": self.config.to_dict(),
+                    "model_config": model_config.to_dict(),
+                    "progress": {"tokens": tokens},
+                },
+                keep_last=self.config.keep_last,
+            )
+        dist_lib.barrier(self.info)
+        return checkpoint_path(self.ckpt_dir, step)
+
+    def _plot(self, log: MetricsLog, step: int) -> None:
+        why_not = plot_losses(read_metrics(log.path), self.out / "loss.png")
+        if why_not and not self.plot_noted:
+            self.plot_noted = True
+            log.write("note", step, note=why_not)
+
+    def _export(self, model: nn.Module, model_config: MambaLMConfig) -> Path:
+        """The final weights as a MambaLM checkpoint in out/model, with the tokenizer it was trained with."""
+        model_dir = self.out / "model"
+        model_sd, _ = dist_lib.full_state_dicts(model, None, self.info)
+        if self.main:
+            export = MambaLM(model_config)
+            export.load_state_dict(model_sd)
+            save_pretrained(export, model_dir)
+            tokenizer = self.config.tokenizer
+            if tokenizer not in ("byte", "amino"):
+                # A tokenizer.json or a directory holding one (prepare_corpus has checked it exists).
+                path = Path(tokenizer)
+                shutil.copyfile(path / "tokenizer.json" if path.is_dir() else path, model_dir / "tokenizer.json")
+        dist_lib.barrier(self.info)
+        return model_dir
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"

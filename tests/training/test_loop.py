@@ -1,0 +1,173 @@
+"""The training loop: the loss falls, the logs and the final model are written, the optimizer is set up as
+documented, and gradient accumulation and activation checkpointing do not change what a step computes."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lnlm_ssm.models import MambaLM
+from lnlm_ssm.training import Corpus, TrainConfig, TrainConfigError, train
+from lnlm_ssm.training.checkpoint import latest_checkpoint, load_checkpoint
+from lnlm_ssm.training.loop import lr_at, param_groups
+from lnlm_ssm.training.metrics import read_metrics
+from lnlm_ssm.utils.testing import assert_close
+
+TINY_MODEL = {"d_model": 32, "n_layer": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few KB of ASCII sentences from a small vocabulary, in four files (documents): easy to learn a little."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the a cat dog bird sat ran flew on to under mat house tree big small red".split()
+    for i in range(4):
+        lines = (" ".join(rng.choice(words) for _ in range(8)) + "." for _ in range(150))
+        (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny(corpus, out, **overrides):
+    fields = dict(
+        preset="mamba-tiny", model=TINY_MODEL, data=str(corpus), out=str(out), steps=4, batch_size=4, seq_len=32,
+        eval_every=2, eval_batches=2, ckpt_every=100, log_every=1, backend="cpu",
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+def train_losses(out):
+    return [row["loss"] for row in read_metrics(out / "metrics.jsonl") if row["kind"] == "train"]
+
+
+def test_loss_falls_and_the_run_writes_its_logs_and_model(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny(corpus, out, steps=16, eval_every=5, warmup_steps=3, lr=1e-2, min_lr=1e-3))
+    rows = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rows] == list(range(1, 17))
+    assert [r["step"] for r in eval_rows] == [5, 10, 15, 16]
+    for r in train_rows:
+        assert {"loss", "lr", "tokens_per_s", "grad_norm", "tokens"} <= set(r) and r["tokens_per_s"] > 0
+    losses = [r["loss"] for r in train_rows]
+    # Untrained, the loss is about ln(257) = 5.55; the sentences use 17 lowercase words.
+    assert losses[0] > 5.0 and max(losses[-3:]) < losses[0] - 1.0, losses
+    assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+    # ASCII text: a byte per token, and an eos (no text) after each document.
+    bytes_per_token = Corpus.open(out / "data").bytes_per_token("val")
+    assert 0.95 < bytes_per_token < 1
+    for r in eval_rows:
+        assert r["eval_bpb"] == pytest.approx(r["eval_loss"] / math.log(2) / bytes_per_token, rel=1e-12)
+    assert result["step"] == 16 and result["tokens"] == 16 * 4 * 32
+    assert result["loss"] == losses[-1] and result["eval_loss"] == eval_rows[-1]["eval_loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The exported model is the final checkpoint's weights, and loads as a MambaLM.
+    model = MambaLM.from_pretrained(out / "model")
+    final = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert final["step"] == 16
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, final["model"][name]), name
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig(steps=110, lr=1e-2, min_lr=1e-3, warmup_steps=10)
+    lrs = [lr_at(s, config) for s in range(110)]
+    assert lrs[:10] == pytest.approx([1e-2 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-2)
+    assert lrs[60] == pytest.approx(1e-3 + 0.5 * 9e-3)  # half way through the decay: the mean of lr and min_lr
+    assert lrs[-1] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(10_000, config) == pytest.approx(1e-3)
+    no_warmup = TrainConfig(steps=5, lr=1e-2, min_lr=0.0, warmup_steps=0)
+    assert lr_at(0, no_warmup) == pytest.approx(1e-2)
+
+
+def test_logged_learning_rates_follow_the_schedule(corpus, tmp_path):
+    config = tiny(corpus, tmp_path / "run", steps=4, warmup_steps=2, eval_every=4)
+    train(config)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["lr"] for r in rows] == [lr_at(s, config) for s in range(4)]
+
+
+def test_weight_decay_only_on_matrices_not_marked_no_weight_decay():
+    model = MambaLM.from_name("hybrid-tiny", n_layer=4, d_intermediate=64)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    for name, p in names.items():
+        expect = p.ndim >= 2 and not name.endswith(("A_log", "D", "dt_bias"))
+        assert (id(p) in decayed) == expect, name
+    assert id(model.backbone.embedding.weight) in decayed  # tied with lm_head, listed once
+
+
+def test_grad_accum_gives_the_steps_of_the_whole_batch(corpus, tmp_path):
+    one = train_losses_of(corpus, tmp_path / "a", grad_accum=1)
+    two = train_losses_of(corpus, tmp_path / "b", grad_accum=2)
+    # Same windows, same mean loss; only the order of the sums differs.
+    assert_close(torch.tensor(two), torch.tensor(one), torch.float32)
+
+
+def test_activation_checkpointing_gives_the_same_steps(corpus, tmp_path):
+    plain = train_losses_of(corpus, tmp_path / "a", activation_checkpointing=False)
+    recomputed = train_losses_of(corpus, tmp_path / "b", activation_checkpointing=True)
+    assert_close(torch.tensor(recomputed), torch.tensor(plain), torch.float32)
+
+
+def train_losses_of(corpus, out, **overrides):
+    train(tiny(corpus, out, steps=3, eval_every=3, **overrides))
+    return train_losses(out)
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    result = train(tiny(corpus, tmp_path / "run", steps=2, eval_every=2, dtype="bf16"))
+    assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+
+
+def test_a_tokenizer_json_goes_with_the_model(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("the a cat dog bird sat".split())}}
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<|endoftext|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=1, eval_every=1, seq_len=8, tokenizer=str(tmp_path / "tokenizer.json")))
+    assert json.loads((out / "model" / "tokenizer.json").read_text()) == json.loads(hf.to_str())
+    assert MambaLM.from_pretrained(out / "model").config.vocab_size == len(vocab)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("steps", 0, "steps must be >= 1"),
+        ("steps", "10", "steps must be int"),
+        ("lr", -1.0, "lr must be > 0"),
+        ("min_lr", 1.0, r"min_lr must be in \[0, lr"),
+        ("betas", (0.9,), "betas must be a pair"),
+        ("betas", (0.9, 1.0), r"betas must both be in \[0, 1\)"),
+        ("dtype", "fp16", "dtype must be one of"),
+        ("distributed", "zero", "distributed must be one of"),
+        ("preset", "mamba-huge", "preset must be one of"),
+        ("grad_accum", 3, "batch_size .* multiple of grad_accum"),
+        ("resume", 1, "resume must be bool"),
+        ("model", "n_layer=2", "model must be a table"),
+    ],
+)
+def test_bad_settings_are_named(field, value, match):
+    with pytest.raises(TrainConfigError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train({"steps": 1})
+    with pytest.raises(ValueError, match="unknown MambaLMConfig fields"):
+        train(tiny(corpus, tmp_path / "run", model={"d_modle": 32}))
+    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 257"):
+        train(tiny(corpus, tmp_path / "run", model={**TINY_MODEL, "vocab_size": 100}))
