@@ -337,9 +337,10 @@ class MambaLM(nn.Module):
         labels = labels.to(logits.device)
         if mask is not None:
             labels = labels.masked_fill(~mask, IGNORE_INDEX)
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX
-        )
+        # At least fp32 (bf16 logits lose too much in the log-softmax); float64 stays float64.
+        logits = logits[:, :-1].flatten(0, 1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX)
 
     # -- generation ----------------------------------------------------------------------------
 
