@@ -11,7 +11,8 @@ A TOML file holds the fields at its top level and the model overrides in a
 
 Flags given on the command line replace the file's values (``--config run.toml
 --lr 3e-4``). Unknown keys and values of the wrong type are errors that name
-the key.
+the key. Paths (data, out, tokenizer) are relative to the working directory,
+as flags are, not to the file.
 """
 
 from __future__ import annotations

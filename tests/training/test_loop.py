@@ -1,9 +1,11 @@
 """The training loop: the loss falls, the logs and the final model are written, the optimizer is set up as
 documented, and gradient accumulation and activation checkpointing do not change what a step computes."""
 
+import io
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from lnlm_ssm.models import MambaLM
 from lnlm_ssm.training import Corpus, TrainConfig, TrainConfigError, train
 from lnlm_ssm.training.checkpoint import latest_checkpoint, load_checkpoint
 from lnlm_ssm.training.loop import lr_at, param_groups
-from lnlm_ssm.training.metrics import read_metrics
+from lnlm_ssm.training.metrics import ProgressBar, read_metrics
 from lnlm_ssm.utils.testing import assert_close
 
 TINY_MODEL = {"d_model": 32, "n_layer": 2}
@@ -171,3 +173,38 @@ def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
         train(tiny(corpus, tmp_path / "run", model={"d_modle": 32}))
     with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 257"):
         train(tiny(corpus, tmp_path / "run", model={**TINY_MODEL, "vocab_size": 100}))
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_few_lines_elsewhere():
+    term = FakeTerminal()
+    bar = ProgressBar(10, initial=2, stream=term, width=10)
+    bar.update(3, loss="1.0")
+    bar.message("eval")
+    bar.update(10, loss="0.5")
+    bar.close()
+    text = term.getvalue()
+    assert text.startswith("\rstep  3/10 [###.......] | loss 1.0 | ")
+    assert "\r" + " " * len("step  3/10") in text and "eval\n" in text
+    assert "\rstep 10/10 [##########] | loss 0.5 | " in text and text.endswith("\n")
+
+    log = io.StringIO()
+    bar = ProgressBar(100, stream=log, log_interval=3600)
+    for step in range(1, 101):
+        bar.update(step, loss="1.0")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step   1/100") and lines[1].startswith("step 100/100")
+    assert "\r" not in log.getvalue()
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import raises ImportError
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=1, eval_every=1))
+    notes = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "note"]
+    assert len(notes) == 1 and "matplotlib is not installed" in notes[0]["note"]
+    assert not (out / "loss.png").exists()
