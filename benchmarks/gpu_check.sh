@@ -5,8 +5,9 @@
 #   2. build: pip install --no-build-isolation --no-deps -e . with the CUDA kernels
 #      for sm_90 (LNLM_SSM_CUDA=1 LNLM_SSM_CUDA_ARCHS=9.0 MAX_JOBS=16); if it fails
 #      the rest runs with the Triton kernels only, and build.log says why
-#   3. tests: every CUDA and Triton test (each backend against the reference in
-#      fp32/bf16/fp16; the GPU-only ones are those skipped on CPU) -> tests.log
+#   3. tests: every CUDA, Triton and flash-attn test (each backend against the reference in
+#      fp32/bf16/fp16; the GPU-only ones are those skipped on CPU) -> tests.log, and
+#      the scan at offsets past int32 (marked slow) -> tests-int32.log
 #   4. benchmarks: scan_speed.py --device cuda for selective_scan and ssd -> JSON + PNG
 #   5. the summary table (benchmarks/gpu_summary.py), printed last -> summary.txt
 #
@@ -80,12 +81,15 @@ fi
   >"$OUT/backends.json" 2>&1
 
 # 3. tests: CUDA and Triton ones (on a GPU the Triton tests run compiled, not interpreted)
-step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops -k "cuda or triton" \
-  --junitxml="$OUT/tests.xml"
+step tests 120 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops tests/layers tests/models \
+  -k "cuda or triton or flash" --junitxml="$OUT/tests.xml"
+# The scan at element offsets past int32 (about 13 GB of bf16; marked slow, so run on its own).
+step tests-int32 45 "$OUT/tests-int32.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow -k int32 \
+  tests/ops/test_selective_scan_cuda.py
 
 # 4. benchmarks (seqlens and dtype are scan_speed's CUDA defaults; --budget-s bounds each measurement)
 for op in selective_scan ssd; do
-  step "bench-$op" 70 "$OUT/bench-$op.log" "$PY" benchmarks/scan_speed.py --device cuda --op "$op" \
+  step "bench-$op" 55 "$OUT/bench-$op.log" "$PY" benchmarks/scan_speed.py --device cuda --op "$op" \
     --budget-s 8 --out "$OUT/$op"
 done
 
