@@ -46,7 +46,7 @@ step() {
 
 # 1. versions
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-step versions 60 "$OUT/versions.log" "$PY" - "$OUT/versions.json" <<'EOF'
+step versions 20 "$OUT/versions.log" "$PY" - "$OUT/versions.json" <<'EOF'
 import json, platform, subprocess, sys
 import torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -72,7 +72,7 @@ print(json.dumps(info, indent=2))
 EOF
 
 # 2. build (the CUDA extension for Hopper only, to keep the build short)
-if ! step build 200 "$OUT/build.log" env LNLM_SSM_CUDA=1 LNLM_SSM_CUDA_ARCHS=9.0 MAX_JOBS=16 \
+if ! step build 180 "$OUT/build.log" env LNLM_SSM_CUDA=1 LNLM_SSM_CUDA_ARCHS=9.0 MAX_JOBS=16 \
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
   echo "   the build failed: continuing with the Triton kernels only (reason at the end of $OUT/build.log)" >&2
   tail -n 20 "$OUT/build.log" >"$OUT/build_failure.txt"
