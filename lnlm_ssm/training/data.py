@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from lnlm_ssm.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from lnlm_ssm.tokenizer import AminoAcidTokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["AminoAcidTokenizer", "Corpus", "WindowSampler", "default_corpus_dir", "prepare_corpus"]
 
@@ -53,59 +53,6 @@ _WRITE_BLOCK = 1 << 20
 def default_corpus_dir() -> Path:
     """The Python standard library's source directory: real text shipped with every Python, no download."""
     return Path(sysconfig.get_paths()["stdlib"])
-
-
-_AMINO_LETTERS = "ACDEFGHIKLMNPQRSTVWY" + "XBZUO"
-
-
-def _amino_lookup() -> np.ndarray:
-    """ASCII code -> AminoAcidTokenizer id: letters of either case to 3.., everything else unk (2)."""
-    lookup = np.full(128, 2, dtype=np.int64)
-    for i, letter in enumerate(_AMINO_LETTERS, start=3):
-        lookup[ord(letter)] = lookup[ord(letter.lower())] = i
-    return lookup
-
-
-class AminoAcidTokenizer:
-    """Protein sequences, one token per residue: pad 0, eos 1, unk 2, then the 20 standard amino
-    acids and the IUPAC extras X B Z U O (ids 3..27); ``vocab_size`` 28.
-
-    Letters are case-insensitive (FASTA files mark regions in lower case); any other character
-    is unk, which decodes to ``?``.
-    """
-
-    LETTERS = _AMINO_LETTERS
-    pad_token_id = 0
-    eos_token_id = 1
-    unk_token_id = 2
-    vocab_size = 3 + len(LETTERS)
-
-    def encode(self, text: str, *, add_eos: bool = False) -> list[int]:
-        ids = self.encode_array(text).tolist()
-        return ids + [self.eos_token_id] if add_eos else ids
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """``encode`` as an int64 array, without a Python int per residue (the corpus path)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str; got {type(text).__name__}")
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point per character
-        return np.where(codes < 128, _AMINO_LOOKUP[codes & 127], self.unk_token_id)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """The residues of ``ids``; pad and eos are skipped, unk is ``?``."""
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"ids must be in [0, {self.vocab_size}); got {i}")
-            if i >= 3:
-                out.append(self.LETTERS[i - 3])
-            elif i == self.unk_token_id:
-                out.append("?")
-        return "".join(out)
-
-
-_AMINO_LOOKUP = _amino_lookup()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from lnlm_ssm.models.checkpoint import save_pretrained
 from lnlm_ssm.models.config import PRESETS, MambaLMConfig
 from lnlm_ssm.models.lm import MambaLM
+from lnlm_ssm.tokenizer import save_tokenizer_kind
 from lnlm_ssm.training import data as data_lib
 from lnlm_ssm.training import distributed as dist_lib
 from lnlm_ssm.training.checkpoint import (
@@ -371,7 +372,9 @@ class _Run:
             export.load_state_dict(model_sd)
             save_pretrained(export, model_dir)
             tokenizer = self.config.tokenizer
-            if tokenizer not in ("byte", "amino"):
+            if tokenizer in ("byte", "amino"):
+                save_tokenizer_kind(model_dir, tokenizer)
+            else:
                 # A tokenizer.json or a directory holding one (prepare_corpus has checked it exists).
                 path = Path(tokenizer)
                 shutil.copyfile(path / "tokenizer.json" if path.is_dir() else path, model_dir / "tokenizer.json")

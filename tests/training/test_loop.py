@@ -208,3 +208,20 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(corpus, tmp_path, mo
     notes = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "note"]
     assert len(notes) == 1 and "matplotlib is not installed" in notes[0]["note"]
     assert not (out / "loss.png").exists()
+
+
+def test_a_protein_model_keeps_its_tokenizer(tmp_path):
+    """Trained on FASTA with the amino-acid tokenizer, the exported model decodes with that tokenizer."""
+    from lnlm_ssm.tokenizer import AminoAcidTokenizer, load_tokenizer
+
+    rng = random.Random(0)
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text("".join(f">p{i}\n" + "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(120)) + "\n"
+                             for i in range(40)))
+    out = tmp_path / "run"
+    train(TrainConfig(preset="mamba-tiny", model={**TINY_MODEL, "vocab_size": 28}, data=str(fasta), tokenizer="amino",
+                      out=str(out), steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, ckpt_every=100,
+                      log_every=1, backend="cpu"))
+    tokenizer = load_tokenizer(out / "model")
+    assert isinstance(tokenizer, AminoAcidTokenizer)
+    assert MambaLM.from_pretrained(out / "model").config.vocab_size == tokenizer.vocab_size
