@@ -20,57 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lnlm_ssm.ops._backends import _triton_interpreted
+from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import reduce_sum as _sum
+from lnlm_ssm.ops._triton import sigmoid as _sigmoid
+from lnlm_ssm.ops._triton import store_rounded as _store
+from lnlm_ssm.ops._triton import wrap as _wrap
 
 _SILU = ("silu", "swish")
-
-# triton_op lets torch.compile see the launch itself; its body cannot be traced
-# when the kernels are interpreted, so there it is an opaque custom_op.
-_TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
-_wrap = torch.library.wrap_triton if _TRITON_OP else (lambda kernel: kernel)
-
-
-def _library_op(name, fn, mutates_args, fake):
-    if _TRITON_OP:
-        return torch.library.triton_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
-    op = torch.library.custom_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
-    op.register_fake(fake)
-    return op
-
-
-# The kernels use only Triton builtins and the jit helpers below, none of
-# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
-# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
-# would not be interpreted. Ours are decorated when this module is imported.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _store(ptrs, value, mask):
-    """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
-
-    The GPU rounds so when narrowing to bfloat16, but Triton's interpreter
-    truncates: rounding the bits here first makes both give torch's result.
-    """
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        value = tl.where(value == value, rounded, value)  # NaN stays NaN
-    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

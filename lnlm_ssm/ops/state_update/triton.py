@@ -21,50 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lnlm_ssm.ops._backends import _triton_interpreted
+from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import reduce_sum as _sum
+from lnlm_ssm.ops._triton import sigmoid as _sigmoid
+from lnlm_ssm.ops._triton import store_rounded as _store
+from lnlm_ssm.ops._triton import wrap as _wrap
 
-# triton_op lets torch.compile see the launch itself; its body cannot be traced
-# when the kernels are interpreted, so there it is an opaque custom_op.
-_TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
-_wrap = torch.library.wrap_triton if _TRITON_OP else (lambda kernel: kernel)
 
 # Elements of state per program: enough to hide latency, few enough to stay in registers.
 _TILE = 4096
-
-
-# The kernels use only Triton builtins and the jit helpers below, none of
-# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
-# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
-# would not be interpreted. Ours are decorated when this module is imported.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _store(ptrs, value, mask):
-    """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
-
-    The GPU rounds so when narrowing to bfloat16, but Triton's interpreter
-    truncates: rounding the bits here first makes both give torch's result.
-    """
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        value = tl.where(value == value, rounded, value)  # NaN stays NaN
-    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -159,11 +124,7 @@ def _fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return x.new_empty(x.shape)
 
 
-if _TRITON_OP:
-    _op = torch.library.triton_op("lnlm_ssm_triton::selective_state_update", _launch, mutates_args=("state",))
-else:
-    _op = torch.library.custom_op("lnlm_ssm_triton::selective_state_update", _launch, mutates_args=("state",))
-    _op.register_fake(_fake)
+_op = _library_op("selective_state_update", _launch, ("state",), _fake)
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

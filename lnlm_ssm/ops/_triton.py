@@ -1,0 +1,59 @@
+"""What the Triton kernels of the decode step, conv1d and the norm share: op registration and jit helpers.
+
+Imported only by those kernels' modules (never at ``import lnlm_ssm``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lnlm_ssm.ops._backends import _triton_interpreted
+
+# triton_op lets torch.compile see the launch itself; its body cannot be traced
+# when the kernels are interpreted, so there it is an opaque custom_op.
+TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
+wrap = torch.library.wrap_triton if TRITON_OP else (lambda kernel: kernel)
+
+
+def library_op(name, fn, mutates_args, fake):
+    """``fn`` as the torch op ``lnlm_ssm_triton::name``, with ``fake`` for tracing where it is opaque."""
+    if TRITON_OP:
+        return torch.library.triton_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
+    op = torch.library.custom_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
+    op.register_fake(fake)
+    return op
+
+
+# The kernels use only Triton builtins and the jit helpers below, none of
+# triton.language.standard (tl.sum, tl.sigmoid, tl.zeros): those are decorated
+# when triton is imported, so under TRITON_INTERPRET=1 set after that import they
+# would not be interpreted. Ours are decorated when this module is imported.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def reduce_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def store_rounded(ptrs, value, mask):
+    """Store fp32 ``value`` in the pointee's dtype, rounding to nearest even.
+
+    The GPU rounds so when narrowing to bfloat16, but Triton's interpreter
+    truncates: rounding the bits here first makes both give torch's result.
+    """
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        value = tl.where(value == value, rounded, value)  # NaN stays NaN
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
