@@ -1,6 +1,6 @@
-"""What the Triton kernels of the decode step, conv1d and the norm share: op registration and jit helpers.
+"""What our Triton kernels share: op registration, jit helpers, interpreter fixes.
 
-Imported only by those kernels' modules (never at ``import lnlm_ssm``).
+Imported only by the kernels' modules (never at ``import lnlm_ssm``).
 """
 
 import torch
@@ -8,6 +8,34 @@ import triton
 import triton.language as tl
 
 from lnlm_ssm.ops._backends import _triton_interpreted
+
+
+def _index_runtime_scalars() -> None:
+    """Let Triton <= 3.6's interpreter take runtime loop bounds under NumPy >= 2.4.
+
+    The interpreter holds a scalar as a shape-(1,) array and gives tensors an
+    ``__index__`` that calls int() on it, which NumPy 2.4 rejects, so any
+    ``range(lo, hi, step)`` with a runtime bound (an int argument, program_id,
+    cdiv of one) fails with "only 0-dimensional arrays can be converted to
+    Python scalars" (triton-lang/triton#9171, fixed after 3.6). No loop form
+    avoids it in the kernels short of a while loop (which the GPU compiler does
+    not pipeline) or constexpr bounds (a compile per sequence length). Compiled
+    kernels never call ``__index__``: this touches only interpreted runs.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_then_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_then_index
+
+
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) <= (3, 6):
+    _index_runtime_scalars()
+
 
 # triton_op lets torch.compile see the launch itself; its body cannot be traced
 # when the kernels are interpreted, so there it is an opaque custom_op.

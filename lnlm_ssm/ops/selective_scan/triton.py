@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from lnlm_ssm.ops import _triton  # noqa: F401  (lets Triton 3.6's interpreter run our loops)
+
 # Steps per chunk: the time tile of both kernels and the checkpoint interval of
 # the backward. The checkpoints cost dstate * 4 / CHUNK bytes per element of u
 # (1 byte at dstate 16), written only when a gradient is needed.

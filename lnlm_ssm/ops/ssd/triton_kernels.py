@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lnlm_ssm.ops import _triton  # noqa: F401  (lets Triton 3.6's interpreter run our loops)
+
 
 # Matmul modes (MODE): in fp32 (fp32 or mixed-dtype inputs; tf32 would miss fp32's
 # tolerance by far), on the inputs' half-precision tensor cores, or the same
