@@ -17,7 +17,12 @@ Rows
   the reference of ``ssd`` is the chunked PyTorch formulation;
 - peers: ``mambapy`` (``pscan``, a Blelloch scan over (batch, seqlen, dim,
   dstate) tensors; selective_scan only) and, on CUDA, ``mamba_ssm``. A peer
-  that is missing is skipped with a note. Triton on the CPU runs under its
+  that is missing is skipped with a note. For ssd also ``sdpa``: causal
+  softmax attention through ``torch.nn.functional.scaled_dot_product_attention``
+  over the same heads (q = k = v = x, (batch, nheads, seqlen, headdim)), what a
+  Transformer layer of the same width pays for its sequence mixing (flash
+  kernels on GPU). It computes something else, so it is not checked against
+  the reference and gets no roofline columns; its fwd+bwd differentiates x only. Triton on the CPU runs under its
   interpreter, so it is only timed when ``--backends`` names it.
 
 Each call is the one the Mamba / Mamba-2 layer makes: selective_scan with D,
@@ -163,7 +168,7 @@ QUICK = {
 }
 MIN_REPEATS = 3
 OUR_BACKENDS = ("reference", "cpu", "triton", "cuda")
-PEERS = ("mambapy", "mamba_ssm")
+PEERS = ("mambapy", "mamba_ssm", "sdpa")
 SANITY_TOL = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 REFERENCE_LABEL = {"selective_scan": "reference (PyTorch loop)", "ssd": "reference (PyTorch chunked)"}
@@ -178,7 +183,7 @@ REFERENCE_LABEL = {"selective_scan": "reference (PyTorch loop)", "ssd": "referen
 class Impl:
     label: str  # printed name
     key: str  # what --backends selects: a backend name, "mambapy" or "mamba_ssm"
-    kind: str  # "lnlm_ssm" or "peer"
+    kind: str  # "lnlm_ssm", "peer", or "baseline" (another computation: not checked against the reference)
     fn: Callable[[dict], torch.Tensor]  # inputs -> y
 
 
@@ -200,6 +205,12 @@ def _ours_ssd(backend: str, chunk_size: int) -> Callable[[dict], torch.Tensor]:
         )
 
     return run
+
+
+def _sdpa_attention(t) -> torch.Tensor:
+    """Causal softmax attention over x's heads (q = k = v = x): what a Transformer layer of the same width pays."""
+    x = t["x"].transpose(1, 2)  # (b, h, l, p)
+    return F.scaled_dot_product_attention(x, x, x, is_causal=True).transpose(1, 2)
 
 
 def _mambapy_selective_scan(pscan) -> Callable[[dict], torch.Tensor]:
@@ -274,6 +285,9 @@ def build_impls(args, notes: list[str]) -> list[Impl]:
                 impls.append(Impl("mambapy pscan", "mambapy", "peer", _mambapy_selective_scan(pscan)))
         else:
             notes.append("mambapy: has no SSD scan of its own (its Mamba2 calls mamba_ssm's Triton kernel)")
+
+    if args.op == "ssd" and (wanted is None or "sdpa" in wanted):
+        impls.append(Impl("causal attention (torch SDPA)", "sdpa", "baseline", _sdpa_attention))
 
     if wanted is None or "mamba_ssm" in wanted:
         if args.device != "cuda":
@@ -501,7 +515,7 @@ def check_against_reference(args, impls, device, dtype, notes) -> tuple[list, li
             gc.collect()
             _release(device)
             continue
-        if ref is None:
+        if ref is None or impl.kind == "baseline":
             kept.append((impl, None))
             continue
         err = (out.float() - ref).abs().max().item() if ref.numel() else 0.0
@@ -566,7 +580,9 @@ def measure(args, impls_ok, device, dtype, notes) -> list[Row]:
         roof = roofline(args, seqlen, inputs)
         dy = None
         for impl, check_ok in impls_ok:
-            row = Row(args.op, seqlen, impl.label, impl.key, impl.kind, bytes=roof.bytes, flops=roof.flops)
+            row = Row(args.op, seqlen, impl.label, impl.key, impl.kind)
+            if impl.kind != "baseline":  # the counts are the scan's; a baseline's would differ
+                row.bytes, row.flops = roof.bytes, roof.flops
             row.check_ok = check_ok
             rows.append(row)
             for mode in ("fwd", "fwd+bwd"):
@@ -583,8 +599,11 @@ def measure(args, impls_ok, device, dtype, notes) -> list[Row]:
                             gen = torch.Generator(device="cpu").manual_seed(99)
                             dy = torch.randn(*y_like.shape, generator=gen).to(device=device, dtype=dtype)
 
-                        def call(fn=impl.fn):
-                            return torch.autograd.grad(fn(leaves), grad_inputs, dy)
+                        # A baseline computes something else: only the input it reads gets a gradient.
+                        wrt = [leaves["x"]] if impl.kind == "baseline" else grad_inputs
+
+                        def call(fn=impl.fn, wrt=wrt):
+                            return torch.autograd.grad(fn(leaves), wrt, dy)
 
                     extra = 2 if (mode == "fwd+bwd" and not args.no_memory) else 0
                     hist = history.setdefault((impl.key, mode), [])
@@ -609,7 +628,7 @@ def measure(args, impls_ok, device, dtype, notes) -> list[Row]:
                         if not args.no_memory and not note:
                             mem = peak_extra_memory(call, device)
                             row.peak_mem_bytes, row.peak_rss_bytes = mem["torch_bytes"], mem["rss_bytes"]
-                            row.returned_bytes = _nbytes(dy) + sum(_nbytes(t) for t in grad_inputs)
+                            row.returned_bytes = _nbytes(dy) + sum(_nbytes(t) for t in wrt)
                             seen = row.peak_rss_bytes if row.peak_rss_bytes is not None else row.peak_mem_bytes
                             if seen is not None:
                                 row.extra_bytes = seen - row.returned_bytes
@@ -638,6 +657,8 @@ def fill_derived(rows: list[Row], ceilings: dict) -> None:
                 r.speedup_fwd = base.fwd_ms / r.fwd_ms
             if base.fwdbwd_ms and r.fwdbwd_ms:
                 r.speedup_fwdbwd = base.fwdbwd_ms / r.fwdbwd_ms
+        if r.kind == "baseline":
+            continue
         roof = Roofline(r.bytes, r.flops)
         r.roofline_ms = roof.bound_s(ceilings["copy_gbps"], ceilings["matmul_gflops"]) * 1e3
         if r.fwd_ms:
