@@ -73,10 +73,12 @@ def test_tiny_run_trains_every_family(lm_quality, tmp_path, capsys):
 
 
 def test_bad_arguments_are_named(lm_quality, tmp_path, capsys):
+    (tmp_path / "mamba").mkdir()
     for argv, expected in (
         (["--families", "mamba,rwkv"], "--families takes a comma list of"),
         (["--steps", "0"], "--steps: expected a positive integer; got '0'"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--families", "mamba"], "already holds runs of ['mamba']"),
     ):
         with pytest.raises(SystemExit):
             lm_quality.main([*argv, "--out", str(tmp_path)])
