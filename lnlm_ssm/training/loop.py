@@ -266,6 +266,7 @@ class _Run:
                 if bar is not None:
                     speed = (tokens - first_tokens) / (now - start)
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
+                paused = time.perf_counter()  # evaluation and checkpoints do not count in tokens_per_s
                 if step % config.eval_every == 0 or last:
                     eval_loss = self._evaluate(model, samplers["val"])
                     result.update(eval_loss=eval_loss, eval_bpb=eval_loss * bits_per_nat_byte)
@@ -276,6 +277,7 @@ class _Run:
                     saved = self._save(model, samplers["train"], model_config, step, tokens)
                     if log is not None:
                         self._plot(log, step)
+                last_log_time += time.perf_counter() - paused
             model_dir = self._export(model, model_config)
         finally:
             if bar is not None:
