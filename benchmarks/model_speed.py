@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Whole-model speed: MambaLM beside HF transformers on identical weights, and beside the roofline.
+
+Usage::
+
+    python benchmarks/model_speed.py              # mamba-130m, mamba2-130m, hybrid-130m; fp32, 2 threads, CPU
+    python benchmarks/model_speed.py --presets mamba-130m --repeats 5
+    python benchmarks/model_speed.py --quick      # tiny models, a few tokens (the CI test)
+
+For each preset it measures, each a median over ``--repeats`` runs after a warm-up:
+
+- prefill: one forward over ``--prefill`` tokens (batch 1, all logits, no grad) -> tokens/s;
+- decode, at each ``--decode-batch``: ``--new-tokens`` greedy tokens after a 16-token
+  prompt, through each library's ``generate`` and cache; the time of a
+  1-new-token generate (prefill and first sample) is subtracted -> new tokens/s;
+- training: forward + backward with the LM loss on a ``--train-batch`` x
+  ``--train-seqlen`` batch (no optimizer step) -> tokens/s.
+
+The HF twin is built from the preset's config (``MambaForCausalLM`` for Mamba-1,
+``Mamba2ForCausalLM`` for Mamba-2; HF has no class for the hybrid layout), saved,
+and read back by ``MambaLM.from_pretrained``: both hold the same weights, and
+their logits are compared before anything is timed. A run that takes longer
+than ``--slow-s`` is measured once, its warm-up skipped (HF's training on CPU).
+
+Rooflines, from the same run's measured copy bandwidth and fp32 matmul peak:
+decode at most ``batch * bandwidth / weight bytes`` tokens/s (every weight read
+once per step); prefill and training at most ``peak / 2N`` and ``peak / 6N``
+(N parameters). Results go to ``results.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lnlm_ssm import MambaLM
+from lnlm_ssm.models import preset
+from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, measure_matmul_peak, median, torch_threads
+
+HERE = Path(__file__).resolve().parent
+PRESETS = ["mamba-130m", "mamba2-130m", "hybrid-130m"]
+PROMPT = 16
+QUICK = dict(d_model=64, n_layer=4, vocab_size=304, attn_cfg={"num_heads": 2, "head_dim": 32, "rotary_emb_dim": 32})
+
+
+def timed(fn: Callable[[], object], repeats: int, slow_s: float) -> tuple[float, int]:
+    """(median seconds, runs measured); a warm-up slower than ``slow_s`` is itself the one measurement."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > slow_s:
+        return first, 1
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times), repeats
+
+
+def hf_config(model: MambaLM):
+    """The HF transformers config of ``model``'s architecture, or None when HF has no class for it."""
+    import transformers
+
+    cfg, types = model.config, set(model.config.layer_types())
+    mixer = model.backbone.layers[0].mixer
+    common = dict(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layer,
+        state_size=mixer.d_state,
+        conv_kernel=mixer.d_conv,
+        expand=mixer.expand,
+        layer_norm_epsilon=cfg.norm_epsilon,
+        residual_in_fp32=cfg.residual_in_fp32,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+    )
+    if types == {"Mamba1"} and cfg.d_intermediate == 0:
+        return transformers.MambaConfig(**common, time_step_rank=mixer.dt_rank)
+    if types == {"Mamba2"} and cfg.d_intermediate == 0 and mixer.rmsnorm and mixer.ngroups in (1, mixer.nheads):
+        return transformers.Mamba2Config(
+            **common, num_heads=mixer.nheads, head_dim=mixer.headdim, n_groups=mixer.ngroups,
+            chunk_size=mixer.chunk_size, time_step_limit=tuple(mixer.dt_limit),
+        )
+    return None
+
+
+def twins(name: str, overrides: dict, seed: int) -> tuple[MambaLM, Optional[torch.nn.Module]]:
+    """Our model and, where HF has the architecture, HF's model with the same weights."""
+    torch.manual_seed(seed)
+    ours = MambaLM(preset(name, **overrides))
+    try:
+        import transformers
+    except ImportError:
+        return ours, None
+    config = hf_config(ours)
+    if config is None:
+        return ours, None
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = MambaLM.from_pretrained(tmp)  # our HF reader: the same weights
+    n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
+    if n_ours != n_hf:
+        raise RuntimeError(f"{name}: {n_ours:,} parameters in ours, {n_hf:,} in HF's twin")
+    return ours, hf
+
+
+def check_same_logits(ours: MambaLM, hf: torch.nn.Module, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ours(ids).logits
+        err = (hf(ids).logits[..., : ref.shape[-1]] - ref).abs().max().item()
+    if err > 1e-3 * (1 + ref.abs().max().item()):
+        raise RuntimeError(f"HF and our logits disagree: max abs diff {err:.3g}")
+    return err
+
+
+def measure(model, is_ours: bool, args, vocab: int) -> dict[str, dict]:
+    gen = torch.Generator().manual_seed(2)
+    out = {}
+    ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
+    model.eval()
+    with torch.no_grad():
+        t, n = timed(lambda: model(ids), args.repeats, args.slow_s)
+        out["prefill"] = {"tok_s": args.prefill / t, "runs": n}
+        for batch in args.decode_batch:
+            prompt = torch.randint(0, vocab, (batch, PROMPT), generator=gen)
+
+            def generate(new: int, prompt=prompt):
+                if is_ours:
+                    return model.generate(prompt, max_new_tokens=new, temperature=0)
+                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+            t_all, n = timed(lambda: generate(1 + args.new_tokens), args.repeats, args.slow_s)
+            t_first, _ = timed(lambda: generate(1), args.repeats, args.slow_s)
+            out[f"decode_b{batch}"] = {"tok_s": batch * args.new_tokens / max(t_all - t_first, 1e-9), "runs": n}
+    ids = torch.randint(0, vocab, (args.train_batch, args.train_seqlen), generator=gen)
+    model.train()
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    t, n = timed(train_step, args.repeats, args.slow_s)
+    out["train"] = {"tok_s": args.train_batch * args.train_seqlen / t, "runs": n}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return out
+
+
+def bounds(model: MambaLM, args, bandwidth_gbps: float, peak_gflops: float) -> dict[str, float]:
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"prefill": peak_gflops * 1e9 / (2 * n_params), "train": peak_gflops * 1e9 / (6 * n_params)}
+    for batch in args.decode_batch:
+        out[f"decode_b{batch}"] = batch * bandwidth_gbps * 1e9 / weight_bytes
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=PRESETS, help=f"default: {' '.join(PRESETS)}")
+    p.add_argument("--prefill", type=int, default=1024, help="prefill tokens (batch 1)")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32, help="decode tokens timed per generate")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-seqlen", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slow-s", type=float, default=20.0, help="a run slower than this is measured once")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--quick", action="store_true", help="tiny models and sizes (CI)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    for name in ("prefill", "new_tokens", "train_batch", "train_seqlen", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.decode_batch) < 1:
+        p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
+    if args.quick:
+        args.prefill, args.new_tokens, args.train_batch, args.train_seqlen, args.repeats = 32, 4, 2, 16, 1
+    args.out = args.out or HERE / "out" / f"model_speed-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'preset':<12} {'measure':<10} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
+          f"{'bound tok/s':>12} {'of bound':>9}")
+    for r in rows:
+        hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x" if r["hf_tok_s"] else f"{'-':>10} {'-':>7}"
+        print(f"{r['preset']:<12} {r['measure']:<10} {r['ours_tok_s']:>15.1f} {hf} {r['bound_tok_s']:>12.1f} "
+              f"{r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = QUICK if args.quick else {}
+    rows, notes = [], []
+    with torch_threads(args.threads):
+        bandwidth, peak = measure_copy_bandwidth("cpu"), measure_matmul_peak("cpu")
+        print(f"# fp32, {args.threads} threads, torch {torch.__version__}; copy {bandwidth:.1f} GB/s, "
+              f"matmul {peak:.1f} GFLOP/s; prefill 1x{args.prefill}, decode {args.new_tokens} tokens at batch "
+              f"{', '.join(map(str, args.decode_batch))}, training {args.train_batch}x{args.train_seqlen}", flush=True)
+        for name in args.presets:
+            if args.no_hf:
+                torch.manual_seed(args.seed)
+                ours, hf = MambaLM(preset(name, **overrides)), None
+            else:
+                ours, hf = twins(name, overrides, args.seed)
+            vocab = ours.config.vocab_size
+            if hf is None and not args.no_hf:
+                notes.append(f"{name}: HF transformers has no model with this layout (or is not installed)")
+            if hf is not None:
+                err = check_same_logits(ours, hf, vocab)
+                print(f"# {name}: HF {type(hf).__name__} holds the same weights (logits max abs diff {err:.2g})",
+                      flush=True)
+            mine = measure(ours, True, args, vocab)
+            theirs = measure(hf, False, args, vocab) if hf is not None else {}
+            roof = bounds(ours, args, bandwidth, peak)
+            for key, value in mine.items():
+                rows.append({
+                    "preset": name, "measure": key, "ours_tok_s": value["tok_s"], "ours_runs": value["runs"],
+                    "hf_tok_s": theirs[key]["tok_s"] if theirs else None,
+                    "hf_runs": theirs[key]["runs"] if theirs else None,
+                    "bound_tok_s": roof[key],
+                })
+            print_table([r for r in rows if r["preset"] == name])
+            print(flush=True)
+    for note in notes:
+        print(f"note: {note}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "results.json", "w") as f:
+        json.dump({
+            "benchmark": "model_speed",
+            "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
+                        "torch": torch.__version__, "copy_gbps": bandwidth, "matmul_gflops": peak},
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "rows": rows,
+            "notes": notes,
+        }, f, indent=2)
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

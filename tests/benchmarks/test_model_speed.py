@@ -1,0 +1,43 @@
+"""benchmarks/model_speed.py runs end to end on tiny models, beside HF's when transformers is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "model_speed.py"
+MEASURES = ["prefill", "decode_b1", "decode_b8", "train"]
+
+
+@pytest.fixture(scope="module")
+def model_speed():
+    spec = importlib.util.spec_from_file_location("model_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run(model_speed, tmp_path):
+    have_hf = importlib.util.find_spec("transformers") is not None
+    argv = ["--quick", "--threads", "1", "--out", str(tmp_path)] + ([] if have_hf else ["--no-hf"])
+    assert model_speed.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert [(r["preset"], r["measure"]) for r in rows] == [(p, m) for p in model_speed.PRESETS for m in MEASURES]
+    for r in rows:
+        assert r["ours_tok_s"] > 0 and r["bound_tok_s"] > 0
+        # HF has Mamba-1 and Mamba-2 models but no class for our hybrid layout.
+        assert (r["hf_tok_s"] is not None) == (have_hf and r["preset"] != "hybrid-130m"), r
+        assert r["hf_tok_s"] is None or r["hf_tok_s"] > 0
+    # Decode is weight-bandwidth bound: batch 8 reads the weights once for 8 tokens.
+    b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
+    assert b8 == pytest.approx(8 * b1)
+
+
+def test_bad_arguments_are_named(model_speed, capsys):
+    with pytest.raises(SystemExit):
+        model_speed.main(["--train-seqlen", "0"])
+    assert "--train-seqlen must be >= 1" in capsys.readouterr().err
