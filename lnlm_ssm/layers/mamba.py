@@ -82,6 +82,16 @@ def chunk_mask(mask, batch: int, past: int, seqlen: int, dtype: torch.dtype) -> 
     return mask[:, past:].to(dtype)
 
 
+def weight_bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) times x (batch, in, seqlen), any strides: (batch, out, seqlen), contiguous along seqlen.
+
+    That is the layout the conv and the scan read. ``weight @ x`` may instead fold
+    into one mm giving (batch, seqlen, out) and return its transpose, which the ops
+    then copy: a strided copy that took a quarter of a 130M prefill.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def conv_weight(conv1d: nn.Conv1d) -> torch.Tensor:
     """The depthwise nn.Conv1d weight (dim, 1, width) as the (dim, width) the conv ops take."""
     return conv1d.weight.squeeze(1)
@@ -232,8 +242,7 @@ class Mamba(SSMMixer):
         )
 
     def _scan(self, hidden_states, cache: Optional[MambaCache], keep: Optional[torch.Tensor]) -> torch.Tensor:
-        # W @ h^T gives x and z as (batch, d_inner, seqlen), contiguous along seqlen as the scan wants.
-        xz = self.in_proj.weight @ hidden_states.transpose(1, 2)
+        xz = weight_bmm(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2 * d_inner, seqlen)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         x, z = xz.chunk(2, dim=1)
@@ -246,15 +255,15 @@ class Mamba(SSMMixer):
         if keep is not None:
             x = x * keep[:, None, :]
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj.weight @ dt.transpose(1, 2)  # (batch, d_inner, seqlen); the bias goes to the scan
+        x_dbl = weight_bmm(self.x_proj.weight, x)  # (batch, dt_rank + 2 * d_state, seqlen)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = weight_bmm(self.dt_proj.weight, dt)  # the bias goes to the scan
         result = selective_scan_fn(
             x,
             delta,
             -torch.exp(fp32_or_wider(self.A_log)),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B,
+            C,
             fp32_or_wider(self.D),
             z,
             delta_bias=fp32_or_wider(self.dt_proj.bias),
