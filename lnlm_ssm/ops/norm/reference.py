@@ -46,10 +46,11 @@ def rms_norm_ref(
     if z is not None and not norm_before_gate:
         h = h * F.silu(z.to(compute))
     hidden = h.shape[-1]
-    group = hidden if group_size is None else group_size
-    grouped = h.unflatten(-1, (hidden // group, group))
-    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
-    y = grouped.flatten(-2) * weight.to(compute)
+    if group_size is None or group_size == hidden:
+        y = F.rms_norm(h, (hidden,), weight.to(compute), eps)
+    else:
+        y = F.rms_norm(h.unflatten(-1, (hidden // group_size, group_size)), (group_size,), eps=eps)
+        y = y.flatten(-2) * weight.to(compute)
     if bias is not None:
         y = y + bias.to(compute)
     if z is not None and norm_before_gate:
