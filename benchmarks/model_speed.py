@@ -202,7 +202,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'preset':<12} {'measure':<10} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
           f"{'bound tok/s':>12} {'of bound':>9}")
     for r in rows:
-        hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x" if r["hf_tok_s"] else f"{'-':>10} {'-':>7}"
+        if r["hf_tok_s"]:
+            hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x"
+        else:
+            hf = f"{'-':>10} {'-':>7}"
         print(f"{r['preset']:<12} {r['measure']:<10} {r['ours_tok_s']:>15.1f} {hf} {r['bound_tok_s']:>12.1f} "
               f"{r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
 

@@ -34,6 +34,9 @@ TORCH_LIBRARY(lnlm_ssm, m) {
       "int checkpoint_every) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
       "Tensor ddelta_bias, Tensor dinitial_state)");
 
+  // x (m, k) @ weight (n, k)^T (+ bias) for m <= 16 rows: a decode step's projections (csrc/cpu/linear.cpp).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
   // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
   // silu to the output.
   m.def(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lnlm_ssm.layers.cache import AttentionCache
+from lnlm_ssm.ops import decode_linear
 from lnlm_ssm.ops._backends import BACKENDS
 
 
@@ -90,8 +91,8 @@ class Attention(nn.Module):
         sliding_window: each query sees at most this many most recent keys, itself included.
         d_conv: mamba_ssm's optional short conv on qkv; only 0 (none) is supported.
         use_flash_attn: use flash-attn where it serves the call exactly (see the module docstring).
-        backend: accepted for the mixer contract; attention calls no lnlm_ssm op,
-            and ``scaled_dot_product_attention`` picks its kernel itself.
+        backend: for the projections (``decode_linear``);
+            ``scaled_dot_product_attention`` picks its kernel itself.
 
     The cache path is for inference: it writes k and v into the cache in place.
     """
@@ -213,7 +214,7 @@ class Attention(nn.Module):
         if position_ids is not None:
             self._check_position_ids(position_ids, batch, seqlen, device)
 
-        q, k, v = self.in_proj(hidden_states).split(
+        q, k, v = decode_linear(hidden_states, self.in_proj.weight, self.in_proj.bias, backend=self.backend).split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim, self.num_heads_kv * self.head_dim],
             dim=-1,
         )
@@ -235,7 +236,7 @@ class Attention(nn.Module):
             v = cache.v[:, :total].to(q.dtype)
 
         out = self._attend(q, k, v, past, mask)
-        return self.out_proj(out.flatten(-2))
+        return decode_linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias, backend=self.backend)
 
     def _attend(self, q, k, v, past: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale + masks) v over ``(batch, seqlen|total, heads, head_dim)`` inputs."""

@@ -191,7 +191,7 @@ class Mamba2(SSMMixer):
         """y, z (..., d_inner): the gated norm (or nothing: the scan gated already) and out_proj."""
         if self.rmsnorm:
             y = self.norm(y, z, backend=backend_for("rms_norm_fn", self.backend))
-        return self.out_proj(y)
+        return self._project(self.out_proj, y)
 
     def _scan(self, hidden_states, cache: Optional[Mamba2Cache], keep: Optional[torch.Tensor]) -> torch.Tensor:
         batch, seqlen, _ = hidden_states.shape
@@ -234,7 +234,9 @@ class Mamba2(SSMMixer):
 
     def _step(self, hidden_states, cache: Mamba2Cache, keep: Optional[torch.Tensor]) -> torch.Tensor:
         batch = hidden_states.shape[0]
-        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = self._project(self.in_proj, hidden_states[:, 0]).split(
+            [self.d_inner, self.conv_dim, self.nheads], dim=-1
+        )
         if keep is not None:
             xBC = xBC * keep
         xBC = causal_conv1d_update(

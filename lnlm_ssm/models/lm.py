@@ -32,6 +32,7 @@ from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.layers.norm import RMSNorm
+from lnlm_ssm.ops import decode_linear
 from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.models.config import ConfigError, MambaLMConfig, preset
 
@@ -144,6 +145,7 @@ class MambaLM(nn.Module):
         if not isinstance(config, MambaLMConfig):
             raise TypeError(f"config must be a MambaLMConfig; got {type(config).__name__}")
         self.config = config
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.backbone = Backbone(config, factory=factory, backend=backend)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
@@ -326,7 +328,7 @@ class MambaLM(nn.Module):
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The padded vocab rows are never a token: skip them in the matmul rather than slice afterwards.
-        return F.linear(hidden_states, self.lm_head.weight[: self.config.vocab_size])
+        return decode_linear(hidden_states, self.lm_head.weight[: self.config.vocab_size], backend=self.backend)
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
 from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from lnlm_ssm.ops.linear.interface import decode_linear
 from lnlm_ssm.ops.norm.interface import rms_norm_fn
 from lnlm_ssm.ops.norm.reference import rms_norm_ref
 from lnlm_ssm.ops.selective_scan.interface import selective_scan_fn
@@ -23,6 +24,7 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "decode_linear",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
     "rms_norm_fn",

@@ -75,6 +75,10 @@ def _register_fakes() -> None:
             weight.new_empty(batch, dim, weight.shape[1] - 1),
         )
 
+    @torch.library.register_fake("lnlm_ssm::decode_linear")
+    def _decode_linear_fake(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("lnlm_ssm::causal_conv1d_update")
     def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu):
         return x.new_empty(x.shape)
