@@ -22,7 +22,8 @@ and read back by ``MambaLM.from_pretrained``: both hold the same weights, and
 their logits are compared before anything is timed. A run that takes longer
 than ``--slow-s`` is measured once, its warm-up skipped (HF's training on CPU).
 
-Rooflines, from the same run's measured copy bandwidth and fp32 matmul peak:
+Rooflines, from copy bandwidth and fp32 matmul peak measured just before each
+preset (on a shared machine both drift by 10-20% over minutes):
 decode at most ``batch * bandwidth / weight bytes`` tokens/s (every weight read
 once per step); prefill and training at most ``peak / 2N`` and ``peak / 6N``
 (N parameters). Results go to ``results.json`` in ``--out``.
@@ -215,10 +216,9 @@ def main(argv=None) -> int:
     overrides = QUICK if args.quick else {}
     rows, notes = [], []
     with torch_threads(args.threads):
-        bandwidth, peak = measure_copy_bandwidth("cpu"), measure_matmul_peak("cpu")
-        print(f"# fp32, {args.threads} threads, torch {torch.__version__}; copy {bandwidth:.1f} GB/s, "
-              f"matmul {peak:.1f} GFLOP/s; prefill 1x{args.prefill}, decode {args.new_tokens} tokens at batch "
-              f"{', '.join(map(str, args.decode_batch))}, training {args.train_batch}x{args.train_seqlen}", flush=True)
+        print(f"# fp32, {args.threads} threads, torch {torch.__version__}; prefill 1x{args.prefill}, decode "
+              f"{args.new_tokens} tokens at batch {', '.join(map(str, args.decode_batch))}, training "
+              f"{args.train_batch}x{args.train_seqlen}", flush=True)
         for name in args.presets:
             if args.no_hf:
                 torch.manual_seed(args.seed)
@@ -232,6 +232,8 @@ def main(argv=None) -> int:
                 err = check_same_logits(ours, hf, vocab)
                 print(f"# {name}: HF {type(hf).__name__} holds the same weights (logits max abs diff {err:.2g})",
                       flush=True)
+            bandwidth, peak = measure_copy_bandwidth("cpu"), measure_matmul_peak("cpu")
+            print(f"# {name}: copy {bandwidth:.1f} GB/s, matmul {peak:.1f} GFLOP/s", flush=True)
             mine = measure(ours, True, args, vocab)
             theirs = measure(hf, False, args, vocab) if hf is not None else {}
             roof = bounds(ours, args, bandwidth, peak)
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
                     "preset": name, "measure": key, "ours_tok_s": value["tok_s"], "ours_runs": value["runs"],
                     "hf_tok_s": theirs[key]["tok_s"] if theirs else None,
                     "hf_runs": theirs[key]["runs"] if theirs else None,
-                    "bound_tok_s": roof[key],
+                    "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
                 })
             print_table([r for r in rows if r["preset"] == name])
             print(flush=True)
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
             "benchmark": "model_speed",
             "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-                        "torch": torch.__version__, "copy_gbps": bandwidth, "matmul_gflops": peak},
+                        "torch": torch.__version__},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "rows": rows,
             "notes": notes,

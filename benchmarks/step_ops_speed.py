@@ -18,7 +18,10 @@ Rows (each on the same inputs, median of --repeats after --warmup calls):
 - selective_state_update, one decode step in place, Mamba-1 layout (batch,
   dim, dstate) and Mamba-2 layout (batch, nheads, headdim, dstate): ``cpu``
   and the ``reference``, which is the plain torch composition (exp, multiply,
-  sum over dstate).
+  sum over dstate);
+- decode_linear, the projections of a decode step at 1 and 8 rows, through
+  the 24 layers' weights in turn (so they come from memory, as in decoding):
+  ``cpu`` (``decode_linear``'s kernel) and ``torch F.linear``.
 
 "x fastest torch" is the fastest torch composition's time over the row's.
 Results go to ``results.json`` in ``--out``.
@@ -40,7 +43,7 @@ from lnlm_ssm import ops
 from lnlm_ssm.utils.benchmark import median, time_fn, torch_threads
 
 HERE = Path(__file__).resolve().parent
-TORCH_ROWS = ("reference", "torch F.conv1d", "torch roll")
+TORCH_ROWS = ("reference", "torch F.conv1d", "torch roll", "torch F.linear")
 
 
 def conv_cases(args):
@@ -127,6 +130,24 @@ def state_update_cases(args):
     return cases
 
 
+def linear_cases(args):
+    gen = torch.Generator().manual_seed(2)
+    cases = []
+    for name, out, inner, layers in args.projections:
+        weights = [torch.randn(out, inner, generator=gen) / inner**0.5 for _ in range(layers)]
+        for rows in (1, 8):
+            x = torch.randn(rows, inner, generator=gen)
+            label = f"decode_linear {name} ({layers} x {out}x{inner}, rows {rows})"
+            for impl, backend in (("cpu", "cpu"), ("torch F.linear", "reference")):
+
+                def project(x=x, backend=backend):
+                    with torch.no_grad():
+                        return [ops.decode_linear(x, w, backend=backend) for w in weights]
+
+                cases.append((label, impl, project))
+    return cases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI)")
@@ -136,9 +157,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="default benchmarks/out/step_ops-cpu-<timestamp>/")
     args = p.parse_args(argv)
     # mamba-130m: d_inner 1536 (conv over d_inner), dstate 16; mamba2-130m: 24 heads of 64, dstate 128.
-    sizes = dict(batch=2, conv_dim=1536, seqlen=2048, decode_batch=1, dim=1536, dstate=16, nheads=24, headdim=64, dstate2=128)
+    sizes = dict(batch=2, conv_dim=1536, seqlen=2048, decode_batch=1, dim=1536, dstate=16, nheads=24, headdim=64, dstate2=128,
+                 projections=[("in_proj", 3072, 768, 24), ("out_proj", 768, 1536, 24), ("lm_head", 50277, 768, 1)])
     if args.quick:
-        sizes = dict(batch=1, conv_dim=64, seqlen=128, decode_batch=1, dim=64, dstate=16, nheads=4, headdim=16, dstate2=16)
+        sizes = dict(batch=1, conv_dim=64, seqlen=128, decode_batch=1, dim=64, dstate=16, nheads=4, headdim=16, dstate2=16,
+                     projections=[("in_proj", 64, 256, 2)])
     for k, v in sizes.items():
         setattr(args, k, v)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
@@ -148,7 +171,7 @@ def main(argv=None) -> int:
 
     rows = []
     with torch_threads(args.threads):
-        for label, impl, fn in conv_cases(args) + state_update_cases(args):
+        for label, impl, fn in conv_cases(args) + state_update_cases(args) + linear_cases(args):
             times = time_fn(fn, warmup=args.warmup, repeats=args.repeats, device="cpu")
             rows.append({"case": label, "impl": impl, "median_us": median(times) * 1e6, "times_s": times})
     fastest_torch = {}
