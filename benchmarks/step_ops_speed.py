@@ -19,9 +19,10 @@ Rows (each on the same inputs, median of --repeats after --warmup calls):
   dim, dstate) and Mamba-2 layout (batch, nheads, headdim, dstate): ``cpu``
   and the ``reference``, which is the plain torch composition (exp, multiply,
   sum over dstate);
-- decode_linear, the projections of a decode step at 1 and 8 rows, through
-  the 24 layers' weights in turn (so they come from memory, as in decoding):
-  ``cpu`` (``decode_linear``'s kernel) and ``torch F.linear``.
+- decode_linear, the projections of a decode step at 1, 4, 8 and 16 rows,
+  through the 24 layers' weights in turn (so they come from memory, as in
+  decoding): ``cpu`` (``decode_linear``'s kernel, called directly: the public
+  function hands 1 to 3 rows to F.linear) and ``torch F.linear``.
 
 "x fastest torch" is the fastest torch composition's time over the row's.
 Results go to ``results.json`` in ``--out``.
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lnlm_ssm import ops
+from lnlm_ssm.ops.linear.cpu import decode_linear_cpu
 from lnlm_ssm.utils.benchmark import median, time_fn, torch_threads
 
 HERE = Path(__file__).resolve().parent
@@ -135,14 +137,13 @@ def linear_cases(args):
     cases = []
     for name, out, inner, layers in args.projections:
         weights = [torch.randn(out, inner, generator=gen) / inner**0.5 for _ in range(layers)]
-        for rows in (1, 8):
+        for rows in (1, 4, 8, 16):
             x = torch.randn(rows, inner, generator=gen)
             label = f"decode_linear {name} ({layers} x {out}x{inner}, rows {rows})"
-            for impl, backend in (("cpu", "cpu"), ("torch F.linear", "reference")):
+            for impl, fn in (("cpu", decode_linear_cpu), ("torch F.linear", F.linear)):
 
-                def project(x=x, backend=backend):
-                    with torch.no_grad():
-                        return [ops.decode_linear(x, w, backend=backend) for w in weights]
+                def project(x=x, weights=weights, fn=fn):
+                    return [fn(x, w, None) for w in weights]
 
                 cases.append((label, impl, project))
     return cases

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lnlm_ssm.ops import _backends, decode_linear
 from lnlm_ssm.ops.linear.cpu import decode_linear_cpu
-from lnlm_ssm.ops.linear.interface import MAX_ROWS, MIN_INNER
+from lnlm_ssm.ops.linear.interface import MAX_ROWS, MIN_INNER, MIN_ROWS
 from lnlm_ssm.utils.testing import assert_close
 
 
@@ -37,7 +37,7 @@ def test_strided_rows_of_x_and_weight():
 
 
 def test_leading_dimensions_and_public_call():
-    x = torch.randn(2, 1, 3, 400)
+    x = torch.randn(2, 1, 3, 400)  # 6 rows: the kernel serves it
     weight, bias = torch.randn(33, 400), torch.randn(33)
     with torch.no_grad():
         y = decode_linear(x, weight, bias)
@@ -47,14 +47,16 @@ def test_leading_dimensions_and_public_call():
 
 @pytest.mark.parametrize(
     "case",
-    ["grad", "float64", "bfloat16", "too_many_rows", "small_inner", "reference_backend", "empty"],
+    ["grad", "float64", "bfloat16", "too_few_rows", "too_many_rows", "small_inner", "reference_backend", "empty"],
 )
 def test_cases_the_kernel_does_not_serve_go_to_linear(case, monkeypatch):
     calls = []
     # Count the calls that reach the kernel: "auto" on CPU picks it from the dispatch cache.
     counting = lambda *a: calls.append(a) or F.linear(*a)  # noqa: E731
     monkeypatch.setattr(_backends._PICKED, "decode_linear:cpu", counting, raising=False)
-    rows, inner, dtype, backend = 2, MIN_INNER, torch.float32, "auto"
+    rows, inner, dtype, backend = MIN_ROWS, MIN_INNER, torch.float32, "auto"
+    if case == "too_few_rows":
+        rows = MIN_ROWS - 1
     if case == "too_many_rows":
         rows = MAX_ROWS + 1
     if case == "small_inner":
@@ -72,7 +74,7 @@ def test_cases_the_kernel_does_not_serve_go_to_linear(case, monkeypatch):
         y.sum().backward()
         torch.testing.assert_close(x.grad, weight.sum(0).expand_as(x))
     # The same call the kernel does serve reaches it.
-    decode_linear(torch.randn(2, MIN_INNER), torch.randn(9, MIN_INNER))
+    decode_linear(torch.randn(MIN_ROWS, MIN_INNER), torch.randn(9, MIN_INNER))
     assert len(calls) == 1
 
 

@@ -4,9 +4,12 @@ The BLAS behind ``F.linear`` reads the weight well below memory speed when x has
 a few rows (about 10 GB/s for 8 rows against 25 GB/s copy bandwidth on our 2-core
 machines), and decoding a batch is exactly that product for every projection.
 The CPU kernel (csrc/cpu/linear.cpp) streams each weight row once and takes every
-row of x against it. It serves fp32 on the CPU, 1 to 16 rows, inner size >= 256
-(below that its reductions cost more than the BLAS), without autograd; anything
-else goes to ``F.linear``, so the function is a drop-in for ``F.linear`` anywhere.
+row of x against it: 1.3-2x ``F.linear`` from 4 to 16 rows on the projections of
+a 130M model (``benchmarks/step_ops_speed.py``). From 1 to 3 rows the BLAS is as
+fast or faster, and with an inner size below 256 the kernel's reductions cost more
+than its reads. So it serves fp32 on the CPU, 4 to 16 rows, inner size >= 256,
+without autograd; anything else goes to ``F.linear``, so the function is a
+drop-in for ``F.linear`` anywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from lnlm_ssm.ops._backends import backend_for, register, resolve
 
-MAX_ROWS = 16
+MIN_ROWS, MAX_ROWS = 4, 16
 MIN_INNER = 256
 
 
@@ -41,7 +44,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend: 
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and 0 < rows <= MAX_ROWS
+        and MIN_ROWS <= rows <= MAX_ROWS
         and inner >= MIN_INNER
         and weight.ndim == 2
         and weight.stride(-1) == 1
