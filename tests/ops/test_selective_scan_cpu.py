@@ -6,46 +6,9 @@ import torch
 import lnlm_ssm.ops.selective_scan.cpu as scan_cpu_module
 from lnlm_ssm.ops import available_backends, selective_scan_fn, selective_scan_ref
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
+from scan_cases import FIELDS, make_inputs, run
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension lnlm_ssm._C is not built")
-
-FIELDS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def make_inputs(batch=2, dim=5, seqlen=37, dstate=6, ngroups=None, dtype=torch.float32, optional=True, noncontiguous=False):
-    def r(*shape, scale=1.0, dt=dtype):
-        if noncontiguous and len(shape) > 1:
-            t = torch.randn(*reversed(shape), dtype=torch.float64).permute(*reversed(range(len(shape))))
-        else:
-            t = torch.randn(*shape, dtype=torch.float64)
-        return (t * scale).to(dt)
-
-    bc = (batch, dstate, seqlen) if ngroups is None else (batch, ngroups, dstate, seqlen)
-    t = dict(
-        u=r(batch, dim, seqlen),
-        delta=r(batch, dim, seqlen, scale=0.5),
-        A=-(r(dim, dstate, dt=torch.float32).abs() + 0.1),
-        B=r(*bc),
-        C=r(*bc),
-        D=r(dim, dt=torch.float32),
-        z=r(batch, dim, seqlen),
-        delta_bias=r(dim, scale=0.3, dt=torch.float32),
-        initial_state=r(batch, dim, dstate, dt=torch.float32),
-    )
-    if not optional:
-        t.update(D=None, z=None, delta_bias=None, initial_state=None)
-    return t
-
-
-def run(t, backend, softplus=True):
-    """Outputs and the gradients of a random projection of (y, last_state) w.r.t. every input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
-    y, last = selective_scan_fn(**{**t, **leaves}, delta_softplus=softplus, return_last_state=True, backend=backend)
-    g = torch.Generator().manual_seed(1)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
-    grads = torch.autograd.grad((y * gy).sum() + (last * gl).sum(), list(leaves.values()))
-    return y, last, dict(zip(leaves, grads))
 
 
 def to64(t):

@@ -12,6 +12,8 @@ import torch
 
 from lnlm_ssm.ops import selective_scan_ref
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
+import scan_cases
+from scan_cases import run
 
 
 def _cuda_unavailable_reason():
@@ -33,43 +35,8 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
-def make_inputs(batch=2, dim=12, seqlen=37, dstate=6, ngroups=None, dtype=torch.float32, optional=True,
-                noncontiguous=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0, dt=dtype):
-        if noncontiguous and len(shape) > 1:
-            t = torch.randn(*reversed(shape), generator=g, dtype=torch.float64).permute(*reversed(range(len(shape))))
-        else:
-            t = torch.randn(*shape, generator=g, dtype=torch.float64)
-        return (t * scale).to(device="cuda", dtype=dt)
-
-    bc = (batch, dstate, seqlen) if ngroups is None else (batch, ngroups, dstate, seqlen)
-    t = dict(
-        u=r(batch, dim, seqlen),
-        delta=r(batch, dim, seqlen, scale=0.5),
-        A=-(r(dim, dstate, dt=torch.float32).abs() + 0.1),
-        B=r(*bc),
-        C=r(*bc),
-        D=r(dim, dt=torch.float32),
-        z=r(batch, dim, seqlen),
-        delta_bias=r(dim, scale=0.3, dt=torch.float32),
-        initial_state=r(batch, dim, dstate, dt=torch.float32),
-    )
-    if not optional:
-        t.update(D=None, z=None, delta_bias=None, initial_state=None)
-    return t
-
-
-def run(fn, t, softplus=True):
-    """Outputs and the gradients of a fixed random projection of (y, last_state) w.r.t. every input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
-    y, last = fn(**{**t, **leaves}, delta_softplus=softplus, return_last_state=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    gy = torch.randn(y.shape, generator=g, device="cuda", dtype=torch.float64).to(y.dtype)
-    gl = torch.randn(last.shape, generator=g, device="cuda", dtype=torch.float64).to(last.dtype)
-    grads = torch.autograd.grad((y * gy).sum() + (last * gl).sum(), list(leaves.values()))
-    return y, last, dict(zip(leaves, grads))
+def make_inputs(dim=12, seed=0, **kwargs):
+    return scan_cases.make_inputs(dim=dim, seed=seed, device="cuda", **kwargs)
 
 
 def to64(t):
@@ -77,18 +44,18 @@ def to64(t):
 
 
 def check_against_reference(fn, t, softplus=True):
-    y, last, grads = fn_result = run(fn, t, softplus)
+    y, last, grads = fn_result = run(t, fn, softplus)
     dtype = t["u"].dtype
     assert y.dtype == dtype and last.dtype == torch.float32
     if dtype == torch.float32:
-        y_ref, last_ref, grads_ref = run(selective_scan_ref, t, softplus)
+        y_ref, last_ref, grads_ref = run(t, selective_scan_ref, softplus)
         assert_close(y, y_ref, dtype, msg="y")
         assert_close(last, last_ref, dtype, msg="last_state")
         for name in grads_ref:
             assert_close(grads[name], grads_ref[name], dtype, msg=name)
     else:
-        y_lowp, last_lowp, grads_lowp = run(selective_scan_ref, t, softplus)
-        y64, last64, grads64 = run(selective_scan_ref, to64(t), softplus)
+        y_lowp, last_lowp, grads_lowp = run(t, selective_scan_ref, softplus)
+        y64, last64, grads64 = run(to64(t), selective_scan_ref, softplus)
         assert_close_to_ref(y, y64, y_lowp, msg="y")
         assert_close_to_ref(last, last64, last_lowp, msg="last_state")
         for name in grads64:
@@ -155,9 +122,9 @@ def test_checkpoint_interval_changes_nothing(scan, monkeypatch):
     import lnlm_ssm.ops.selective_scan.cuda as scan_cuda_module
 
     t = make_inputs(seqlen=300)
-    expected = run(scan, t)
+    expected = run(t, scan)
     monkeypatch.setattr(scan_cuda_module, "CHECKPOINT_EVERY", 64)
-    y, last, grads = run(scan, t)
+    y, last, grads = run(t, scan)
     assert torch.equal(y, expected[0]) and torch.equal(last, expected[1])
     for name in grads:
         assert_close(grads[name], expected[2][name], torch.float32, msg=name)
@@ -211,8 +178,8 @@ def _triton_scan_or_skip():
 def test_matches_triton(scan, dtype):
     triton_scan = _triton_scan_or_skip()
     t = make_inputs(dim=40, ngroups=2, dstate=16, seqlen=200, dtype=dtype)
-    y, last, grads = run(scan, t)
-    y_tr, last_tr, grads_tr = run(triton_scan, t)
+    y, last, grads = run(t, scan)
+    y_tr, last_tr, grads_tr = run(t, triton_scan)
     # Both against each other with the tolerance of the inputs' dtype: two kernels
     # that each pass the reference test may differ by rounding only.
     assert_close(y, y_tr, dtype, msg="y")

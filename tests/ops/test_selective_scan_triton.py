@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from lnlm_ssm.ops import _backends, selective_scan_fn, selective_scan_ref  # noqa: E402
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref  # noqa: E402
+from scan_cases import make_inputs, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,36 +47,7 @@ def small_chunks(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK", 16)
 
 
-def make_inputs(batch=2, dim=5, seqlen=37, dstate=6, ngroups=None, dtype=torch.float32, optional=True):
-    def r(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, dtype=torch.float64) * scale).to(dt)
 
-    bc = (batch, dstate, seqlen) if ngroups is None else (batch, ngroups, dstate, seqlen)
-    t = dict(
-        u=r(batch, dim, seqlen),
-        delta=r(batch, dim, seqlen, scale=0.5),
-        A=-(r(dim, dstate, dt=torch.float32).abs() + 0.1),
-        B=r(*bc),
-        C=r(*bc),
-        D=r(dim, dt=torch.float32),
-        z=r(batch, dim, seqlen),
-        delta_bias=r(dim, scale=0.3, dt=torch.float32),
-        initial_state=r(batch, dim, dstate, dt=torch.float32),
-    )
-    if not optional:
-        t.update(D=None, z=None, delta_bias=None, initial_state=None)
-    return t
-
-
-def run(t, backend, softplus=True):
-    """Outputs and the gradients of a random projection of (y, last_state) w.r.t. every input."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in t.items() if v is not None}
-    y, last = selective_scan_fn(**{**t, **leaves}, delta_softplus=softplus, return_last_state=True, backend=backend)
-    g = torch.Generator().manual_seed(1)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
-    grads = torch.autograd.grad((y * gy).sum() + (last * gl).sum(), list(leaves.values()))
-    return y, last, dict(zip(leaves, grads))
 
 
 def check_fp32(t, softplus=True):
