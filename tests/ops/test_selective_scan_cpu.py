@@ -6,7 +6,7 @@ import torch
 import lnlm_ssm.ops.selective_scan.cpu as scan_cpu_module
 from lnlm_ssm.ops import available_backends, selective_scan_fn, selective_scan_ref
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
-from scan_cases import FIELDS, make_inputs, run
+from scan_cases import make_inputs, run
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension lnlm_ssm._C is not built")
 

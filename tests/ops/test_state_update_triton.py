@@ -25,10 +25,11 @@ pytest.importorskip("triton")
 
 from lnlm_ssm.ops import _backends, selective_state_update, selective_state_update_ref  # noqa: E402
 from lnlm_ssm.ops.state_update.shapes import canonicalize  # noqa: E402
-from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref  # noqa: E402
+from lnlm_ssm.utils.testing import assert_close  # noqa: E402
+import state_update_cases as cases  # noqa: E402
+from state_update_cases import to_float64  # noqa: E402
 
 f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-LOW = (bf16, f16)
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 # (input dtype, state dtype): the state is float32 or the input dtype.
@@ -43,65 +44,12 @@ def _triton_usable():
         pytest.skip(reason)
 
 
-def _randn(shape, dtype, *, noncontiguous=False, scale=1.0):
-    """``shape`` of N(0, scale^2); non-contiguous: reversed dimension order and a gap between elements."""
-    if not noncontiguous:
-        return (torch.randn(*shape, dtype=f64) * scale).to(DEVICE, dtype)
-    base = (torch.randn(*reversed(shape), 2, dtype=f64) * scale).to(DEVICE, dtype)
-    return base[..., 0].permute(*reversed(range(len(shape))))
-
-
-def make_inputs(layout, dtype, state_dtype, *, dstate=16, batch=3, nheads=4, headdim=8, ngroups=2,
-                noncontiguous=False, optional=True, per_head=True):
-    """Positional arguments of selective_state_update in the Mamba-1 or the Mamba-2 layout."""
-    nc = noncontiguous
-    if layout == "mamba1":
-        dim = nheads * headdim
-        state = _randn((batch, dim, dstate), state_dtype, noncontiguous=nc)
-        x, z = (_randn((batch, dim), dtype, noncontiguous=nc) for _ in range(2))
-        dt = _randn((batch, dim), dtype, noncontiguous=nc, scale=0.5)
-        A = -torch.rand(dim, dstate, device=DEVICE) * 2
-        bc = (batch, ngroups, dstate) if ngroups > 1 else (batch, dstate)
-        B, C = (_randn(bc, dtype, noncontiguous=nc) for _ in range(2))
-        D, dt_bias = torch.randn(dim, device=DEVICE), torch.randn(dim, device=DEVICE) * 0.5
-    else:
-        state = _randn((batch, nheads, headdim, dstate), state_dtype, noncontiguous=nc)
-        x, z = (_randn((batch, nheads, headdim), dtype, noncontiguous=nc) for _ in range(2))
-        B, C = (_randn((batch, ngroups, dstate), dtype, noncontiguous=nc) for _ in range(2))
-        if per_head:
-            dt = _randn((batch, nheads), dtype, noncontiguous=nc, scale=0.5)
-            A = -torch.rand(nheads, device=DEVICE) * 2
-            D, dt_bias = torch.randn(nheads, device=DEVICE), torch.randn(nheads, device=DEVICE) * 0.5
-        else:
-            dt = _randn((batch, nheads, headdim), dtype, noncontiguous=nc, scale=0.5)
-            A = -torch.rand(nheads, headdim, dstate, device=DEVICE) * 2
-            D = torch.randn(nheads, headdim, device=DEVICE)
-            dt_bias = torch.randn(nheads, headdim, device=DEVICE) * 0.5
-    if not optional:
-        D = z = dt_bias = None
-    return state, x, dt, A, B, C, D, z, dt_bias
-
-
-def _up(t):
-    return None if t is None else t.to(f64)
+def make_inputs(*args, **kwargs):
+    return cases.make_inputs(*args, device=DEVICE, **kwargs)
 
 
 def check_against_reference(args, dt_softplus=True, msg=""):
-    """Run the Triton backend and the reference on copies of the state; compare y and the new state."""
-    state, x = args[0], args[1]
-    dtype = x.dtype
-    s_tri, s_ref = state.clone(), state.clone()
-    y = selective_state_update(s_tri, *args[1:], dt_softplus=dt_softplus, backend="triton")
-    y_ref = selective_state_update_ref(s_ref, *args[1:], dt_softplus=dt_softplus)
-    assert y.dtype == dtype and y.shape == x.shape and s_tri.dtype == state.dtype
-    assert_close(y, y_ref, dtype, msg=f"{msg} y")
-    assert_close(s_tri, s_ref, state.dtype, msg=f"{msg} state")
-    if dtype in LOW:
-        s64 = state.to(f64)
-        y64 = selective_state_update_ref(s64, *map(_up, args[1:]), dt_softplus=dt_softplus)
-        assert_close_to_ref(y, y64, y_ref, msg=f"{msg} y vs float64")
-        assert_close_to_ref(s_tri, s64, s_ref, msg=f"{msg} state vs float64")
-    return y, s_tri
+    return cases.check_against_reference(args, "triton", dt_softplus, msg)
 
 
 @pytest.mark.parametrize("dtype, state_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -183,7 +131,7 @@ def test_repeated_steps_follow_the_reference():
     for step in range(3):
         x, z, dt = (torch.randn_like(t) for t in (x, z, dt))
         y = selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True, backend="triton")
-        y64 = selective_state_update_ref(ref_state, *map(_up, (x, dt, A, B, C, D, z, dt_bias)), True)
+        y64 = selective_state_update_ref(ref_state, *map(to_float64, (x, dt, A, B, C, D, z, dt_bias)), True)
         assert_close(y, y64, bf16, msg=f"y, step {step}")
         assert_close(state, ref_state, bf16, msg=f"state, step {step}")
 
