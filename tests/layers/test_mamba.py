@@ -9,6 +9,7 @@ import torch
 from lnlm_ssm.layers import Mamba, MambaCache
 from lnlm_ssm.layers.cache import AttentionCache, Mamba2Cache
 from lnlm_ssm.utils.testing import assert_close
+from mixer_cases import perturbed, prefill_then_steps
 
 D_MODEL, D_STATE, D_CONV, SEQLEN = 8, 4, 4, 9
 BACKENDS = ["reference", "cpu"]
@@ -28,27 +29,12 @@ MAMBA_SSM_KEYS = {
 
 
 def make_mamba(dtype=torch.float64, backend="reference", **kwargs):
-    """A tiny Mamba whose parameters are all perturbed, so no layout mistake hides behind a constant init."""
-    layer = Mamba(D_MODEL, d_state=D_STATE, d_conv=D_CONV, dtype=dtype, backend=backend, **kwargs)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return layer
+    """A tiny Mamba whose parameters are all perturbed."""
+    return perturbed(Mamba(D_MODEL, d_state=D_STATE, d_conv=D_CONV, dtype=dtype, backend=backend, **kwargs))
 
 
 def hidden(batch=2, seqlen=SEQLEN, dtype=torch.float64):
     return torch.randn(batch, seqlen, D_MODEL, dtype=dtype)
-
-
-def prefill_then_steps(layer, h, n_prefill, mask=None):
-    """Outputs of a prefill of n_prefill tokens (full path, or none) then one decode step per token."""
-    cache = layer.allocate_cache(h.shape[0], h.shape[1])
-    outs = []
-    if n_prefill:
-        outs.append(layer(h[:, :n_prefill], cache, mask=None if mask is None else mask[:, :n_prefill]))
-    for t in range(n_prefill, h.shape[1]):
-        outs.append(layer(h[:, t : t + 1], cache, mask=None if mask is None else mask[:, : t + 1]))
-    return torch.cat(outs, dim=1), cache
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
