@@ -26,7 +26,8 @@ Rooflines, from copy bandwidth and fp32 matmul peak measured just before each
 preset (on a shared machine both drift by 10-20% over minutes):
 decode at most ``batch * bandwidth / weight bytes`` tokens/s (every weight read
 once per step); prefill and training at most ``peak / 2N`` and ``peak / 6N``
-(N parameters). Results go to ``results.json`` in ``--out``.
+(N parameters). Results go to ``results.json`` and ``model_speed.png`` (each
+measure as a fraction of its roofline) in ``--out``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,30 @@ def bounds(model: MambaLM, args, bandwidth_gbps: float, peak_gflops: float) -> d
     return out
 
 
+def write_plot(path: Path, rows: list[dict], title: str) -> Optional[str]:
+    """Each measure as a fraction of its roofline, ours beside HF's; returns why not when skipped."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        return f"plot skipped: matplotlib not installed ({exc}): pip install matplotlib"
+    figure = Figure(figsize=(10, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    xs = range(len(rows))
+    axes.bar([x - 0.2 for x in xs], [r["ours_tok_s"] / r["bound_tok_s"] for r in rows], 0.4, label="lnlm_ssm")
+    axes.bar([x + 0.2 for x in xs], [(r["hf_tok_s"] or 0) / r["bound_tok_s"] for r in rows], 0.4,
+             label="HF transformers (none for the hybrid)")
+    axes.set_xticks(list(xs), [f"{r['preset'].removesuffix('-130m')}\n{r['measure']}" for r in rows], fontsize=7)
+    axes.set_ylabel("fraction of the roofline")
+    axes.set_title(title, fontsize=9)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=PRESETS, help=f"default: {' '.join(PRESETS)}")
@@ -246,9 +271,12 @@ def main(argv=None) -> int:
                 })
             print_table([r for r in rows if r["preset"] == name])
             print(flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    skipped = write_plot(args.out / "model_speed.png", rows,
+                         f"{platform.machine()}, fp32, {args.threads} threads, torch {torch.__version__}")
+    notes += [skipped] if skipped else []
     for note in notes:
         print(f"note: {note}")
-    args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.json", "w") as f:
         json.dump({
             "benchmark": "model_speed",

@@ -33,6 +33,10 @@ def test_quick_run(model_speed, tmp_path):
         assert (r["hf_tok_s"] is not None) == (have_hf and r["preset"] != "hybrid-130m"), r
         assert r["hf_tok_s"] is None or r["hf_tok_s"] > 0
     # Decode is weight-bandwidth bound: batch 8 reads the weights once for 8 tokens.
+    if importlib.util.find_spec("matplotlib") is not None:  # optional
+        assert (tmp_path / "model_speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert any("matplotlib not installed" in n for n in results["notes"])
     b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
     assert b8 == pytest.approx(8 * b1)
 
