@@ -256,3 +256,21 @@ def test_real_sizes_on_gpu(layout):
     if layout == "channel_last":
         inputs["x"] = inputs["x"].transpose(1, 2).contiguous().transpose(1, 2)
     check_against_reference(inputs, seq_idx=packed_seq_idx(batch, [1000, 3000, 96]))
+
+
+@pytest.mark.parametrize("seqlen", [1, 37])
+def test_backward_reads_nothing_before_initial_states(seqlen):
+    """The backward once read up to width - 1 elements before initial_states (masked to 0 after, but
+    0 * NaN is NaN): a flaky NaN in dweight. Here that memory holds NaN, so any such read shows."""
+    batch, dim, width = 2, 5, 4
+    inputs = make_inputs(batch, dim, seqlen, width)
+    buf = torch.full((width + batch * dim * (width - 1),), float("nan"), device=DEVICE)
+    buf[width:] = inputs["initial_states"].flatten()
+    grads = []
+    for backend, init in (("triton", buf[width:].view(batch, dim, width - 1)), ("reference", inputs["initial_states"])):
+        leaves = [inputs["x"].clone().requires_grad_(True), inputs["weight"].clone().requires_grad_(True),
+                  inputs["bias"].clone().requires_grad_(True), init.detach().requires_grad_(True)]
+        out = causal_conv1d_fn(*leaves[:3], initial_states=leaves[3], activation="silu", backend=backend)
+        grads.append(torch.autograd.grad(out.sum(), leaves))
+    for name, got, expected in zip(("dx", "dweight", "dbias", "dinitial_states"), *grads):
+        assert_close(got, expected, msg=name)

@@ -49,7 +49,10 @@ def _input_at(
     x_at = x_ptr + b * x_sb + d[:, None].to(tl.int64) * x_sd + s[None, :].to(tl.int64) * x_sl
     v = tl.load(x_at, mask=inside, other=0.0).to(tl.float32)
     if HAS_INIT:
-        before = d_ok[:, None] & (s < 0)[None, :]
+        # Only the width - 1 history positions: the backward also asks for earlier ones
+        # (outputs before 0, whose gradient is masked to 0), and reading those would
+        # go before initial_states' memory; garbage there can be NaN, and 0 * NaN is NaN.
+        before = d_ok[:, None] & ((s < 0) & (s >= -(WIDTH - 1)))[None, :]
         k = s + (WIDTH - 1)
         v += tl.load(init_ptr + b * i_sb + d[:, None] * i_sd + k[None, :] * i_sk, mask=before, other=0.0).to(
             tl.float32
