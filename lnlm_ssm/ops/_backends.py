@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Union
 
 import torch
 
+from lnlm_ssm.utils.checks import check_choice
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 # Fastest first, per device type. Changes here must be backed by a measurement
@@ -81,7 +83,13 @@ def _probe(backend: str) -> str:
                 f"set LNLM_SSM_CUDA=1 and {_INSTALL_HINT}"
             )
         return ""
-    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)  # raises: only "auto" is left, and it is never probed
+    return ""
+
+
+def check_backend(backend) -> str:
+    """``backend`` is "auto" or one of :data:`BACKENDS`: the check every layer and model makes at construction."""
+    return check_choice("backend", backend, ("auto",) + BACKENDS)
 
 
 def _triton_interpreted() -> bool:
@@ -157,8 +165,7 @@ def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) ->
                 chosen = candidate
                 break
     else:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        check_backend(backend)
         reason = _probe(backend)
         if reason:
             raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
