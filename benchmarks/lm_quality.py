@@ -104,7 +104,7 @@ except ModuleNotFoundError as _exc:  # a checkout that was never `pip install`ed
 
 from lnlm_ssm.models import MambaLM, preset  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
-from lnlm_ssm.training.data import default_corpus_dir, prepare_corpus  # noqa: E402
+from lnlm_ssm.data import default_corpus_dir, prepare_corpus  # noqa: E402
 from lnlm_ssm.training.loop import train  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import median, torch_threads  # noqa: E402

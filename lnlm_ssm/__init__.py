@@ -1,9 +1,7 @@
 """lnlm_ssm: state-space-model (Mamba) kernels and the language models built from them."""
 
-__version__ = "0.1.0"
+from lnlm_ssm import ops
+from lnlm_ssm._version import __version__
+from lnlm_ssm.models import MambaLM, MambaLMConfig, from_pretrained
 
-from lnlm_ssm import ops  # noqa: E402,F401
-from lnlm_ssm.models.config import MambaLMConfig  # noqa: E402
-from lnlm_ssm.models.lm import MambaLM  # noqa: E402
-
-__all__ = ["MambaLM", "MambaLMConfig", "ops"]
+__all__ = ["MambaLM", "MambaLMConfig", "__version__", "from_pretrained", "ops"]

@@ -8,7 +8,7 @@ import torch
 
 from lnlm_ssm.cli import main
 from lnlm_ssm.models import MambaLM, MambaLMConfig
-from lnlm_ssm.tokenizer import ByteTokenizer, load_tokenizer
+from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lnlm_ssm.tokenizer import AminoAcidTokenizer, ByteTokenizer, load_tokenizer, save_tokenizer_kind
+from lnlm_ssm.data.tokenizers import AminoAcidTokenizer, ByteTokenizer, load_tokenizer, save_tokenizer_kind
 
 
 def test_round_trips():

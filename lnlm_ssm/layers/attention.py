@@ -30,15 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lnlm_ssm.layers.base import Mixer
 from lnlm_ssm.layers.cache import AttentionCache
 from lnlm_ssm.ops import decode_linear
-from lnlm_ssm.ops._backends import BACKENDS
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from lnlm_ssm.ops._backends import check_backend
+from lnlm_ssm.utils.checks import check_positive_int
+from lnlm_ssm.utils.dtypes import math_dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +52,7 @@ def flash_attn_func() -> Optional[Callable]:
 
 def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
     """cos and sin ``(*position_ids.shape, rotary_dim // 2)`` of angle position * base^(-2j / rotary_dim)."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = math_dtype(dtype)
     exponents = torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=compute) / rotary_dim
     angles = position_ids.to(compute)[..., None] * base ** (-exponents)
     return angles.cos(), angles.sin()
@@ -80,7 +77,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((rotated.to(x.dtype), rest), dim=-1)
 
 
-class Attention(nn.Module):
+class Attention(Mixer):
     """Self-attention mixer keeping the contract of :mod:`lnlm_ssm.layers`.
 
     Args (mamba_ssm's ``MHA`` names; ``d_model`` is its ``embed_dim``):
@@ -119,9 +116,9 @@ class Attention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("num_heads", num_heads)
-        num_heads_kv = num_heads if num_heads_kv is None else _positive_int("num_heads_kv", num_heads_kv)
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        num_heads_kv = num_heads if num_heads_kv is None else check_positive_int("num_heads_kv", num_heads_kv)
         if num_heads % num_heads_kv != 0:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_heads_kv ({num_heads_kv}): "
@@ -133,21 +130,19 @@ class Attention(nn.Module):
                     f"d_model ({d_model}) must be divisible by num_heads ({num_heads}) when head_dim is not given"
                 )
             head_dim = d_model // num_heads
-        _positive_int("head_dim", head_dim)
+        check_positive_int("head_dim", head_dim)
         if not isinstance(rotary_emb_dim, int) or rotary_emb_dim < 0 or rotary_emb_dim % 2 or rotary_emb_dim > head_dim:
             raise ValueError(f"rotary_emb_dim must be an even integer in [0, head_dim={head_dim}], got {rotary_emb_dim!r}")
         if not rotary_emb_base > 0:
             raise ValueError(f"rotary_emb_base must be positive, got {rotary_emb_base!r}")
         if sliding_window is not None:
-            _positive_int("sliding_window", sliding_window)
+            check_positive_int("sliding_window", sliding_window)
             if not causal:
                 raise ValueError("sliding_window counts the most recent keys, so it needs causal=True")
         if d_conv != 0:
             raise ValueError(f"d_conv must be 0: the short convolution on qkv is not supported, got d_conv={d_conv!r}")
         if softmax_scale is not None and not softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale!r}")
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
         self.d_model = d_model
         self.num_heads = num_heads
@@ -162,7 +157,7 @@ class Attention(nn.Module):
         self.d_conv = d_conv
         self.use_flash_attn = use_flash_attn
         self.layer_idx = layer_idx
-        self.backend = backend
+        self.backend = check_backend(backend)
 
         factory = {"device": device, "dtype": dtype}
         qkv_dim = (num_heads + 2 * num_heads_kv) * head_dim
@@ -177,8 +172,8 @@ class Attention(nn.Module):
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> AttentionCache:
         """Zeroed K and V ``(batch_size, max_seqlen, num_heads_kv, head_dim)``, by default like ``out_proj``."""
-        _positive_int("batch_size", batch_size)
-        _positive_int("max_seqlen", max_seqlen)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_seqlen", max_seqlen)
         device = self.out_proj.weight.device if device is None else device
         dtype = self.out_proj.weight.dtype if dtype is None else dtype
         shape = (batch_size, max_seqlen, self.num_heads_kv, self.head_dim)

@@ -1,4 +1,5 @@
-"""Per-layer inference caches: tensors allocated once by a mixer's ``allocate_cache``, updated in place.
+"""Inference caches: each layer's state (allocated once by its ``allocate_cache``, updated in place),
+and ``InferenceCache``, a whole model's: every layer's state plus the padding mask seen so far.
 
 Shapes (see the mixer contract in ``lnlm_ssm.layers``):
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,7 +24,8 @@ import torch
 class _LayerCache:
     """reset / reorder shared by the cache dataclasses: they act on every tensor field, in place."""
 
-    def _tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor of this cache."""
         return [
             value
             for value in (getattr(self, f.name) for f in dataclasses.fields(self))
@@ -31,11 +34,11 @@ class _LayerCache:
 
     @property
     def batch_size(self) -> int:
-        return self._tensors()[0].shape[0]
+        return self.tensors()[0].shape[0]
 
     def reset(self) -> None:
         """Zero every state in place and forget the positions seen."""
-        for tensor in self._tensors():
+        for tensor in self.tensors():
             tensor.zero_()
         self.seqlen = 0
 
@@ -51,7 +54,7 @@ class _LayerCache:
                 f"batch_index must have shape ({self.batch_size},) (one source row per cache row); "
                 f"got {tuple(batch_index.shape)}"
             )
-        for tensor in self._tensors():
+        for tensor in self.tensors():
             # index_select makes a copy first, so repeated or permuted rows read the old values.
             tensor.copy_(tensor.index_select(0, batch_index.to(tensor.device)))
 
@@ -85,3 +88,62 @@ class AttentionCache(_LayerCache):
     @property
     def max_seqlen(self) -> int:
         return self.k.shape[1]
+
+
+class InferenceCache:
+    """Every layer's inference state, allocated once, plus the attention mask seen so far.
+
+    ``layers[i]`` is the object layer i's ``allocate_cache`` returned. ``seqlen`` counts
+    the positions seen (padding included). The mask of those positions is kept only
+    once some padding was given (``mask`` is None while every position was real), in a
+    buffer of ``max_seqlen`` columns so that decoding appends without copying.
+    """
+
+    def __init__(self, layers: list, batch_size: int, max_seqlen: int, device: torch.device) -> None:
+        self.layers = list(layers)
+        self.batch_size = batch_size
+        self.max_seqlen = max_seqlen
+        self.device = torch.device(device)
+        self.seqlen = 0
+        self._mask_buffer: Optional[torch.Tensor] = None
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """(batch, seqlen) bool mask of the positions seen, or None when all were real."""
+        return None if self._mask_buffer is None else self._mask_buffer[:, : self.seqlen]
+
+    def mask_with(self, new_mask: Optional[torch.Tensor], seqlen: int) -> Optional[torch.Tensor]:
+        """Record the mask of ``seqlen`` new positions (None: all real) and return the mask of past + new.
+
+        Does not advance ``seqlen``; ``advance`` does, once the forward has run.
+        """
+        if new_mask is None and self._mask_buffer is None:
+            return None
+        if self._mask_buffer is None:
+            # Positions before the first padding were all real; columns not yet written stay True
+            # so that decoding, whose tokens are always real, has nothing to write.
+            self._mask_buffer = torch.ones(self.batch_size, self.max_seqlen, dtype=torch.bool, device=self.device)
+        end = self.seqlen + seqlen
+        if new_mask is not None:
+            self._mask_buffer[:, self.seqlen : end] = new_mask
+        return self._mask_buffer[:, :end]
+
+    def advance(self, seqlen: int) -> None:
+        self.seqlen += seqlen
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor of every layer (the mask buffer excluded)."""
+        return [tensor for layer in self.layers for tensor in layer.tensors()]
+
+    def set_seqlen(self, seqlen: int) -> None:
+        """Set the position count of this cache and of every layer cache (after a CUDA graph replay)."""
+        self.seqlen = seqlen
+        for layer in self.layers:
+            layer.seqlen = seqlen
+
+    def reset(self) -> None:
+        """Zero every state in place and forget the positions and the mask seen."""
+        for layer in self.layers:
+            layer.reset()
+        self.seqlen = 0
+        self._mask_buffer = None

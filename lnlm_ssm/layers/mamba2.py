@@ -7,7 +7,6 @@ layout), and chunked prefill from the cached state.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -15,15 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import Mamba2Cache
-from lnlm_ssm.layers.mamba import (
-    SSMMixer,
-    check_backend,
-    conv_weight,
-    conv_with_cache,
-    fp32_or_wider,
-    inverse_softplus_dt,
-    ssm_state_dtype,
-)
+from lnlm_ssm.layers.ssm import SSMMixer, conv_weight, conv_with_cache, inverse_softplus_dt
 from lnlm_ssm.ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
@@ -31,8 +22,9 @@ from lnlm_ssm.ops import (
     rms_norm_fn,
     selective_state_update,
 )
-from lnlm_ssm.ops._backends import backend_for
-from lnlm_ssm.ops._checks import check_positive_int
+from lnlm_ssm.ops._backends import backend_for, check_backend
+from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_dt_limit, check_positive_int
+from lnlm_ssm.utils.dtypes import math_dtype, to_math_dtype
 
 
 class _GatedRMSNorm(nn.Module):
@@ -68,6 +60,8 @@ class Mamba2(SSMMixer):
     the others (``lnlm_ssm.ops._backends.backend_for``).
     """
 
+    no_weight_decay = ("A_log", "D", "dt_bias")
+
     def __init__(
         self,
         d_model: int,
@@ -84,7 +78,7 @@ class Mamba2(SSMMixer):
         dt_min: float = 0.001,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
-        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        dt_limit: tuple[float, float] = NO_DT_LIMIT,
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
@@ -105,7 +99,6 @@ class Mamba2(SSMMixer):
             ("chunk_size", chunk_size),
         ):
             check_positive_int(name, value)
-        check_backend(backend)
         d_inner = expand * d_model
         if d_inner % headdim:
             raise ValueError(f"headdim must divide d_inner = expand * d_model = {d_inner}; got headdim={headdim}")
@@ -115,8 +108,6 @@ class Mamba2(SSMMixer):
         low, high = A_init_range
         if not 0 < low <= high:
             raise ValueError(f"A_init_range must satisfy 0 < low <= high; got {A_init_range!r}")
-        if not dt_limit[0] <= dt_limit[1]:
-            raise ValueError(f"dt_limit must satisfy min <= max; got {dt_limit!r}")
         if not norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0; got {norm_eps!r}")
         factory = {"device": device, "dtype": dtype}
@@ -131,10 +122,10 @@ class Mamba2(SSMMixer):
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.D_has_hdim = D_has_hdim
         self.rmsnorm = rmsnorm
-        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.dt_limit = check_dt_limit(dt_limit)
         self.chunk_size = chunk_size
         self.layer_idx = layer_idx
-        self.backend = backend
+        self.backend = check_backend(backend)
 
         # Rows [z, x, B, C, dt]; x, B and C (the conv's channels) are contiguous.
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
@@ -151,12 +142,9 @@ class Mamba2(SSMMixer):
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
 
         self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor, **factory))
-        self.dt_bias._no_weight_decay = True
         A = torch.empty(nheads, dtype=torch.float32, device=device).uniform_(low, high)
         self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.get_default_dtype()))
-        self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads, **factory))
-        self.D._no_weight_decay = True
         if rmsnorm:
             self.norm = _GatedRMSNorm(d_inner, norm_eps, d_inner // ngroups, norm_before_gate, **factory)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
@@ -169,7 +157,7 @@ class Mamba2(SSMMixer):
         return Mamba2Cache(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype),
             ssm_state=torch.zeros(
-                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_state_dtype(dtype)
+                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=math_dtype(dtype)
             ),
         )
 
@@ -184,7 +172,7 @@ class Mamba2(SSMMixer):
         )
 
     def _D(self) -> torch.Tensor:
-        D = fp32_or_wider(self.D)
+        D = to_math_dtype(self.D)
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
 
     def _gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -212,13 +200,13 @@ class Mamba2(SSMMixer):
         result = mamba_chunk_scan_combined(
             x,
             dt,
-            -torch.exp(fp32_or_wider(self.A_log)),
+            -torch.exp(to_math_dtype(self.A_log)),
             B,
             C,
             self.chunk_size,
             D=self._D(),
             z=None if self.rmsnorm else z_heads,
-            dt_bias=fp32_or_wider(self.dt_bias),
+            dt_bias=to_math_dtype(self.dt_bias),
             initial_states=None if cache is None else cache.ssm_state,
             dt_softplus=True,
             dt_limit=self.dt_limit,
@@ -245,9 +233,9 @@ class Mamba2(SSMMixer):
         x, B, C = self._split_xbc(xBC)
         if keep is not None:
             x = x * keep[:, :, None]
-        dt_bias = fp32_or_wider(self.dt_bias)
+        dt_bias = to_math_dtype(self.dt_bias)
         dt_softplus = True
-        if self.dt_limit != (0.0, math.inf):
+        if self.dt_limit != NO_DT_LIMIT:
             # The decode step has no dt_limit (nor has mamba_ssm's, whose decode then
             # drifts from its forward): apply it here exactly as the chunked scan does.
             dt = F.softplus(dt.to(dt_bias.dtype) + dt_bias).clamp(*self.dt_limit)
@@ -256,7 +244,7 @@ class Mamba2(SSMMixer):
             cache.ssm_state,
             x,
             dt,
-            -torch.exp(fp32_or_wider(self.A_log)),
+            -torch.exp(to_math_dtype(self.A_log)),
             B,
             C,
             self._D(),

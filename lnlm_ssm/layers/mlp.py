@@ -8,6 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lnlm_ssm.utils.checks import check_positive_int
+
+
+# mamba_ssm's default: hidden sizes are rounded up to this, so its checkpoints' fc1/fc2 shapes come out the same.
+MLP_MULTIPLE_OF = 128
+
+
+def rounded_hidden_size(hidden_features: int, multiple_of: int = MLP_MULTIPLE_OF) -> int:
+    """``hidden_features`` rounded up to a multiple of ``multiple_of``: the hidden size GatedMLP builds."""
+    return -(-hidden_features // multiple_of) * multiple_of
+
 
 class GatedMLP(nn.Module):
     """``fc1``: in_features -> 2 * hidden (first half the value y, second half the gate); ``fc2``: hidden -> out.
@@ -24,7 +35,7 @@ class GatedMLP(nn.Module):
         out_features: Optional[int] = None,
         activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
         bias: bool = False,
-        multiple_of: int = 128,
+        multiple_of: int = MLP_MULTIPLE_OF,
         device=None,
         dtype=None,
     ) -> None:
@@ -35,13 +46,13 @@ class GatedMLP(nn.Module):
             ("out_features", out_features),
             ("multiple_of", multiple_of),
         ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                check_positive_int(name, value)
         if not callable(activation):
             raise TypeError(f"activation must be callable, got {type(activation).__name__}")
         out_features = in_features if out_features is None else out_features
         hidden_features = int(8 * in_features / 3) if hidden_features is None else hidden_features
-        hidden_features = -(-hidden_features // multiple_of) * multiple_of
+        hidden_features = rounded_hidden_size(hidden_features, multiple_of)
 
         factory = {"device": device, "dtype": dtype}
         self.activation = activation

@@ -1,14 +1,21 @@
-"""RMSNorm module over ``lnlm_ssm.ops.rms_norm_fn``, with the block's fused "Add -> Norm"."""
+"""The block norms, both with the block's fused "Add -> Norm" call ``norm(x, residual, prenorm, residual_in_fp32)``.
+
+- ``RMSNorm`` over ``lnlm_ssm.ops.rms_norm_fn`` (mamba_ssm's, and Llama's);
+- ``LayerNorm``, nn.LayerNorm with the same call, for configs with ``rms_norm=False``.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lnlm_ssm.ops import rms_norm_fn
-from lnlm_ssm.ops._backends import BACKENDS
+from lnlm_ssm.ops._backends import check_backend
+from lnlm_ssm.utils.checks import check_positive_int
+from lnlm_ssm.utils.dtypes import math_dtype
 
 
 class RMSNorm(nn.Module):
@@ -16,14 +23,11 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        check_positive_int("hidden_size", hidden_size)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self.eps = eps
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
@@ -53,3 +57,18 @@ class RMSNorm(nn.Module):
             residual_in_fp32=residual_in_fp32,
             backend=self.backend,
         )
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with RMSNorm's "Add -> Norm" call (parameters ``weight`` and ``bias``)."""
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        # Same dtype rules as rms_norm_fn: the sum in fp32 (or wider), y in x's dtype.
+        compute = math_dtype(x.dtype)
+        total = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
+        y = F.layer_norm(total, self.normalized_shape, self.weight.to(compute), self.bias.to(compute), self.eps)
+        y = y.to(x.dtype)
+        if not prenorm:
+            return y
+        residual_dtype = torch.float32 if residual_in_fp32 else (x.dtype if residual is None else residual.dtype)
+        return y, total.to(residual_dtype)

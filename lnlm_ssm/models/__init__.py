@@ -1,8 +1,17 @@
-"""Language models stacked from lnlm_ssm.layers."""
+"""Model families built from lnlm_ssm.layers, and the registry that loads them from checkpoints.
 
-from lnlm_ssm.models.checkpoint import CheckpointError, load_pretrained, save_pretrained
+- ``config``: MambaLMConfig and the presets;
+- ``registry``: architecture -> config class, model class, converters; ``from_pretrained``;
+- ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
+- ``heads``: LM head and its loss; ``causal_lm``: MambaLM.
+"""
+
+from lnlm_ssm.checkpoint.load import CheckpointError
+from lnlm_ssm.checkpoint.save import save_pretrained
+from lnlm_ssm.models.base import PretrainedModel
+from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
 from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig, preset
-from lnlm_ssm.models.lm import MambaLM, MambaLMOutput
+from lnlm_ssm.models.registry import architectures, from_pretrained, register
 
 __all__ = [
     "PRESETS",
@@ -11,7 +20,10 @@ __all__ = [
     "MambaLM",
     "MambaLMConfig",
     "MambaLMOutput",
-    "load_pretrained",
+    "PretrainedModel",
+    "architectures",
+    "from_pretrained",
     "preset",
+    "register",
     "save_pretrained",
 ]

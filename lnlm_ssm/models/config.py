@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lnlm_ssm.utils.checks import check_nonnegative_int, check_positive_int
+from lnlm_ssm.utils.files import atomic_write
+
 LAYER_CHARS = {"1": "Mamba1", "2": "Mamba2", "A": "Attention"}
 SSM_LAYERS = ("Mamba1", "Mamba2")
 
@@ -52,12 +55,12 @@ class MambaLMConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
-        if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
-            raise ConfigError(f"d_intermediate must be an integer >= 0 (0: no MLP); got {self.d_intermediate!r}")
+        try:
+            for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+                check_positive_int(name, getattr(self, name))
+            check_nonnegative_int("d_intermediate (0: no MLP)", self.d_intermediate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.norm_epsilon > 0:
             raise ConfigError(f"norm_epsilon must be > 0; got {self.norm_epsilon!r}")
         self.attn_layer_idx = list(self.attn_layer_idx or [])
@@ -116,7 +119,7 @@ class MambaLMConfig:
         return cls(**data)
 
     def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "MambaLMConfig":

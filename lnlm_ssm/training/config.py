@@ -32,12 +32,22 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from lnlm_ssm.models.config import PRESETS
+from lnlm_ssm.objectives import OBJECTIVES
+from lnlm_ssm.ops._backends import BACKENDS
+from lnlm_ssm.training.distributed import MODES
+from lnlm_ssm.utils.checks import check_choice
 
 __all__ = ["TrainConfig", "TrainConfigError", "add_arguments", "config_from_args"]
 
 DTYPES = ("auto", "fp32", "bf16")
-DISTRIBUTED = ("none", "ddp", "fsdp")
-OP_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+# The fields whose value is one of a fixed set of names, and the set.
+CHOICES = {
+    "dtype": DTYPES,
+    "distributed": MODES,
+    "backend": ("auto",) + BACKENDS,
+    "objective": tuple(OBJECTIVES),
+    "preset": tuple(sorted(PRESETS)),
+}
 
 
 class TrainConfigError(ValueError):
@@ -58,6 +68,7 @@ class TrainConfig:
     """
 
     preset: str = field(default="mamba-tiny", metadata=_help("model preset (lnlm_ssm.models.PRESETS)"))
+    objective: str = field(default="clm", metadata=_help("training objective (lnlm_ssm.objectives.OBJECTIVES)"))
     model: dict[str, Any] = field(
         default_factory=dict, metadata=_help("MambaLMConfig fields that replace the preset's")
     )
@@ -99,8 +110,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
-        if self.preset not in PRESETS:
-            raise TrainConfigError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
+        for name, choices in CHOICES.items():
+            try:
+                check_choice(name, getattr(self, name), choices)
+            except ValueError as exc:
+                raise TrainConfigError(str(exc)) from None
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_last")
         for name in positive:
@@ -124,9 +138,6 @@ class TrainConfig:
                 raise TrainConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not all(0 <= b < 1 for b in self.betas):
             raise TrainConfigError(f"betas must both be in [0, 1); got {self.betas}")
-        for name, choices in (("dtype", DTYPES), ("distributed", DISTRIBUTED), ("backend", OP_BACKENDS)):
-            if getattr(self, name) not in choices:
-                raise TrainConfigError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-able values; ``TrainConfig(**config.to_dict())`` gives an equal config."""
@@ -238,12 +249,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
         elif f.name == "betas":
             kwargs.update(type=float, nargs=2, metavar=("BETA1", "BETA2"))
-        elif f.name in ("dtype", "distributed", "backend"):
-            kwargs["choices"] = {"dtype": DTYPES, "distributed": DISTRIBUTED, "backend": OP_BACKENDS}[f.name]
+        elif f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
         else:
             kwargs["type"] = _OPTIONAL_TYPES.get(f.name) or type(default)
-        if f.name == "preset":
-            kwargs["choices"] = sorted(PRESETS)
         parser.add_argument(flag, **kwargs)
 
 

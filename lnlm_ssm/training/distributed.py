@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lnlm_ssm.utils.checks import check_choice
+
 __all__ = [
     "DistInfo",
     "MODES",
@@ -168,8 +170,7 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     _check_info(info)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    check_choice("mode", mode, MODES)
     model = model.to(info.device)
     if mode == "none":
         return model

@@ -9,8 +9,10 @@ A run directory (``config.out``) ends up holding::
     model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained)
 
 A step draws ``batch_size`` sequences (the global batch; each rank takes its
-slice), splits its slice into ``grad_accum`` micro-batches, and takes one AdamW
-step with the learning rate of ``lr_at``. A resumed run restores the weights,
+slice), splits its slice into ``grad_accum`` micro-batches, asks the objective
+(``config.objective``, see ``lnlm_ssm.objectives``) for each one's loss, and
+takes one AdamW step with the learning rate of ``lr_at``. Evaluation reports
+the objective's own metrics of the held-out loss. A resumed run restores the weights,
 the optimizer, the data sampler and the random generators, so it computes the
 same steps an uninterrupted run would have.
 """
@@ -32,13 +34,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lnlm_ssm.models.checkpoint import save_pretrained
+from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
+from lnlm_ssm.data.sampler import WindowSampler
+from lnlm_ssm.data.tokenizers import save_tokenizer_kind
+from lnlm_ssm.layers.base import declared_parameter_names
+from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import PRESETS, MambaLMConfig
-from lnlm_ssm.models.lm import MambaLM
-from lnlm_ssm.tokenizer import save_tokenizer_kind
-from lnlm_ssm.training import data as data_lib
+from lnlm_ssm.objectives import get_objective
 from lnlm_ssm.training import distributed as dist_lib
-from lnlm_ssm.training.checkpoint import (
+from lnlm_ssm.training.state import (
     TrainCheckpointError,
     capture_rng,
     checkpoint_path,
@@ -66,16 +70,19 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices only; never on vectors (biases, norms, D, dt_bias) or ``_no_weight_decay``.
+    """AdamW groups of parameter *names*: decay on matrices only; never on vectors or declared exemptions.
 
-    Mamba's A_log is a matrix but marked ``_no_weight_decay``: decay would pull
-    every state's decay rate toward one value.
+    Vectors are biases, norms, D and dt biases; the exemptions are what the
+    modules list in ``no_weight_decay`` (Mamba's A_log is a matrix, but decay
+    would pull every state's decay rate toward one value). Names, not tensors:
+    wrapping (FSDP) replaces the tensors, and the optimizer is made after it.
     """
+    exempt = declared_parameter_names(model, "no_weight_decay")
     decay, no_decay = [], []
-    for param in model.parameters():  # a tied lm_head is the embedding's tensor and comes once
+    for name, param in model.named_parameters():  # a tied lm_head is the embedding's tensor and comes once
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
+        (no_decay if param.ndim < 2 or name in exempt else decay).append(name)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -134,11 +141,11 @@ class _Run:
 
     def _corpus(self):
         config = self.config
-        source = config.data if config.data is not None else data_lib.default_corpus_dir()
+        source = config.data if config.data is not None else default_corpus_dir()
         # Rank 0 tokenises while the others wait at the barrier; then they find its files and reuse them.
         if not self.main:
             dist_lib.barrier(self.info)
-        corpus = data_lib.prepare_corpus(
+        corpus = prepare_corpus(
             source, self.out / "data", tokenizer=config.tokenizer, max_bytes=config.max_bytes
         )
         if self.main:
@@ -170,6 +177,13 @@ class _Run:
             raise TrainCheckpointError(
                 f"cannot resume from {path}: it holds a different model; fields (checkpoint, this run): {differ}"
             )
+        # Checkpoints from before objectives were all causal LM runs.
+        saved_objective = state.get("objective", "clm")
+        if saved_objective != self.config.objective:
+            raise TrainCheckpointError(
+                f"cannot resume from {path}: it was trained with the objective {saved_objective!r} and this run "
+                f"asks for {self.config.objective!r}"
+            )
         differ = {k: (state["config"].get(k), getattr(self.config, k)) for k in _DATA_FIELDS}
         differ = {k: v for k, v in differ.items() if v[0] != v[1]}
         if differ:
@@ -185,14 +199,10 @@ class _Run:
                 # An instance attribute, so state-dict keys and the FSDP wrapping of blocks stay as they are.
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         groups = param_groups(model, self.config.weight_decay)
-        # Remember each parameter's group by name: FSDP replaces the tensors (and drops their attributes).
-        names = {id(p): n for n, p in model.named_parameters()}
-        group_of = {names[id(p)]: i for i, g in enumerate(groups) for p in g["params"]}
         wrapped = dist_lib.wrap_model(model, self.config.distributed, self.info)
+        params = dict(model.named_parameters())
         for group in groups:
-            group["params"] = []
-        for name, param in model.named_parameters():
-            groups[group_of[name]]["params"].append(param)
+            group["params"] = [params[name] for name in group["params"]]
         config = self.config
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         if config.dtype == "auto":
@@ -211,6 +221,7 @@ class _Run:
         np.random.seed(config.seed)
         random.seed(config.seed)
         corpus = self._corpus()
+        self.objective = get_objective(config.objective)
         model_config = self._model_config(corpus.vocab_size)
         state = None
         if self.resume_from is not None:
@@ -218,7 +229,7 @@ class _Run:
             self._check_resumable(state, model_config)
         model = self._build_model(model_config)
         samplers = {
-            split: data_lib.WindowSampler(
+            split: WindowSampler(
                 corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
                 rank=info.rank, world_size=info.world_size,
             )
@@ -233,7 +244,7 @@ class _Run:
             restore_rng(state["rng"])
             step, tokens = state["step"], state["progress"]["tokens"]
         first_step, first_tokens = step, tokens
-        bits_per_nat_byte = 1 / math.log(2) / corpus.bytes_per_token("val")
+        bytes_per_token = corpus.bytes_per_token("val")
         tokens_per_step = config.batch_size * config.seq_len
 
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if state is None else step) if self.main else None
@@ -268,11 +279,11 @@ class _Run:
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
                 paused = time.perf_counter()  # evaluation and checkpoints do not count in tokens_per_s
                 if step % config.eval_every == 0 or last:
-                    eval_loss = self._evaluate(model, samplers["val"])
-                    result.update(eval_loss=eval_loss, eval_bpb=eval_loss * bits_per_nat_byte)
+                    metrics = self.objective.eval_metrics(self._evaluate(model, samplers["val"]), bytes_per_token)
+                    result.update(metrics)
                     if log is not None:
-                        log.write("eval", step, eval_loss=eval_loss, eval_bpb=result["eval_bpb"])
-                        bar.message(f"step {step}: eval loss {eval_loss:.4f}, {result['eval_bpb']:.3f} bits/byte")
+                        log.write("eval", step, **metrics)
+                        bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if step % config.ckpt_every == 0 or last:
                     saved = self._save(model, samplers["train"], model_config, step, tokens)
                     if log is not None:
@@ -306,7 +317,7 @@ class _Run:
         for i, micro in enumerate(micro_batches):
             with self._grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
-                    loss = model(micro, labels=micro).loss
+                    loss = self.objective(model, micro).loss
                 # Micro-batches have equal token counts, so the mean of their means is the batch mean.
                 (loss / config.grad_accum).backward()
             total += loss.detach()
@@ -333,7 +344,7 @@ class _Run:
             losses = []
             for batch in val.eval_batches(self.config.eval_batches):
                 with self.autocast():
-                    losses.append(model(batch.to(self.device), labels=batch.to(self.device)).loss.float())
+                    losses.append(self.objective(model, batch.to(self.device)).loss.float())
             return dist_lib.all_reduce_mean(torch.stack(losses).mean(), self.info).item()
         finally:
             model.train()
@@ -353,6 +364,7 @@ class _Run:
                     "config": self.config.to_dict(),
                     "model_config": model_config.to_dict(),
                     "progress": {"tokens": tokens},
+                    "objective": self.objective.name,
                 },
                 keep_last=self.config.keep_last,
             )
@@ -372,7 +384,7 @@ class _Run:
         if self.main:
             export = MambaLM(model_config)
             export.load_state_dict(model_sd)
-            save_pretrained(export, model_dir)
+            export.save_pretrained(model_dir)
             tokenizer = self.config.tokenizer
             if tokenizer in ("byte", "amino"):
                 save_tokenizer_kind(model_dir, tokenizer)

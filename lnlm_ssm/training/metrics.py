@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
 
+from lnlm_ssm.utils.files import atomic_write
+
 __all__ = ["MetricsLog", "ProgressBar", "plot_losses", "read_metrics"]
 
 
@@ -49,9 +51,7 @@ class MetricsLog:
             self.path.write_text("")
         else:
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            temp = self.path.with_name(self.path.name + ".tmp")
-            temp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            os.replace(temp, self.path)
+            atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = self.path.open("a")
 
     def write(self, kind: str, step: int, **values: Any) -> None:

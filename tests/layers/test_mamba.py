@@ -8,6 +8,7 @@ import torch
 
 from lnlm_ssm.layers import Mamba, MambaCache
 from lnlm_ssm.layers.cache import AttentionCache, Mamba2Cache
+from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.utils.testing import assert_close
 from mixer_cases import perturbed, prefill_then_steps
 
@@ -120,7 +121,8 @@ def test_init_as_mamba_ssm():
     assert ((dt >= 0.01 - 1e-6) & (dt <= 0.05 + 1e-6)).all()
     bound = layer.dt_rank**-0.5
     assert layer.dt_proj.weight.abs().max() <= bound
-    assert layer.A_log._no_weight_decay and layer.D._no_weight_decay
+    assert declared_parameter_names(layer, "no_weight_decay") == {'D', 'A_log'}
+    assert declared_parameter_names(layer, "keep_init") == {"dt_proj.bias"}
 
 
 @torch.no_grad()
@@ -212,5 +214,5 @@ def test_cache_reset_and_reorder():
     for cls, shapes in ((Mamba2Cache, [(2, 3, 4), (2, 1, 2, 3)]), (AttentionCache, [(2, 7, 1, 4)] * 2)):
         other = cls(*(torch.ones(s) for s in shapes), seqlen=3)
         other.reset()
-        assert other.seqlen == 0 and all(not t.any() for t in other._tensors())
+        assert other.seqlen == 0 and all(not t.any() for t in other.tensors())
     assert AttentionCache(torch.zeros(2, 7, 1, 4), torch.zeros(2, 7, 1, 4)).max_seqlen == 7

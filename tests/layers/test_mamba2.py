@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lnlm_ssm.layers import Mamba2
+from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.utils.testing import assert_close
 from mixer_cases import perturbed, prefill_then_steps
 
@@ -132,7 +133,7 @@ def test_init_as_mamba_ssm():
     assert ((dt >= 0.01 - 1e-6) & (dt <= 0.05 + 1e-6)).all()
     assert layer.conv1d.weight.abs().max() <= 0.2
     assert_close(layer.D, torch.ones(16))
-    assert layer.A_log._no_weight_decay and layer.D._no_weight_decay and layer.dt_bias._no_weight_decay
+    assert declared_parameter_names(layer, "no_weight_decay") == {'D', 'A_log', 'dt_bias'}
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lnlm_ssm.models import MambaLMConfig
-from lnlm_ssm.models import checkpoint as ckpt
-from lnlm_ssm.models.checkpoint import CheckpointError, load_pretrained, read_checkpoint, save_pretrained
-from lnlm_ssm.models.lm import MambaLM
+from lnlm_ssm.checkpoint import CheckpointError, read_checkpoint, save_pretrained
+from lnlm_ssm.checkpoint import save as ckpt
+from lnlm_ssm.models import MambaLM
+from lnlm_ssm.models import from_pretrained as load_pretrained
 
 CONFIGS = {
     "mamba1": dict(d_model=16, n_layer=2, vocab_size=37, ssm_cfg={"layer": "Mamba1", "d_state": 4}),

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from lnlm_ssm.generation import (
-    InferenceCache,
     apply_repetition_penalty,
     sample_next_token,
     top_k_filter,
     top_p_filter,
 )
+from lnlm_ssm.layers import InferenceCache
 from lnlm_ssm.models import MambaLM, MambaLMConfig
 from lnlm_ssm.utils.testing import assert_close
 

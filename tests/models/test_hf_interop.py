@@ -7,7 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-from lnlm_ssm.models.checkpoint import CheckpointError, load_pretrained  # noqa: E402
+from lnlm_ssm.checkpoint import CheckpointError  # noqa: E402
+from lnlm_ssm.models import from_pretrained as load_pretrained  # noqa: E402
 from lnlm_ssm.utils.testing import assert_close  # noqa: E402
 
 VOCAB = 64

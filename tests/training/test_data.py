@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from lnlm_ssm.tokenizer import ByteTokenizer
-from lnlm_ssm.training import AminoAcidTokenizer, Corpus, WindowSampler, default_corpus_dir, prepare_corpus
-from lnlm_ssm.training import data as data_mod
+from lnlm_ssm.data import AminoAcidTokenizer, ByteTokenizer, Corpus, WindowSampler, default_corpus_dir, prepare_corpus
+from lnlm_ssm.data import corpus as data_mod
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 EOS = ByteTokenizer.eos_token_id
@@ -119,7 +118,7 @@ def test_max_bytes_caps_the_text_without_splitting_a_character(tmp_path):
 def test_hf_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from lnlm_ssm.tokenizer import load_tokenizer
+    from lnlm_ssm.data.tokenizers import load_tokenizer
 
     vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3, "again": 4}
     hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -352,7 +351,7 @@ def test_prepare_errors(tmp_path):
         prepare_corpus(tmp_path / "nope", out)
     with pytest.raises(ValueError, match=r"val_fraction must be a number in \[0, 1\)"):
         prepare_corpus(src, out, val_fraction=1.0)
-    with pytest.raises(ValueError, match="max_bytes must be None or a positive int"):
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
         prepare_corpus(src, out, max_bytes=0)
     with pytest.raises(ValueError, match="kind must be 'auto', 'text' or 'fasta'"):
         prepare_corpus(src, out, kind="csv")

@@ -99,7 +99,7 @@ def test_wrap_model_errors(no_torchrun_env):
     for mode in ("ddp", "fsdp"):
         with pytest.raises(ValueError, match=f"mode='{mode}' needs a process group: launch with `torchrun"):
             wrap_model(model, mode, info)
-    with pytest.raises(ValueError, match=r"mode must be one of \('none', 'ddp', 'fsdp'\); got 'zero3'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('none', 'ddp', 'fsdp'\), got 'zero3'"):
         wrap_model(model, "zero3", info)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; got dict"):
         wrap_model({}, "none", info)
@@ -229,7 +229,7 @@ def single_process_loop(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_train_under_torchrun_logs_the_single_process_losses(mode, corpus, single_process_loop, tmp_path):
-    from lnlm_ssm.training.checkpoint import latest_checkpoint, load_checkpoint
+    from lnlm_ssm.training.state import latest_checkpoint, load_checkpoint
 
     out = tmp_path / "run"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LOOP_FLAGS.items()]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lnlm_ssm.training import TrainCheckpointError, TrainConfig, TrainConfigError, train
-from lnlm_ssm.training import checkpoint as ckpt
+from lnlm_ssm.training import state as ckpt
 from lnlm_ssm.training import loop
 from lnlm_ssm.training.metrics import read_metrics
 

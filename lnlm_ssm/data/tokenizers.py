@@ -14,6 +14,9 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
+from lnlm_ssm.utils.checks import check_choice
+from lnlm_ssm.utils.files import atomic_write
+
 __all__ = ["AminoAcidTokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "save_tokenizer_kind"]
 
 # Names the built-in tokenizer a checkpoint directory was trained with (tokenizer.json
@@ -128,9 +131,8 @@ BUILTIN_TOKENIZERS = {"byte": ByteTokenizer, "amino": AminoAcidTokenizer}
 
 def save_tokenizer_kind(directory: Union[str, Path], kind: str) -> None:
     """Record in a checkpoint directory that it was trained with the built-in tokenizer ``kind``."""
-    if kind not in BUILTIN_TOKENIZERS:
-        raise ValueError(f"kind must be one of {sorted(BUILTIN_TOKENIZERS)}; got {kind!r}")
-    (Path(directory) / TOKENIZER_KIND_FILE).write_text(json.dumps({"kind": kind}) + "\n")
+    check_choice("kind", kind, sorted(BUILTIN_TOKENIZERS))
+    atomic_write(Path(directory) / TOKENIZER_KIND_FILE, json.dumps({"kind": kind}) + "\n")
 
 
 def load_tokenizer(path: Union[str, Path]) -> Union[ByteTokenizer, AminoAcidTokenizer, "HFTokenizer"]:

@@ -1,4 +1,4 @@
-"""The training data pipeline: a corpus tokenized once to a flat token file, and random windows of it.
+"""Corpora: a source tokenized once to a flat token file, read back memory-mapped.
 
 ``prepare_corpus(source, out_dir)`` walks text files (or FASTA files), tokenizes every
 document once, joins the documents with end-of-sequence tokens and writes
@@ -8,9 +8,8 @@ document once, joins the documents with end-of-sequence tokens and writes
   per split for bits-per-byte) and fingerprints of the source listing and of the options, so a
   second call with the same inputs reuses the files and a changed source or option rebuilds them.
 
-``Corpus`` reads a prepared directory (memory-mapped, nothing loaded up front), and
-``WindowSampler`` draws seeded random windows of it, identically on every rank of a
-distributed run, with a state that resumes exactly.
+``Corpus`` reads a prepared directory (memory-mapped, nothing loaded up front);
+``data.sampler.WindowSampler`` draws windows of it.
 """
 
 from __future__ import annotations
@@ -21,16 +20,17 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from lnlm_ssm.tokenizer import AminoAcidTokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
+from lnlm_ssm.data.tokenizers import AminoAcidTokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
+from lnlm_ssm.utils.checks import check_positive_int
+from lnlm_ssm.utils.files import atomic_path, atomic_write
 
-__all__ = ["AminoAcidTokenizer", "Corpus", "WindowSampler", "default_corpus_dir", "prepare_corpus"]
+__all__ = ["Corpus", "default_corpus_dir", "prepare_corpus"]
 
 FORMAT_VERSION = 1
 TOKENS_NAME = "tokens.bin"
@@ -98,8 +98,8 @@ def prepare_corpus(
         raise FileNotFoundError(f"source must be a directory or a file; {str(source)!r} does not exist")
     if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
         raise ValueError(f"val_fraction must be a number in [0, 1); got {val_fraction!r}")
-    if max_bytes is not None and not (isinstance(max_bytes, int) and max_bytes > 0):
-        raise ValueError(f"max_bytes must be None or a positive int; got {max_bytes!r}")
+    if max_bytes is not None:
+        check_positive_int("max_bytes", max_bytes)
     if kind not in ("auto", "text", "fasta"):
         raise ValueError(f"kind must be 'auto', 'text' or 'fasta'; got {kind!r}")
     tok, tok_info, tok_identity = _resolve_tokenizer(tokenizer)
@@ -146,9 +146,8 @@ def prepare_corpus(
     read = _fasta_documents if kind == "fasta" else _text_documents
     documents = _split_if_single(read(files, max_bytes, counts), val_fraction)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{TOKENS_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(out_dir / TOKENS_NAME) as tmp:
+        with open(tmp, "wb") as f:
             doc_tokens, doc_bytes = _write_tokens(documents, tok, dtype, f)
         if not doc_tokens:
             raise ValueError(
@@ -156,10 +155,6 @@ def prepare_corpus(
                 "or binary"
             )
         n_train_docs = _train_document_count(doc_tokens, val_fraction)
-        os.replace(tmp, out_dir / TOKENS_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
     n_tokens = int(sum(doc_tokens))
     split_at = int(sum(doc_tokens[:n_train_docs]))
@@ -189,7 +184,7 @@ def prepare_corpus(
         **fingerprints,
         "options": options,
     }
-    _atomic_write(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+    atomic_write(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
     return Corpus.open(out_dir)
 
 
@@ -410,8 +405,6 @@ def _write_tokens(documents: Iterator[str], tokenizer, dtype: np.dtype, f) -> tu
             block, block_len = [], 0
     if block:
         np.concatenate(block).tofile(f)
-    f.flush()
-    os.fsync(f.fileno())
     return doc_tokens, doc_bytes
 
 
@@ -427,19 +420,6 @@ def _train_document_count(doc_tokens: list, val_fraction: float) -> int:
     tail = np.cumsum(doc_tokens[::-1])
     n_val = int(np.searchsorted(tail, val_fraction * tail[-1])) + 1
     return n_docs - min(n_val, n_docs - 1)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,11 +472,11 @@ class Corpus:
 
     def tokens(self, split: str) -> np.memmap:
         """The tokens of ``split`` ("train" or "val"), read-only and memory-mapped."""
-        s = self.manifest["splits"][_check_split(split)]
+        s = self.manifest["splits"][check_split(split)]
         return self._tokens[s["start"] : s["stop"]]
 
     def n_tokens(self, split: str) -> int:
-        s = self.manifest["splits"][_check_split(split)]
+        s = self.manifest["splits"][check_split(split)]
         return s["stop"] - s["start"]
 
     def bytes_per_token(self, split: str) -> float:
@@ -525,7 +505,7 @@ class Corpus:
         )
 
 
-def _check_split(split) -> str:
+def check_split(split) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
     return split
@@ -554,107 +534,3 @@ def _manifest_problem(m) -> Optional[str]:
             f"do not cover [0, {n})"
         )
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# WindowSampler
-
-
-class WindowSampler:
-    """Random windows of ``seq_len`` tokens from one split of a corpus, in batches.
-
-    Each global batch of ``batch_size`` window starts comes from one seeded RNG, drawn the same
-    on every rank; rank ``r`` keeps rows ``[r * local, (r + 1) * local)`` with
-    ``local = batch_size // world_size``. So N processes together see exactly the windows one
-    process sees, and a run may resume on a different world_size. Windows may cross document
-    boundaries (the eos between documents is in the data).
-    """
-
-    def __init__(
-        self,
-        corpus: Corpus,
-        split: str,
-        *,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if not isinstance(corpus, Corpus):
-            raise TypeError(f"corpus must be a Corpus (prepare_corpus / Corpus.open); got {type(corpus).__name__}")
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not (isinstance(seed, int) and seed >= 0):
-            raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-        if not (isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}); got {rank!r}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({world_size})")
-        self.corpus = corpus
-        self.split = _check_split(split)
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.local_batch_size = batch_size // world_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self._tokens = self._split_tokens(split)
-        self._rng = np.random.Generator(np.random.PCG64(seed))
-        self.batches_drawn = 0
-
-    def _split_tokens(self, split: str) -> np.ndarray:
-        tokens = self.corpus.tokens(split)
-        if len(tokens) < self.seq_len:
-            raise ValueError(
-                f"split {split!r} of {self.corpus.directory} has {len(tokens)} tokens, fewer than seq_len="
-                f"{self.seq_len}: use a shorter seq_len, a larger corpus (max_bytes) or a larger val_fraction"
-            )
-        return tokens
-
-    def _batch(self, rng: np.random.Generator, tokens: np.ndarray) -> torch.Tensor:
-        starts = rng.integers(0, len(tokens) - self.seq_len + 1, size=self.batch_size)
-        local = starts[self.rank * self.local_batch_size : (self.rank + 1) * self.local_batch_size]
-        # One fancy-indexing read: only the pages under the windows are touched.
-        windows = tokens[local[:, None] + np.arange(self.seq_len)]
-        return torch.from_numpy(windows.astype(np.int64))
-
-    def next_batch(self) -> torch.Tensor:
-        """The next (batch_size // world_size, seq_len) int64 batch of this rank."""
-        batch = self._batch(self._rng, self._tokens)
-        self.batches_drawn += 1
-        return batch
-
-    def eval_batches(self, n_batches: int, *, split: str = "val", seed: int = 0) -> list[torch.Tensor]:
-        """``n_batches`` batches of ``split`` that depend only on ``seed``, not on the training RNG:
-        every evaluation (and every run with the same corpus and shapes) sees the same windows."""
-        if not (isinstance(n_batches, int) and n_batches > 0):
-            raise ValueError(f"n_batches must be a positive int; got {n_batches!r}")
-        tokens = self._split_tokens(_check_split(split))
-        rng = np.random.Generator(np.random.PCG64(seed))
-        return [self._batch(rng, tokens) for _ in range(n_batches)]
-
-    def state_dict(self) -> dict:
-        """The RNG state and the number of batches drawn (plain Python types: torch.save or JSON)."""
-        return {
-            "split": self.split,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "n_tokens": len(self._tokens),
-            "seed": self.seed,
-            "batches_drawn": self.batches_drawn,
-            "rng_state": self._rng.bit_generator.state,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``: the next batches are the ones the saving sampler would have drawn."""
-        for key in ("split", "seq_len", "batch_size", "n_tokens"):
-            mine = len(self._tokens) if key == "n_tokens" else getattr(self, key)
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"state was saved by a sampler with {key}={state.get(key)!r}; this one has {key}={mine!r}"
-                )
-        self._rng.bit_generator.state = state["rng_state"]
-        self.seed = state["seed"]
-        self.batches_drawn = state["batches_drawn"]

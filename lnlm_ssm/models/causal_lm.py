@@ -1,18 +1,9 @@
-"""MambaLM: an embedding, a stack of "Add -> Norm -> Mixer (-> Add -> Norm2 -> MLP)" blocks, a final norm, an LM head.
+"""MambaLM: the causal language model of Mamba-1, Mamba-2 and attention layers (``models.backbone``) with an LM head.
 
 Parameter names are mamba_ssm's ``MambaLMHeadModel``'s, so its checkpoints load as is::
 
-    backbone.embedding.weight                   (padded_vocab_size, d_model)
-    backbone.layers.{i}.norm.weight
-    backbone.layers.{i}.mixer.*                 Mamba, Mamba2 or Attention
-    backbone.layers.{i}.norm2.weight            with an MLP (d_intermediate > 0)
-    backbone.layers.{i}.mlp.fc1.weight / fc2.weight
-    backbone.norm_f.weight
+    backbone.*                                  see models.backbone
     lm_head.weight                              the embedding's tensor when tie_embeddings
-
-A block does not add its own output to the residual stream: it passes
-``(hidden_states, residual)`` on and the next block's norm adds them (fused in
-RMSNorm). The residual stream is kept in fp32 when ``residual_in_fp32``.
 """
 
 from __future__ import annotations
@@ -22,23 +13,20 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lnlm_ssm.generation import InferenceCache
-from lnlm_ssm.generation import generate as _generate
-from lnlm_ssm.layers.attention import Attention
-from lnlm_ssm.layers.mamba import Mamba
-from lnlm_ssm.layers.mamba2 import Mamba2
-from lnlm_ssm.layers.mlp import GatedMLP
-from lnlm_ssm.layers.norm import RMSNorm
-from lnlm_ssm.ops import decode_linear
-from lnlm_ssm.ops._backends import backend_for
-from lnlm_ssm.models.config import ConfigError, MambaLMConfig, preset
+from lnlm_ssm.checkpoint.convert import hf_llama, hf_mamba, hf_mamba2, mamba_ssm
+from lnlm_ssm.generation.decode import generate as _generate
+from lnlm_ssm.layers.base import declared_parameter_names
+from lnlm_ssm.layers.cache import InferenceCache
+from lnlm_ssm.models import registry
+from lnlm_ssm.models.backbone import Backbone
+from lnlm_ssm.models.base import PretrainedModel
+from lnlm_ssm.models.config import MambaLMConfig, preset
+from lnlm_ssm.models.heads import causal_lm_loss, lm_logits
+from lnlm_ssm.utils.checks import check_nonnegative_int, check_positive_int
 
 __all__ = ["MambaLM", "MambaLMOutput"]
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -50,88 +38,7 @@ class MambaLMOutput:
     cache: Optional[InferenceCache] = None
 
 
-class _LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with RMSNorm's "Add -> Norm" call, for configs with ``rms_norm=False`` (keys norm.weight/bias)."""
-
-    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-        # Same dtype rules as rms_norm_fn: the sum in fp32 (or wider), y in x's dtype.
-        compute = torch.promote_types(x.dtype, torch.float32)
-        total = x.to(compute) if residual is None else x.to(compute) + residual.to(compute)
-        y = F.layer_norm(total, self.normalized_shape, self.weight.to(compute), self.bias.to(compute), self.eps)
-        y = y.to(x.dtype)
-        if not prenorm:
-            return y
-        residual_dtype = torch.float32 if residual_in_fp32 else (x.dtype if residual is None else residual.dtype)
-        return y, total.to(residual_dtype)
-
-
-_MIXERS = {"Mamba1": Mamba, "Mamba2": Mamba2, "Attention": Attention}
-
-
-class Block(nn.Module):
-    """``norm -> mixer`` (and ``norm2 -> mlp``) on the residual stream; returns ``(hidden_states, residual)``."""
-
-    def __init__(self, config: MambaLMConfig, layer_type: str, layer_idx: int, *, factory: dict, backend: str):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = _make_norm(config, factory, backend)
-        if layer_type == "Attention":
-            kwargs = config.attn_cfg
-        else:
-            kwargs = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
-        try:
-            self.mixer = _MIXERS[layer_type](config.d_model, **kwargs, layer_idx=layer_idx, backend=backend, **factory)
-        except TypeError as err:
-            cfg = "attn_cfg" if layer_type == "Attention" else "ssm_cfg"
-            raise ConfigError(f"layer {layer_idx} ({layer_type}) does not take the {cfg} given: {err}") from err
-        if config.d_intermediate > 0:
-            self.norm2 = _make_norm(config, factory, backend)
-            self.mlp = GatedMLP(
-                config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory
-            )
-        else:
-            self.norm2 = self.mlp = None
-
-    def forward(self, hidden_states, residual, cache, mask, position_ids):
-        hidden_states, residual = self.norm(
-            hidden_states, residual=residual, prenorm=True, residual_in_fp32=self.residual_in_fp32
-        )
-        hidden_states = self.mixer(hidden_states, cache, mask=mask, position_ids=position_ids)
-        if self.mlp is not None:
-            hidden_states, residual = self.norm2(
-                hidden_states, residual=residual, prenorm=True, residual_in_fp32=self.residual_in_fp32
-            )
-            hidden_states = self.mlp(hidden_states)
-        return hidden_states, residual
-
-
-def _make_norm(config: MambaLMConfig, factory: dict, backend: str) -> nn.Module:
-    if config.rms_norm:
-        return RMSNorm(config.d_model, eps=config.norm_epsilon, backend=backend_for("rms_norm_fn", backend), **factory)
-    return _LayerNorm(config.d_model, eps=config.norm_epsilon, **factory)
-
-
-class Backbone(nn.Module):
-    def __init__(self, config: MambaLMConfig, *, factory: dict, backend: str):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, **factory)
-        self.layers = nn.ModuleList(
-            Block(config, layer_type, i, factory=factory, backend=backend)
-            for i, layer_type in enumerate(config.layer_types())
-        )
-        self.norm_f = _make_norm(config, factory, backend)
-
-    def forward(self, hidden_states, caches, mask, position_ids):
-        residual = None
-        for i, layer in enumerate(self.layers):
-            hidden_states, residual = layer(
-                hidden_states, residual, None if caches is None else caches[i], mask, position_ids
-            )
-        return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
-
-
-class MambaLM(nn.Module):
+class MambaLM(PretrainedModel):
     """A language model of Mamba-1, Mamba-2 and attention layers as ``config`` describes.
 
     ``backend`` is passed to every op of every layer that has a kernel for it,
@@ -139,6 +46,9 @@ class MambaLM(nn.Module):
     scans, convs and decode steps on the C++ kernels and the norms, which have
     no C++ kernel, on their PyTorch one.
     """
+
+    architecture = "MambaLM"
+    main_weight = "backbone.embedding.weight"
 
     def __init__(self, config: MambaLMConfig, *, device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
@@ -167,40 +77,26 @@ class MambaLM(nn.Module):
         """A randomly initialised model of the preset ``name`` (see ``models.config.PRESETS``), fields overridden."""
         return cls(preset(name, **overrides), device=device, dtype=dtype, backend=backend)
 
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, strict: bool = True) -> "MambaLM":
-        """Load a checkpoint in our layout, mamba_ssm's, or HF transformers' (Mamba, Mamba-2, Llama).
-
-        A directory, or a hub repo id when huggingface_hub is installed; see
-        ``lnlm_ssm.models.checkpoint.load_pretrained``.
-        """
-        from lnlm_ssm.models.checkpoint import load_pretrained
-
-        return load_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict)
-
-    def save_pretrained(self, directory):
-        """Write config.json and the weights; returns the directory. See ``models.checkpoint.save_pretrained``."""
-        from lnlm_ssm.models.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": "backbone.embedding.weight"} if self.config.tie_embeddings else {}
 
     def _init_weights(self) -> None:
         """The incumbent's initialisation (GPT-2 style, from the Mamba paper's code description).
 
-        Embedding ~ N(0, 0.02); Linear biases zero (except those a mixer marked
-        ``_no_reinit``, such as Mamba's dt bias); every projection that writes into the
+        Embedding ~ N(0, 0.02); Linear biases zero (except those a mixer declares in
+        ``keep_init``, such as Mamba's dt bias); every projection that writes into the
         residual stream (out_proj, fc2) re-drawn as nn.Linear's default and scaled by
         1/sqrt(n_layer * residuals per layer), so that the stream's variance does not
         grow with depth.
         """
         residuals_per_layer = 2 if self.config.d_intermediate > 0 else 1
         scale = 1.0 / math.sqrt(self.config.n_layer * residuals_per_layer)
+        keep = declared_parameter_names(self.backbone.layers, "keep_init")
         with torch.no_grad():
             nn.init.normal_(self.backbone.embedding.weight, std=0.02)
-            for module in self.backbone.layers.modules():
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    if not getattr(module.bias, "_no_reinit", False):
-                        nn.init.zeros_(module.bias)
+            for name, module in self.backbone.layers.named_modules():
+                if isinstance(module, nn.Linear) and module.bias is not None and f"{name}.bias" not in keep:
+                    nn.init.zeros_(module.bias)
             for name, param in self.backbone.layers.named_parameters():
                 if name.endswith(("out_proj.weight", "fc2.weight")):
                     nn.init.kaiming_uniform_(param, a=math.sqrt(5))
@@ -213,9 +109,8 @@ class MambaLM(nn.Module):
 
         Defaults: the model's device and dtype (SSM states are kept in fp32 by the layers).
         """
-        for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_seqlen", max_seqlen)
         weight = self.backbone.embedding.weight
         device = weight.device if device is None else torch.device(device)
         dtype = weight.dtype if dtype is None else dtype
@@ -254,8 +149,7 @@ class MambaLM(nn.Module):
         """
         hidden_states = self._embed(input_ids, inputs_embeds)
         batch, seqlen, _ = hidden_states.shape
-        if not isinstance(num_last_tokens, int) or isinstance(num_last_tokens, bool) or num_last_tokens < 0:
-            raise ValueError(f"num_last_tokens must be an integer >= 0 (0: all positions); got {num_last_tokens!r}")
+        check_nonnegative_int("num_last_tokens (0: all positions)", num_last_tokens)
         if labels is not None and num_last_tokens:
             raise ValueError("labels need the logits of every position: give num_last_tokens=0 with labels")
         new_mask = None
@@ -285,7 +179,7 @@ class MambaLM(nn.Module):
         if num_last_tokens:
             hidden_states = hidden_states[:, -num_last_tokens:]
         logits = self._logits(hidden_states)
-        loss = None if labels is None else self._loss(logits, labels, new_mask)
+        loss = None if labels is None else causal_lm_loss(logits, labels, new_mask)
         return MambaLMOutput(logits=logits, loss=loss, cache=cache)
 
     def decode_logits(self, input_ids: torch.Tensor, caches: list) -> torch.Tensor:
@@ -301,12 +195,9 @@ class MambaLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids (batch, seqlen) and inputs_embeds (batch, seqlen, d_model)")
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-                got = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-                raise TypeError(f"input_ids must be an int32/int64 tensor; got {got}")
-            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            if isinstance(input_ids, torch.Tensor) and (input_ids.ndim != 2 or input_ids.shape[1] == 0):
                 raise ValueError(f"input_ids must have shape (batch, seqlen >= 1); got {tuple(input_ids.shape)}")
-            return self.backbone.embedding(input_ids)
+            return self.backbone.embedding(input_ids)  # checks the ids' dtype and range
         d_model = self.config.d_model
         if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or inputs_embeds.shape[2] != d_model:
             raise ValueError(
@@ -327,25 +218,15 @@ class MambaLM(nn.Module):
             )
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The padded vocab rows are never a token: skip them in the matmul rather than slice afterwards.
-        return decode_linear(hidden_states, self.lm_head.weight[: self.config.vocab_size], backend=self.backend)
-
-    @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if labels.shape != logits.shape[:2]:
-            raise ValueError(
-                f"labels must have shape (batch, seqlen) = {tuple(logits.shape[:2])}; got {tuple(labels.shape)}"
-            )
-        labels = labels.to(logits.device)
-        if mask is not None:
-            labels = labels.masked_fill(~mask, IGNORE_INDEX)
-        # At least fp32 (bf16 logits lose too much in the log-softmax); float64 stays float64.
-        logits = logits[:, :-1].flatten(0, 1)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX)
+        return lm_logits(hidden_states, self.lm_head.weight, self.config.vocab_size, self.backend)
 
     # -- generation ----------------------------------------------------------------------------
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Sample a continuation of ``input_ids``; the arguments are ``lnlm_ssm.generation.generate``'s."""
         return _generate(self, input_ids, **kwargs)
+
+
+registry.register(
+    MambaLM, MambaLMConfig, converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, hf_mamba2.CONVERTER, hf_llama.CONVERTER)
+)

@@ -1,26 +1,19 @@
-"""The ``lnlm-ssm`` command line: ``generate`` and ``train``.
-
-``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...`` and
-``lnlm-ssm train --preset NAME --data DIR --steps N --out DIR [--config run.toml] ...``.
-One subcommand per task, each a ``_add_<name>(subparsers)`` that registers its
-arguments and a handler.
-"""
+"""``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...``: continue a prompt, streaming to stdout."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from typing import Optional, Sequence
 
 import torch
 
+from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
+from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import PRESETS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _add_generate(subparsers) -> None:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="continue a prompt, streaming the text to stdout",
@@ -52,9 +45,6 @@ def _add_generate(subparsers) -> None:
 
 def _load(args, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) from --model: a preset or a checkpoint."""
-    from lnlm_ssm.models.lm import MambaLM
-    from lnlm_ssm.tokenizer import ByteTokenizer, load_tokenizer
-
     if args.model in PRESETS:
         tokenizer = ByteTokenizer()
         print(
@@ -120,49 +110,3 @@ def _generate(args) -> int:
     sys.stdout.write(tokenizer.decode(new_ids)[written:] + "\n")
     sys.stdout.flush()
     return 0
-
-
-def _add_train(subparsers) -> None:
-    from lnlm_ssm.training.config import add_arguments
-
-    p = subparsers.add_parser(
-        "train",
-        help="train a model on a text corpus (also under torchrun)",
-        description="Train a preset (with --model overrides) on --data; metrics.jsonl, loss.png, checkpoints and "
-        "the final model (for `lnlm-ssm generate --model OUT/model`) go to --out. Flags override --config's "
-        "TOML values. Under `torchrun --nproc-per-node N -m lnlm_ssm.train --distributed ddp ...` each process "
-        "trains on its slice of the global --batch-size.",
-    )
-    add_arguments(p)
-    p.set_defaults(handler=_train)
-
-
-def _train(args) -> int:
-    from lnlm_ssm.training.config import config_from_args
-    from lnlm_ssm.training.loop import train
-
-    result = train(config_from_args(args))
-    if os.environ.get("RANK", "0") == "0":
-        print(
-            f"trained {result['step']} steps: loss {result['loss']:.4f}, held-out loss {result['eval_loss']:.4f} "
-            f"({result['eval_bpb']:.3f} bits/byte); model in {result['model_dir']}"
-        )
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lnlm-ssm", description="Mamba language models: kernels, models, generation")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_generate(subparsers)
-    _add_train(subparsers)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status (2 for a bad argument or input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"lnlm-ssm {args.command}: error: {err}", file=sys.stderr)
-        return 2

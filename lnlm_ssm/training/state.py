@@ -11,6 +11,7 @@
     config           TrainConfig.to_dict() of the run that wrote it
     model_config     MambaLMConfig.to_dict()
     progress         counters the loop carries on (tokens seen, ...)
+    objective        the training objective's name (absent in checkpoints from before objectives: "clm")
 
 A file is written to a temporary name in the same directory, fsynced and
 renamed, so a file with the final name is always complete: a run killed while
@@ -19,7 +20,7 @@ next save removes. Everything stored is plain tensors and Python values, so
 loading uses ``torch.load(weights_only=True)``: no code from the file runs.
 
 The final model for inference is not this: it goes to ``out/model`` through
-``lnlm_ssm.models.checkpoint.save_pretrained``.
+``lnlm_ssm.checkpoint.save_pretrained``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from lnlm_ssm.utils.checks import check_positive_int
+from lnlm_ssm.utils.files import atomic_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,6 +53,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "step", "model", "optimizer", "sampler", "rng", "config", "model_config")
 
 _NAME = re.compile(r"step-(\d{8,})\.pt")
+# utils.files.atomic_path's temporary names for step-*.pt.
 _TEMP_PREFIX = ".step-"
 _TEMP_SUFFIX = ".tmp"
 
@@ -89,38 +93,17 @@ def save_checkpoint(directory: PathLike, state: dict[str, Any], *, keep_last: in
     Returns the path written. ``state`` must hold every key of ``REQUIRED_KEYS``
     except ``format_version``, which is added.
     """
-    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-        raise ValueError(f"keep_last must be an integer >= 1; got {keep_last!r}")
+    check_positive_int("keep_last", keep_last)
     missing = [k for k in REQUIRED_KEYS if k != "format_version" and k not in state]
     if missing:
         raise ValueError(f"state is missing {missing}; a training checkpoint holds {list(REQUIRED_KEYS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, state["step"])
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
+    with atomic_path(path) as temp, open(temp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
     _prune(directory, keep_last, keep=path)
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened for fsync on Windows.
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(directory: Path, keep_last: int, keep: Path) -> None:

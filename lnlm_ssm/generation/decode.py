@@ -1,4 +1,4 @@
-"""Inference cache, sampling and the decode loop of ``MambaLM.generate``.
+"""The decode loop of ``MambaLM.generate``, and its CUDA-graph step.
 
 Generation runs in two phases through one ``InferenceCache``:
 
@@ -10,150 +10,21 @@ Prompts of different lengths are batched by padding on the LEFT with an
 ``attention_mask`` (1 real, 0 pad), so every row's last prompt token sits in the
 last column and the new tokens of all rows are appended in the same column.
 
-This module knows nothing of MambaLM's internals: it calls ``model(...)``,
-``model.allocate_cache(...)`` and, for CUDA graphs, ``model.decode_logits(...)``.
+This module knows nothing of MambaLM's internals, and imports no model: it calls
+``model(...)``, ``model.allocate_cache(...)`` and, for CUDA graphs,
+``model.decode_logits(...)`` (the causal-LM protocol any family can offer).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
 
-__all__ = [
-    "InferenceCache",
-    "apply_repetition_penalty",
-    "generate",
-    "sample_next_token",
-    "top_k_filter",
-    "top_p_filter",
-]
+from lnlm_ssm.generation.sampling import apply_repetition_penalty, sample_next_token
+from lnlm_ssm.layers.cache import InferenceCache
 
-
-class InferenceCache:
-    """Every layer's inference state, allocated once, plus the attention mask seen so far.
-
-    ``layers[i]`` is the object layer i's ``allocate_cache`` returned. ``seqlen`` counts
-    the positions seen (padding included). The mask of those positions is kept only
-    once some padding was given (``mask`` is None while every position was real), in a
-    buffer of ``max_seqlen`` columns so that decoding appends without copying.
-    """
-
-    def __init__(self, layers: list, batch_size: int, max_seqlen: int, device: torch.device) -> None:
-        self.layers = list(layers)
-        self.batch_size = batch_size
-        self.max_seqlen = max_seqlen
-        self.device = torch.device(device)
-        self.seqlen = 0
-        self._mask_buffer: Optional[torch.Tensor] = None
-
-    @property
-    def mask(self) -> Optional[torch.Tensor]:
-        """(batch, seqlen) bool mask of the positions seen, or None when all were real."""
-        return None if self._mask_buffer is None else self._mask_buffer[:, : self.seqlen]
-
-    def mask_with(self, new_mask: Optional[torch.Tensor], seqlen: int) -> Optional[torch.Tensor]:
-        """Record the mask of ``seqlen`` new positions (None: all real) and return the mask of past + new.
-
-        Does not advance ``seqlen``; ``advance`` does, once the forward has run.
-        """
-        if new_mask is None and self._mask_buffer is None:
-            return None
-        if self._mask_buffer is None:
-            # Positions before the first padding were all real; columns not yet written stay True
-            # so that decoding, whose tokens are always real, has nothing to write.
-            self._mask_buffer = torch.ones(self.batch_size, self.max_seqlen, dtype=torch.bool, device=self.device)
-        end = self.seqlen + seqlen
-        if new_mask is not None:
-            self._mask_buffer[:, self.seqlen : end] = new_mask
-        return self._mask_buffer[:, :end]
-
-    def advance(self, seqlen: int) -> None:
-        self.seqlen += seqlen
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every state tensor of every layer (the mask buffer excluded)."""
-        return [
-            value
-            for layer in self.layers
-            for value in (getattr(layer, f.name) for f in dataclasses.fields(layer))
-            if isinstance(value, torch.Tensor)
-        ]
-
-    def set_seqlen(self, seqlen: int) -> None:
-        """Set the position count of this cache and of every layer cache (after a CUDA graph replay)."""
-        self.seqlen = seqlen
-        for layer in self.layers:
-            layer.seqlen = seqlen
-
-    def reset(self) -> None:
-        """Zero every state in place and forget the positions and the mask seen."""
-        for layer in self.layers:
-            layer.reset()
-        self.seqlen = 0
-        self._mask_buffer = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling. Every function takes logits (batch, vocab) and returns new logits; filtered-out
-# tokens get -inf so that softmax gives them probability zero.
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make the tokens marked in ``seen`` (batch, vocab) bool less likely (CTRL paper, Keskar et al. 2019).
-
-    A positive logit is divided by ``penalty``, a negative one multiplied, so that
-    ``penalty > 1`` always lowers the token's probability.
-    """
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the ``top_k`` largest logits of each row (0: keep all)."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter (Holtzman et al. 2019): keep the most likely tokens until their mass reaches ``top_p``.
-
-    A token is kept when the mass of the more likely tokens before it is below
-    ``top_p``, so the most likely token is always kept.
-    """
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """One token per row of ``logits`` (batch, vocab) -> (batch,) int64.
-
-    ``temperature == 0`` or ``top_k == 1`` is greedy (argmax). Otherwise the logits are
-    divided by ``temperature``, filtered by ``top_k`` then ``top_p``, and sampled.
-    """
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["generate"]
 
 
 def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
@@ -169,16 +40,13 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise ValueError(f"repetition_penalty must be > 0 (1: none); got {repetition_penalty!r}")
 
 
-def _check_prompt(input_ids, attention_mask, vocab_size: int) -> Optional[torch.Tensor]:
-    """Validate the prompt; returns the mask as bool (or None)."""
+def _check_prompt(input_ids, attention_mask) -> Optional[torch.Tensor]:
+    """Validate the prompt's shape and mask (its ids are the embedding's to check); returns the mask as bool (or None)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         got = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise TypeError(f"input_ids must be an int32/int64 tensor; got {got}")
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (batch, seqlen) with seqlen >= 1; got {tuple(input_ids.shape)}")
-    low, high = input_ids.min().item(), input_ids.max().item()
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}); got values in [{low}, {high}]")
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:
@@ -265,8 +133,7 @@ def generate(
       (captured once per call; not for models with attention layers).
     """
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    vocab_size = model.config.vocab_size
-    mask = _check_prompt(input_ids, attention_mask, vocab_size)
+    mask = _check_prompt(input_ids, attention_mask)
     batch, prompt_len = input_ids.shape
     if cuda_graph:
         if input_ids.device.type != "cuda":
@@ -291,13 +158,13 @@ def generate(
     if max_new_tokens == 0:
         return input_ids
 
+    # The prefill comes first: its embedding checks the ids before anything indexes by them.
+    logits = model(input_ids, attention_mask=mask, cache=cache, num_last_tokens=1).logits[:, -1]
     seen = None
     if repetition_penalty != 1.0:
         real = torch.ones_like(input_ids) if mask is None else mask.long()
         counts = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=input_ids.device)
         seen = counts.scatter_add_(1, input_ids.long(), real) > 0
-
-    logits = model(input_ids, attention_mask=mask, cache=cache, num_last_tokens=1).logits[:, -1]
     step = _CUDAGraphDecoder(model, cache) if cuda_graph else None
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []

@@ -1,0 +1,37 @@
+"""The Objective interface: what a training loop asks of a training objective.
+
+An objective turns ``(model, batch)`` into a loss and named metrics, and the mean
+held-out loss into the evaluation figures it reports. The loop knows nothing
+else of it: a new objective (masked LM, span corruption, DPO, ...) is a new
+subclass here and one line in ``objectives.OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ObjectiveOutput:
+    """``loss``: the scalar to minimise (a mean over the batch); ``metrics``: named scalars to log."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """A training objective; ``name`` is what checkpoints record and ``--objective`` takes."""
+
+    name: str
+
+    @abc.abstractmethod
+    def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
+        """The loss (and metrics) of ``model`` on ``batch`` (batch, seqlen) of token ids."""
+
+    @abc.abstractmethod
+    def eval_metrics(self, eval_loss: float, bytes_per_token: float) -> dict[str, float]:
+        """The evaluation figures of a mean held-out loss (``eval_loss`` among them)."""
