@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
 
-from lnlm_ssm.utils.files import atomic_write
+from lnlm_ssm.utils.files import atomic_path, atomic_write
 
 __all__ = ["MetricsLog", "ProgressBar", "plot_losses", "read_metrics"]
 
@@ -154,5 +154,6 @@ def plot_losses(rows: list[dict[str, Any]], path: Union[str, os.PathLike]) -> Op
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(os.fspath(path))
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
     return None

@@ -141,6 +141,24 @@ def test_resume_with_another_model_or_data_is_an_error(corpus, finished_run):
         train(tiny(corpus, finished_run, steps=4, resume=True, seq_len=16))
 
 
+def test_checkpoints_record_the_objective_and_resume_refuses_another(corpus, finished_run):
+    newest = finished_run / "checkpoints" / "step-00000002.pt"
+    state = torch.load(newest, weights_only=True)
+    assert state["objective"] == "clm"
+    # A checkpoint of another objective (as a masked-LM run will write) cannot be resumed as this one.
+    torch.save({**state, "objective": "mlm"}, newest)
+    with pytest.raises(TrainCheckpointError, match="trained with the objective 'mlm' and this run asks for 'clm'"):
+        train(tiny(corpus, finished_run, steps=4, resume=True))
+
+
+def test_checkpoints_from_before_objectives_resume_as_causal_lm(corpus, finished_run):
+    newest = finished_run / "checkpoints" / "step-00000002.pt"
+    state = torch.load(newest, weights_only=True)
+    del state["objective"]
+    torch.save(state, newest)
+    assert train(tiny(corpus, finished_run, steps=3, resume=True))["step"] == 3
+
+
 def test_resume_can_extend_a_finished_run(corpus, finished_run):
     result = train(tiny(corpus, finished_run, steps=3, ckpt_every=1, eval_every=3, resume=True))
     assert result["step"] == 3

@@ -90,5 +90,5 @@ def test_generate_errors(tmp_path, capsys):
 
 def test_pyproject_declares_the_script():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
-    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["lnlm-ssm"] == "lnlm_ssm.cli:main"

@@ -14,7 +14,7 @@ from lnlm_ssm.training.config import TrainConfig, TrainConfigError, add_argument
 from lnlm_ssm.training.metrics import read_metrics
 from lnlm_ssm.utils.testing import assert_close
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
