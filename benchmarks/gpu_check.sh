@@ -81,7 +81,7 @@ fi
   >"$OUT/backends.json" 2>&1
 
 # 3. tests: CUDA and Triton ones (on a GPU the Triton tests run compiled, not interpreted)
-step tests 120 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops tests/layers tests/models \
+step tests 120 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops tests/layers tests/models tests/generation \
   -k "cuda or triton or flash" --junitxml="$OUT/tests.xml"
 # The scan at element offsets past int32 (about 13 GB of bf16; marked slow, so run on its own).
 step tests-int32 45 "$OUT/tests-int32.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow -k int32 \
