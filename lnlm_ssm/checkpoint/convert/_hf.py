@@ -1,10 +1,10 @@
-"""What the HF transformers layouts share: the activation check and the fields every HF causal LM has."""
+"""What the HF transformers layouts share: the activation check, the fields every HF causal LM has, Mamba's key names."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lnlm_ssm.checkpoint.convert import require
+from lnlm_ssm.checkpoint.convert import State, rename_prefix, require
 from lnlm_ssm.checkpoint.load import CheckpointError
 
 
@@ -22,3 +22,8 @@ def causal_lm_fields(raw: dict[str, Any], layout: str) -> dict[str, Any]:
         # HF checkpoints pad the vocabulary in vocab_size itself: keep exactly vocab_size logits.
         pad_vocab_size_multiple=1,
     )
+
+
+def mamba_backbone_state(state: State, fields: dict[str, Any]) -> State:
+    """HF Mamba / Mamba-2 keys are mamba_ssm's (ours) but for one name: ``backbone.embeddings``."""
+    return rename_prefix(state, "backbone.embeddings.", "backbone.embedding.")

@@ -1,15 +1,12 @@
-"""HF transformers' ``MambaForCausalLM`` (model_type "mamba").
-
-Its keys are mamba_ssm's but for one name: ``backbone.embeddings`` is our ``backbone.embedding``.
-"""
+"""HF transformers' ``MambaForCausalLM`` (model_type "mamba")."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from lnlm_ssm.checkpoint.convert import Converter, require, rename_prefix
-from lnlm_ssm.checkpoint.convert._hf import causal_lm_fields, check_silu
+from lnlm_ssm.checkpoint.convert import Converter, require
+from lnlm_ssm.checkpoint.convert._hf import causal_lm_fields, check_silu, mamba_backbone_state
 
 LAYOUT = "HF mamba"
 
@@ -40,5 +37,5 @@ CONVERTER = Converter(
     layout=LAYOUT,
     model_type="mamba",
     config=_config,
-    state=lambda state, fields: rename_prefix(state, "backbone.embeddings.", "backbone.embedding."),
+    state=mamba_backbone_state,
 )

@@ -1,14 +1,11 @@
-"""HF transformers' ``Mamba2ForCausalLM`` (model_type "mamba2").
-
-Its keys are mamba_ssm's but for one name: ``backbone.embeddings`` is our ``backbone.embedding``.
-"""
+"""HF transformers' ``Mamba2ForCausalLM`` (model_type "mamba2")."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lnlm_ssm.checkpoint.convert import Converter, require, rename_prefix
-from lnlm_ssm.checkpoint.convert._hf import causal_lm_fields, check_silu
+from lnlm_ssm.checkpoint.convert import Converter, require
+from lnlm_ssm.checkpoint.convert._hf import causal_lm_fields, check_silu, mamba_backbone_state
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.utils.checks import NO_DT_LIMIT
 
@@ -55,5 +52,5 @@ CONVERTER = Converter(
     layout=LAYOUT,
     model_type="mamba2",
     config=_config,
-    state=lambda state, fields: rename_prefix(state, "backbone.embeddings.", "backbone.embedding."),
+    state=mamba_backbone_state,
 )
