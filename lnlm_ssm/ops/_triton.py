@@ -37,17 +37,24 @@ if tuple(int(part) for part in triton.__version__.split(".")[:2]) <= (3, 6):
     _index_runtime_scalars()
 
 
-# triton_op lets torch.compile see the launch itself; its body cannot be traced
-# when the kernels are interpreted, so there it is an opaque custom_op.
+# triton_op lets torch.compile see the launches themselves, and traces the
+# launcher on fake tensors as its own fake implementation. Interpreted kernels
+# would run on those fake tensors, so under the interpreter the launcher is an
+# opaque custom_op and ``fake`` gives its outputs' shapes instead.
 TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
 wrap = torch.library.wrap_triton if TRITON_OP else (lambda kernel: kernel)
 
 
-def library_op(name, fn, mutates_args, fake):
-    """``fn`` as the torch op ``lnlm_ssm_triton::name``, with ``fake`` for tracing where it is opaque."""
+def library_op(name, fn, mutates_args, fake, *, namespace="lnlm_ssm_triton"):
+    """``fn`` as the torch op ``namespace::name``, with ``fake`` for tracing where it is opaque.
+
+    Every Triton op is registered through here, and ``fn`` launches its kernels
+    through :data:`wrap`, so that the choice above is made once for all of them.
+    """
+    qualname = f"{namespace}::{name}"
     if TRITON_OP:
-        return torch.library.triton_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
-    op = torch.library.custom_op(f"lnlm_ssm_triton::{name}", fn, mutates_args=mutates_args)
+        return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
+    op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
     op.register_fake(fake)
     return op
 

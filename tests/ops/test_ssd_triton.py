@@ -165,6 +165,51 @@ def test_public_api_backend():
     assert_close(y.cpu(), mamba_chunk_scan_ref(**{k: v.cpu() for k, v in t.items()}, chunk_size=16, dt_softplus=True))
 
 
+def test_torch_compile_fullgraph():
+    """Forward and backward trace through the two ops in one graph; interpreted, through their fake kernels."""
+    t = {k: v.detach().to(DEVICE) for k, v in make_inputs(batch=1, seqlen=20, nheads=2, ngroups=1, dtype=f32).items()}
+
+    def f(x, dt, A, B, C, D, z, dt_bias, initial_states):
+        y, final = mamba_chunk_scan_triton(
+            x, dt, A, B, C, 8, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+            dt_softplus=True, return_final_states=True,
+        )
+        return y.square().sum() + final.square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [v.requires_grad_() for v in t.values()]
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    loss_eager = f(*args)
+    grads_eager = torch.autograd.grad(loss_eager, args)
+    assert_close(loss, loss_eager)
+    for name, g, g_eager in zip(t, grads, grads_eager):
+        assert_close(g, g_eager, msg=name)
+
+
+@pytest.mark.parametrize("optional", [True, False], ids=["all-inputs", "bare"])
+def test_opcheck(optional):
+    """Schemas, fake kernels (shapes, dtypes, strides) and dispatch of the two ops, as torch.library checks them."""
+    from lnlm_ssm.ops.ssd import triton as ssd_triton
+
+    t = make_inputs(batch=1, seqlen=19, nheads=2, ngroups=1, D_per_channel=True, dtype=f32)
+    t = {k: v.detach().to(DEVICE) for k, v in t.items()}
+    config = (8, True, -math.inf, math.inf)
+    if optional:
+        extra = (t["D"], t["z"], t["dt_bias"])
+        seq_idx = torch.tensor([[0] * 7 + [1] * 12], device=DEVICE)
+        initial_states = t["initial_states"]
+    else:
+        extra, seq_idx, initial_states = (None, None, None), None, None
+    base = (t["x"], t["dt"], t["A"], t["B"], t["C"], *extra)
+    fwd_args = (*base, initial_states, seq_idx, *config)
+    torch.library.opcheck(ssd_triton._ssd_fwd_op, fwd_args)
+    out, out_x, final, *saved = ssd_triton._ssd_fwd_op(*fwd_args)
+    grad_final = torch.randn_like(final) if optional else None
+    bwd_args = (torch.randn_like(out), grad_final, *base, seq_idx, out_x, *saved, *config)
+    torch.library.opcheck(ssd_triton._ssd_bwd_op, bwd_args)
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real speed, big shapes)")
 
 

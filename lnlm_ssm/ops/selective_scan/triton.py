@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from lnlm_ssm.ops import _triton  # noqa: F401  (lets Triton 3.6's interpreter run our loops)
+from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import wrap as _wrap
 
 # Steps per chunk: the time tile of both kernels and the checkpoint interval of
 # the backward. The checkpoints cost dstate * 4 / CHUNK bytes per element of u
@@ -315,13 +316,6 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
 
 
-# triton_op lets torch.compile see the kernels; its fake implementation is the
-# launcher itself, which under the interpreter would run the kernels on fake
-# tensors, so interpreted kernels are an opaque custom_op with fakes instead.
-_define_op = torch.library.custom_op if knobs.runtime.interpret else torch.library.triton_op
-
-
-@_define_op("lnlm_ssm::selective_scan_triton_fwd", mutates_args=())
 def _fwd(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -349,7 +343,7 @@ def _fwd(
         return (triton.cdiv(dim // ngroups, meta["BLOCK_D"]), batch * ngroups)
 
     # Absent optional tensors are never read (their HAS_* flag is off); u stands in for them.
-    torch.library.wrap_triton(_fwd_kernel)[grid](
+    _wrap(_fwd_kernel)[grid](
         u, delta, A, B, C,
         u if D is None else D,
         u if z is None else z,
@@ -366,7 +360,6 @@ def _fwd(
     return y, last, checkpoints
 
 
-@_define_op("lnlm_ssm::selective_scan_triton_bwd", mutates_args=())
 def _bwd(
     dy: torch.Tensor,
     dlast: torch.Tensor | None,
@@ -403,7 +396,7 @@ def _bwd(
     dh0 = u.new_empty(batch, dim, dstate, dtype=f32)
 
     grid = (triton.cdiv(dim // ngroups, BWD_BLOCK_D), batch * ngroups)
-    torch.library.wrap_triton(_bwd_kernel)[grid](
+    _wrap(_bwd_kernel)[grid](
         u, delta, A, B, C,
         u if D is None else D,
         u if z is None else z,
@@ -421,35 +414,37 @@ def _bwd(
     return du, ddelta, dz, dB, dC, dA.sum(0), dD.sum(0), dbias.sum(0), dh0
 
 
-if knobs.runtime.interpret:
+def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints):
+    batch, dim, seqlen = u.shape
+    nchunks = triton.cdiv(seqlen, CHUNK) if save_checkpoints else 0
+    return (
+        u.new_empty(batch, dim, seqlen),
+        u.new_empty(batch, dim, A.shape[1], dtype=torch.float32),
+        u.new_empty(batch, dim, nchunks, A.shape[1], dtype=torch.float32),
+    )
 
-    @_fwd.register_fake
-    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save_checkpoints):
-        batch, dim, seqlen = u.shape
-        nchunks = triton.cdiv(seqlen, CHUNK) if save_checkpoints else 0
-        return (
-            u.new_empty(batch, dim, seqlen),
-            u.new_empty(batch, dim, A.shape[1], dtype=torch.float32),
-            u.new_empty(batch, dim, nchunks, A.shape[1], dtype=torch.float32),
-        )
 
-    @_bwd.register_fake
-    def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus):
-        batch, dim, seqlen = u.shape
-        dstate = A.shape[1]
-        grouped = (batch, B.shape[1] if B.ndim == 4 else 1, dstate, seqlen)
-        f32 = torch.float32
-        return (
-            u.new_empty(batch, dim, seqlen),
-            delta.new_empty(batch, dim, seqlen),
-            u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0),
-            u.new_empty(grouped, dtype=f32),
-            u.new_empty(grouped, dtype=f32),
-            u.new_empty(dim, dstate, dtype=f32),
-            u.new_empty(dim, dtype=f32),
-            u.new_empty(dim, dtype=f32),
-            u.new_empty(batch, dim, dstate, dtype=f32),
-        )
+def _bwd_fake(dy, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    grouped = (batch, B.shape[1] if B.ndim == 4 else 1, dstate, seqlen)
+    f32 = torch.float32
+    return (
+        u.new_empty(batch, dim, seqlen),
+        delta.new_empty(batch, dim, seqlen),
+        u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0),
+        u.new_empty(grouped, dtype=f32),
+        u.new_empty(grouped, dtype=f32),
+        u.new_empty(dim, dstate, dtype=f32),
+        u.new_empty(dim, dtype=f32),
+        u.new_empty(dim, dtype=f32),
+        u.new_empty(batch, dim, dstate, dtype=f32),
+    )
+
+
+# In the lnlm_ssm namespace, beside the C++ ops, where they were first registered.
+_fwd_op = _library_op("selective_scan_triton_fwd", _fwd, (), _fwd_fake, namespace="lnlm_ssm")
+_bwd_op = _library_op("selective_scan_triton_bwd", _bwd, (), _bwd_fake, namespace="lnlm_ssm")
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -460,9 +455,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         save = any(ctx.needs_input_grad)
-        y, last, checkpoints = torch.ops.lnlm_ssm.selective_scan_triton_fwd(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save
-        )
+        y, last, checkpoints = _fwd_op(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
             ctx.delta_softplus = delta_softplus
@@ -475,7 +468,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = torch.ops.lnlm_ssm.selective_scan_triton_bwd(
+        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = _bwd_op(
             torch.zeros_like(u) if dy is None else dy,
             None if dlast is None else dlast.contiguous(),
             u, delta, A, B, C, D, z, delta_bias, checkpoints, ctx.delta_softplus,

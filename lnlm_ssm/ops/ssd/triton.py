@@ -14,8 +14,8 @@ Saved for the backward: the inputs, the fp32 cumsums and dt (b, h, c, T), C B^T
 the output before the gate (fp32).
 
 Block sizes come from the shapes, not autotuning: first calls stay fast and the
-same sizes are valid on Ampere and Hopper. Both launchers are
-``torch.library.triton_op`` ops, so ``torch.compile`` sees the kernels.
+same sizes are valid on Ampere and Hopper. Both launchers are torch ops
+(``_triton.library_op``), so ``torch.compile`` sees the kernels.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
+from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import wrap as _wrap
 # Kernels are looked up on their modules at each launch, so that a test can reload
 # them under TRITON_INTERPRET=1 (Triton picks compiled or interpreted at @triton.jit).
 from lnlm_ssm.ops.ssd import triton_kernels as _fwd
@@ -63,7 +64,7 @@ def _chunk_cumsum(dt, A, dt_bias, chunk_size, nchunks, dt_softplus, dt_min, dt_m
     cs = torch.empty_like(dt_out)
     block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // triton.next_power_of_2(chunk_size)))
     grid = (batch, nchunks, triton.cdiv(nheads, block_h))
-    wrap_triton(_fwd.chunk_cumsum_fwd_kernel)[grid](
+    _wrap(_fwd.chunk_cumsum_fwd_kernel)[grid](
         dt, A, dt_bias if dt_bias is not None else A, dt_out, cs,
         seqlen, nheads, nchunks, chunk_size, *dt.stride(), dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
@@ -78,7 +79,7 @@ def _chunk_state(x, y, dt_out, cs, seq_idx, chunk_size, nchunks, from_start, mod
     out = x.new_empty(batch, nchunks, nheads, headdim, dstate, dtype=torch.float32)
     block_p, block_n = _block(headdim), _block(dstate)
     grid = (batch * nchunks * nheads, triton.cdiv(headdim, block_p), triton.cdiv(dstate, block_n))
-    wrap_triton(_fwd.chunk_state_kernel)[grid](
+    _wrap(_fwd.chunk_state_kernel)[grid](
         x, y, dt_out, cs, seq_idx if seq_idx is not None else cs, out,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *y.stride(), *_strides(seq_idx, 2),
@@ -88,7 +89,6 @@ def _chunk_state(x, y, dt_out, cs, seq_idx, chunk_size, nchunks, from_start, mod
     return out
 
 
-@triton_op("lnlm_ssm_triton::ssd_chunk_scan_fwd", mutates_args=())
 def _ssd_fwd(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -118,7 +118,7 @@ def _ssd_fwd(
 
     cb = x.new_empty(batch, nchunks, ngroups, chunk_size, chunk_size, dtype=torch.float32)
     block_t = _block(chunk_size)
-    wrap_triton(_fwd.bmm_cb_kernel)[(batch * nchunks * ngroups, triton.cdiv(chunk_size, block_t), triton.cdiv(chunk_size, block_t))](
+    _wrap(_fwd.bmm_cb_kernel)[(batch * nchunks * ngroups, triton.cdiv(chunk_size, block_t), triton.cdiv(chunk_size, block_t))](
         C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, *B.stride(), *C.stride(),
         MODE=_dot_mode(B, B), BLOCK_M=block_t, BLOCK_N=block_t, BLOCK_K=_block(dstate),
     )
@@ -126,7 +126,7 @@ def _ssd_fwd(
     states = _chunk_state(x, B, dt_out, cs, seq_idx, chunk_size, nchunks, False, mode)
     final_states = x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32)
     dim = headdim * dstate
-    wrap_triton(_fwd.state_passing_fwd_kernel)[(batch, nheads, triton.cdiv(dim, _STATE_BLOCK))](
+    _wrap(_fwd.state_passing_fwd_kernel)[(batch, nheads, triton.cdiv(dim, _STATE_BLOCK))](
         states, initial_states if initial_states is not None else states, cs, seq_arg, final_states,
         seqlen, nheads, nchunks, chunk_size, dim, *seq_strides,
         HAS_INIT=initial_states is not None, HAS_SEQ=has_seq, BLOCK=_STATE_BLOCK,
@@ -137,7 +137,7 @@ def _ssd_fwd(
     out_x = torch.empty_like(out, dtype=torch.float32) if z is not None else out.new_empty(0)
     block_p = _block(headdim)
     grid = (batch * nchunks * nheads, triton.cdiv(chunk_size, block_t), triton.cdiv(headdim, block_p))
-    wrap_triton(_fwd.chunk_scan_fwd_kernel)[grid](
+    _wrap(_fwd.chunk_scan_fwd_kernel)[grid](
         cb, x, z if z is not None else x, dt_out, cs, C, states, D if D is not None else cs, seq_arg, out, out_x,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *_strides(z, 4), *C.stride(), *seq_strides,
@@ -147,7 +147,6 @@ def _ssd_fwd(
     return out, out_x, final_states, states, dt_out, cs, cb
 
 
-@triton_op("lnlm_ssm_triton::ssd_chunk_scan_bwd", mutates_args=())
 def _ssd_bwd(
     grad_out: torch.Tensor,
     grad_final_states: Optional[torch.Tensor],
@@ -200,7 +199,7 @@ def _ssd_bwd(
     nblocks = triton.cdiv(dim, _STATE_BLOCK)
     dinit = x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32)
     dlast_passing = x.new_empty(batch, nheads, nchunks, nblocks, dtype=torch.float32)
-    wrap_triton(_fwd.state_passing_bwd_kernel)[(batch, nheads, nblocks)](
+    _wrap(_fwd.state_passing_bwd_kernel)[(batch, nheads, nblocks)](
         states, dstates, grad_final_states if grad_final_states is not None else dinit, cs, seq_arg, dinit,
         dlast_passing, seqlen, nheads, nchunks, chunk_size, dim, *seq_strides,
         HAS_DFINAL=grad_final_states is not None, HAS_SEQ=has_seq, BLOCK=_STATE_BLOCK,
@@ -210,7 +209,7 @@ def _ssd_bwd(
     grid = (batch * nchunks * nheads, triton.cdiv(chunk_size, block_t), triton.cdiv(headdim, block_p))
     dx = x.new_empty(batch, seqlen, nheads, headdim)
     ddt_direct = x.new_empty(grid[2], batch, nheads, nchunks, chunk_size, dtype=torch.float32)
-    wrap_triton(_bwd.chunk_scan_bwd_dx_kernel)[grid](
+    _wrap(_bwd.chunk_scan_bwd_dx_kernel)[grid](
         x, dy, cb, dt_out, cs, B, dstates, D if D is not None else cs, seq_arg, dx, ddt_direct,
         seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate,
         *x.stride(), *dy.stride(), *B.stride(), *seq_strides,
@@ -228,7 +227,7 @@ def _ssd_bwd(
     # dC first: it writes dcs, which the dB pass then adds to.
     for for_B in (False, True):
         partial = x.new_empty(splits, batch, seqlen, ngroups, dstate, dtype=torch.float32)
-        wrap_triton(_bwd.chunk_scan_bwd_dbc_kernel)[grid](
+        _wrap(_bwd.chunk_scan_bwd_dbc_kernel)[grid](
             x, dy, B, C, dt_out, cs, dstates if for_B else states, seq_arg, partial, dcs, dlast_B,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, heads_per_prog,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_strides,
@@ -243,7 +242,7 @@ def _ssd_bwd(
     dbias_part = torch.empty_like(dA_part)
     block_h = min(triton.next_power_of_2(nheads), max(1, 4096 // triton.next_power_of_2(chunk_size)))
     # dt is read and ddt written with one set of strides.
-    wrap_triton(_fwd.chunk_cumsum_bwd_kernel)[(batch, nchunks, triton.cdiv(nheads, block_h))](
+    _wrap(_fwd.chunk_cumsum_bwd_kernel)[(batch, nchunks, triton.cdiv(nheads, block_h))](
         dt.contiguous(), A, dt_bias if dt_bias is not None else A, dt_out, dcs,
         dlast_passing.sum(-1) + dlast_B.sum(-1), ddt_direct.sum(0), ddt, dA_part, dbias_part,
         seqlen, nheads, nchunks, chunk_size, *ddt.stride(), dt_min, dt_max,
@@ -252,6 +251,46 @@ def _ssd_bwd(
     )
     dbias = dbias_part.sum((0, 1)) if dt_bias is not None else A.new_empty(0, dtype=torch.float32)
     return dx, ddt, dA_part.sum((0, 1)), grads[True], grads[False], dD, dz, dbias, dinit
+
+
+def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_min, dt_max):
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = max(1, triton.cdiv(seqlen, chunk_size))
+    f32 = torch.float32
+    return (
+        x.new_empty(batch, seqlen, nheads, headdim),
+        x.new_empty(batch, seqlen, nheads, headdim, dtype=f32) if z is not None else x.new_empty(0),
+        x.new_empty(batch, nheads, headdim, dstate, dtype=f32),
+        x.new_empty(batch, nchunks, nheads, headdim, dstate, dtype=f32),
+        x.new_empty(batch, nheads, nchunks, chunk_size, dtype=f32),
+        x.new_empty(batch, nheads, nchunks, chunk_size, dtype=f32),
+        x.new_empty(batch, nchunks, ngroups, chunk_size, chunk_size, dtype=f32),
+    )
+
+
+def _ssd_bwd_fake(
+    grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb, chunk_size,
+    dt_softplus, dt_min, dt_max,
+):
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    f32 = torch.float32
+    return (
+        x.new_empty(batch, seqlen, nheads, headdim),
+        x.new_empty(batch, seqlen, nheads, dtype=f32),
+        x.new_empty(nheads, dtype=f32),
+        x.new_empty(batch, seqlen, ngroups, dstate, dtype=f32),
+        x.new_empty(batch, seqlen, ngroups, dstate, dtype=f32),
+        x.new_empty(nheads, headdim, dtype=f32) if D is not None else x.new_empty(0, dtype=f32),
+        z.new_empty(batch, seqlen, nheads, headdim) if z is not None else x.new_empty(0),
+        x.new_empty(nheads, dtype=f32) if dt_bias is not None else x.new_empty(0, dtype=f32),
+        x.new_empty(batch, nheads, headdim, dstate, dtype=f32),
+    )
+
+
+_ssd_fwd_op = _library_op("ssd_chunk_scan_fwd", _ssd_fwd, (), _ssd_fwd_fake)
+_ssd_bwd_op = _library_op("ssd_chunk_scan_bwd", _ssd_bwd, (), _ssd_bwd_fake)
 
 
 class _ChunkScan(torch.autograd.Function):
@@ -263,7 +302,7 @@ class _ChunkScan(torch.autograd.Function):
         A32 = A.float().contiguous()
         bias32 = None if dt_bias is None else dt_bias.float().contiguous()
         init32 = None if initial_states is None else initial_states.float().contiguous()
-        out, out_x, final_states, states, dt_out, cs, cb = _ssd_fwd(
+        out, out_x, final_states, states, dt_out, cs, cb = _ssd_fwd_op(
             x, dt, A32, B, C, D_full, z, bias32, init32, seq_idx, chunk_size, dt_softplus, dt_min, dt_max
         )
         ctx.save_for_backward(x, dt, A32, B, C, D_full, z, bias32, seq_idx, out_x, states, dt_out, cs, cb)
@@ -280,7 +319,7 @@ class _ChunkScan(torch.autograd.Function):
         grad_out = torch.zeros_like(x) if grad_out is None else grad_out.to(x.dtype)
         if grad_final_states is not None:
             grad_final_states = grad_final_states.float().contiguous()
-        dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = _ssd_bwd(
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = _ssd_bwd_op(
             grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb,
             *ctx.config,
         )
