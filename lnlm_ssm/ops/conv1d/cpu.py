@@ -13,14 +13,11 @@ from __future__ import annotations
 import torch
 
 from lnlm_ssm.ops import _library
+from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
 
 _SILU = ("silu", "swish")
-
-
-def _math_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _time_rows(t: torch.Tensor) -> torch.Tensor:
@@ -41,7 +38,7 @@ def _opt(t, dtype):
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_states, seq_idx, silu):
-        acc = _math_dtype(x)
+        acc = math_dtype(x.dtype)
         args = (
             _time_rows(x),
             _as(weight, acc),
@@ -103,7 +100,7 @@ def causal_conv1d_cpu(
 
 
 def causal_conv1d_update_cpu(x, conv_state, weight, bias=None, activation=None):
-    acc = _math_dtype(x)
+    acc = math_dtype(x.dtype)
     args = (_as(weight, acc), _opt(bias, acc), activation in _SILU)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return _ops.causal_conv1d_update(x, conv_state, *args)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lnlm_ssm.utils.dtypes import math_dtype
+
 ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -29,7 +31,7 @@ def causal_conv1d_ref(
     x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
 ):
     out_dtype = x.dtype
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = math_dtype(x.dtype)
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
 

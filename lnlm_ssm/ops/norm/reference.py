@@ -16,8 +16,9 @@ else in the residual's dtype (x's when there is none).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
+
+from lnlm_ssm.utils.dtypes import math_dtype
 
 
 def rms_norm_ref(
@@ -34,10 +35,10 @@ def rms_norm_ref(
     residual_in_fp32=False,
 ):
     out_dtype = x.dtype
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = math_dtype(x.dtype)
     residual_dtype = residual.dtype if residual is not None else x.dtype
-    if residual_in_fp32 and residual_dtype != torch.float64:
-        residual_dtype = torch.float32
+    if residual_in_fp32:
+        residual_dtype = math_dtype(residual_dtype)
 
     h = x.to(compute)
     if residual is not None:

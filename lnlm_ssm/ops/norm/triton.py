@@ -25,6 +25,7 @@ from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
 from lnlm_ssm.ops._triton import wrap as _wrap
+from lnlm_ssm.utils.dtypes import math_dtype
 
 
 # One group is held in registers: beyond this many channels it would spill.
@@ -299,6 +300,6 @@ def rms_norm_triton(
     residual_dtype = None
     if prenorm:
         residual_dtype = residual.dtype if residual is not None else x.dtype
-        if residual_in_fp32 and residual_dtype != torch.float64:
-            residual_dtype = torch.float32
+        if residual_in_fp32:
+            residual_dtype = math_dtype(residual_dtype)
     return _RMSNorm.apply(x, weight, bias, residual, z, float(eps), group, bool(norm_before_gate), residual_dtype)

@@ -11,15 +11,12 @@ from __future__ import annotations
 import torch
 
 from lnlm_ssm.ops import _library
+from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
 
 CHECKPOINT_EVERY = 64  # a multiple of the kernel's time block (kBlock = 64 in the C++)
 LANES = 8  # the kernel's vector width along dstate (kLanes in the C++)
-
-
-def _math_dtype(u: torch.Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def _pad_dstate(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +44,7 @@ def _opt_state(t, dtype):
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-        acc = _math_dtype(u)
+        acc = math_dtype(u.dtype)
         args = (
             u.contiguous(),
             delta.contiguous(),

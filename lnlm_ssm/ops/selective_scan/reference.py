@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lnlm_ssm.utils.dtypes import math_dtype
+
 
 def selective_scan_ref(
     u,
@@ -50,7 +52,7 @@ def selective_scan_ref(
     initial_state=None,
 ):
     out_dtype = u.dtype
-    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    compute = math_dtype(u.dtype)
     batch, dim, seqlen = u.shape
     dstate = A.shape[-1]
 

@@ -14,12 +14,9 @@ import math
 import torch
 
 from lnlm_ssm.ops import _library
+from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
-
-
-def _math_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _opt(t, dtype=None):
@@ -31,7 +28,7 @@ def _opt(t, dtype=None):
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_min, dt_max):
-        acc = _math_dtype(x)
+        acc = math_dtype(x.dtype)
         nheads, headdim = x.shape[2], x.shape[3]
         # D per head or per channel: the kernel takes (nheads, headdim).
         D_full = None if D is None else (D[:, None] if D.ndim == 1 else D).to(acc).expand(nheads, headdim).contiguous()

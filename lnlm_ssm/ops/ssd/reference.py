@@ -43,6 +43,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lnlm_ssm.utils.dtypes import math_dtype
+
 
 def _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
     dt = dt.to(compute)
@@ -95,7 +97,7 @@ def mamba_chunk_scan_ref(
     return_final_states=False,
 ):
     out_dtype = x.dtype
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     T = chunk_size
@@ -179,7 +181,7 @@ def ssd_recurrent_ref(
 ):
     """The SSD recurrence, one step at a time: the oracle for ``mamba_chunk_scan_ref``."""
     out_dtype = x.dtype
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
     heads_per_group = nheads // B.shape[2]
     x_in = x.to(compute)

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from lnlm_ssm.ops.state_update.shapes import canonicalize
+from lnlm_ssm.utils.dtypes import math_dtype
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     s = canonicalize(state, x, dt, A, B, C, D, z, dt_bias)
-    compute = torch.float64 if s.x.dtype == torch.float64 else torch.float32
+    compute = math_dtype(s.x.dtype)
     heads_per_group = s.x.shape[1] // s.B.shape[1]
 
     dt = s.dt.to(compute)
