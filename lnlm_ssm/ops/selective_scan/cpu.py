@@ -1,19 +1,20 @@
-"""Mamba-1 selective scan on the CPU: the C++ kernels of ``csrc/cpu/selective_scan.cpp`` in autograd.
+"""Mamba-1 selective scan on the CPU: the C++ kernels of ``csrc/cpu/selective_scan.cpp``.
 
+The kernels read u, delta and z contiguous, everything else in the math dtype,
+B and C time-major ``(batch, ngroups, seqlen, dstate)`` and dstate padded to a
+multiple of ``LANES``; this module brings the inputs to that layout, and the
+autograd Function it shares with the cuda backend (``extension.py``) does the rest.
 The forward saves the state entering every ``CHECKPOINT_EVERY`` steps, (batch,
 dim, seqlen / CHECKPOINT_EVERY, dstate) in the math dtype, instead of every
-state; the backward recomputes each chunk's states from its checkpoint. With
-dstate 16 that is a quarter of the size of u in fp32.
+state. With dstate 16 that is a quarter of the size of u in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lnlm_ssm.ops import _library
+from lnlm_ssm.ops.selective_scan.extension import SelectiveScan
 from lnlm_ssm.utils.dtypes import math_dtype
-
-_ops = _library.load()
 
 CHECKPOINT_EVERY = 64  # a multiple of the kernel's time block (kBlock = 64 in the C++)
 LANES = 8  # the kernel's vector width along dstate (kLanes in the C++)
@@ -41,73 +42,6 @@ def _opt_state(t, dtype):
     return None if t is None else _pad_dstate(t.to(dtype)).contiguous()
 
 
-class _SelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-        acc = math_dtype(u.dtype)
-        args = (
-            u.contiguous(),
-            delta.contiguous(),
-            _pad_dstate(A.to(acc)).contiguous(),
-            _time_major(B, acc),
-            _time_major(C, acc),
-            _opt(D, acc),
-            _opt(z),
-            _opt(delta_bias, acc),
-        )
-        checkpoint_every = CHECKPOINT_EVERY if any(ctx.needs_input_grad) else 0
-        out, last_state, checkpoints = _ops.selective_scan_fwd(
-            *args, _opt_state(initial_state, acc), delta_softplus, checkpoint_every
-        )
-        dstate = A.shape[-1]
-        if checkpoint_every:
-            ctx.save_for_backward(*args, checkpoints)
-            ctx.delta_softplus = delta_softplus
-            ctx.dtypes = (A.dtype, B.dtype, None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype)
-            ctx.B_shape = B.shape
-            ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
-            ctx.dstate = dstate
-        return out, last_state[..., :dstate]
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_last_state):
-        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-        A_dtype, B_dtype, D_dtype, bias_dtype = ctx.dtypes
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = _ops.selective_scan_bwd(
-            grad_out.to(u.dtype).contiguous(),
-            _opt_state(grad_last_state, A.dtype),
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            checkpoints,
-            ctx.delta_softplus,
-            CHECKPOINT_EVERY,
-        )
-
-        dstate = ctx.dstate
-
-        def bc_grad(g):
-            return g[..., :dstate].transpose(-1, -2).reshape(ctx.B_shape).to(B_dtype)
-
-        return (
-            du,
-            ddelta,
-            dA[:, :dstate].to(A_dtype),
-            bc_grad(dB),
-            bc_grad(dC),
-            None if D_dtype is None else dD.to(D_dtype),
-            None if z is None else dz,
-            None if bias_dtype is None else dbias.to(bias_dtype),
-            None if ctx.initial_state_dtype is None else dinit[..., :dstate].to(ctx.initial_state_dtype),
-            None,
-        )
-
-
 def selective_scan_cpu(
     u,
     delta,
@@ -122,5 +56,18 @@ def selective_scan_cpu(
     *,
     initial_state=None,
 ):
-    out, last_state = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
-    return (out, last_state) if return_last_state else out
+    acc = math_dtype(u.dtype)
+    out, last_state = SelectiveScan.apply(
+        u.contiguous(),
+        delta.contiguous(),
+        _pad_dstate(A.to(acc)).contiguous(),
+        _time_major(B, acc),
+        _time_major(C, acc),
+        _opt(D, acc),
+        _opt(z),
+        _opt(delta_bias, acc),
+        _opt_state(initial_state, acc),
+        bool(delta_softplus),
+        CHECKPOINT_EVERY,
+    )
+    return (out, last_state[..., : A.shape[-1]]) if return_last_state else out
