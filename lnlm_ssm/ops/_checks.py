@@ -1,4 +1,4 @@
-"""Input validation shared by the public ops.
+"""Tensor validation shared by the public ops (the checks of plain arguments are in ``lnlm_ssm.utils.checks``).
 
 Every public op checks its inputs here before any kernel sees them, so that a
 user gets a ValueError/TypeError that names the argument and says what was
@@ -11,7 +11,7 @@ every later tensor must agree.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -90,18 +90,6 @@ def check_tensor(arg: str, value, *, floating: bool = True) -> torch.Tensor:
         raise TypeError(f"{arg} must have dtype {_FLOAT_NAMES}, got {value.dtype}")
     if not floating and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
         raise TypeError(f"{arg} must have an integer dtype, got {value.dtype}")
-    return value
-
-
-def check_choice(arg: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
-
-
-def check_positive_int(arg: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
     return value
 
 

@@ -65,7 +65,7 @@ SSD_CASES = [
     (dict(x=torch.randn(2, 6, 4)), ValueError, r"x must have 4 dimensions"),
     (dict(dt=torch.rand(2, 6, 3)), ValueError, r"dt has shape \(2, 6, 3\).*nheads = 4"),
     (dict(B=torch.randn(2, 6, 3, 3), C=torch.randn(2, 6, 3, 3)), ValueError, r"nheads \(4\) must be divisible by ngroups \(3\)"),
-    (dict(chunk_size=0), ValueError, r"chunk_size must be a positive int, got 0"),
+    (dict(chunk_size=0), ValueError, r"chunk_size must be a positive integer, got 0"),
     (dict(chunk_size=2.0), ValueError, r"chunk_size must be a positive int"),
     (dict(D=torch.randn(4, 3)), ValueError, r"D has shape \(4, 3\).*headdim = 2"),
     (dict(seq_idx=torch.zeros(2, 6)), TypeError, r"seq_idx must have an integer dtype, got torch.float32"),

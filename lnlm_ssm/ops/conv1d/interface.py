@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 
 from lnlm_ssm.ops._backends import register, resolve
-from lnlm_ssm.ops._checks import Shapes, check_choice, check_seq_idx
+from lnlm_ssm.ops._checks import Shapes, check_seq_idx
 from lnlm_ssm.ops.conv1d.reference import ACTIVATIONS, causal_conv1d_ref, causal_conv1d_update_ref
+from lnlm_ssm.utils.checks import check_choice
 
 _KERNELS = {
     "reference": causal_conv1d_ref,

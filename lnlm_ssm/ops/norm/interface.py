@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from lnlm_ssm.ops._backends import register, resolve
-from lnlm_ssm.ops._checks import Shapes, check_divisible, check_positive_int, check_tensor
+from lnlm_ssm.ops._checks import Shapes, check_divisible, check_tensor
 from lnlm_ssm.ops.norm.reference import rms_norm_ref
+from lnlm_ssm.utils.checks import check_positive_int
 
 _KERNELS = {
     "reference": rms_norm_ref,

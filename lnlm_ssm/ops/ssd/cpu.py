@@ -9,11 +9,11 @@ one parallel loop (see the C++ for why), with a hand-written backward.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lnlm_ssm.ops import _library
+from lnlm_ssm.ops.ssd.reference import dt_clamp_bounds
+from lnlm_ssm.utils.checks import NO_DT_LIMIT
 from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
@@ -94,16 +94,12 @@ def mamba_chunk_scan_cpu(
     z=None,
     dt_bias=None,
     dt_softplus=False,
-    dt_limit=(0.0, math.inf),
+    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
     return_final_states=False,
 ):
-    # The reference clamps only when a limit is given: without one, a negative
-    # dt (no softplus) passes through unclamped.
-    low, high = (float(v) for v in dt_limit)
-    if (low, high) == (0.0, math.inf):
-        low = -math.inf
+    low, high = dt_clamp_bounds(dt_limit)
     out, final_states = _ChunkScan.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus), low, high
     )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from lnlm_ssm.ops._backends import register, resolve
-from lnlm_ssm.ops._checks import Shapes, check_divisible, check_positive_int, check_seq_idx
+from lnlm_ssm.ops._checks import Shapes, check_divisible, check_seq_idx
 from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref
+from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_dt_limit, check_positive_int
 
 _KERNELS = {
     "reference": mamba_chunk_scan_ref,
@@ -14,16 +13,6 @@ _KERNELS = {
     "triton": "lnlm_ssm.ops.ssd.triton:mamba_chunk_scan_triton",
 }
 register("mamba_chunk_scan_combined", _KERNELS)
-
-
-def _check_dt_limit(dt_limit):
-    try:
-        low, high = (float(v) for v in dt_limit)
-    except (TypeError, ValueError):
-        raise ValueError(f"dt_limit must be a pair of floats (min, max), got {dt_limit!r}") from None
-    if not low <= high:
-        raise ValueError(f"dt_limit must satisfy min <= max, got {dt_limit!r}")
-    return (low, high)
 
 
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx) -> Shapes:
@@ -63,7 +52,7 @@ def mamba_chunk_scan_combined(
     initial_states=None,
     seq_idx=None,
     dt_softplus=False,
-    dt_limit=(0.0, math.inf),
+    dt_limit=NO_DT_LIMIT,
     return_final_states=False,
     *,
     backend="auto",
@@ -78,7 +67,7 @@ def mamba_chunk_scan_combined(
     through ``final_states``.
     """
     shapes = _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
-    dt_limit = _check_dt_limit(dt_limit)
+    dt_limit = check_dt_limit(dt_limit)
     kernel = resolve("mamba_chunk_scan_combined", backend, shapes.device, dtype=x.dtype)
     return kernel(
         x,

@@ -43,6 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_dt_limit
 from lnlm_ssm.utils.dtypes import math_dtype
 
 
@@ -52,9 +53,20 @@ def _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
         dt = dt + dt_bias.to(compute)
     if dt_softplus:
         dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
+    if tuple(dt_limit) != NO_DT_LIMIT:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
+
+
+def dt_clamp_bounds(dt_limit) -> tuple[float, float]:
+    """``dt_limit`` as the (min, max) the kernels clamp Δ to.
+
+    The default (no limit) clamps nothing, as above: a negative Δ (dt without
+    softplus) passes through, so the kernels, which always clamp, get -inf as
+    min instead of 0.
+    """
+    low, high = check_dt_limit(dt_limit)
+    return (-math.inf, high) if (low, high) == NO_DT_LIMIT else (low, high)
 
 
 def _finish(y, x, D, z):
@@ -91,7 +103,7 @@ def mamba_chunk_scan_ref(
     z=None,
     dt_bias=None,
     dt_softplus=False,
-    dt_limit=(0.0, math.inf),
+    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
     return_final_states=False,
@@ -174,7 +186,7 @@ def ssd_recurrent_ref(
     z=None,
     dt_bias=None,
     dt_softplus=False,
-    dt_limit=(0.0, math.inf),
+    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
     return_final_states=False,

@@ -20,7 +20,6 @@ same sizes are valid on Ampere and Hopper. Both launchers are torch ops
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -32,6 +31,8 @@ from lnlm_ssm.ops._triton import wrap as _wrap
 # them under TRITON_INTERPRET=1 (Triton picks compiled or interpreted at @triton.jit).
 from lnlm_ssm.ops.ssd import triton_kernels as _fwd
 from lnlm_ssm.ops.ssd import triton_kernels_bwd as _bwd
+from lnlm_ssm.ops.ssd.reference import dt_clamp_bounds
+from lnlm_ssm.utils.checks import NO_DT_LIMIT
 
 _STATE_BLOCK = 256  # elements of one (p, n) state per program in state passing
 
@@ -354,15 +355,12 @@ def mamba_chunk_scan_triton(
     z=None,
     dt_bias=None,
     dt_softplus=False,
-    dt_limit=(0.0, math.inf),
+    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
     return_final_states=False,
 ):
-    # As the reference: without a limit, a negative dt (no softplus) passes through unclamped.
-    low, high = (float(v) for v in dt_limit)
-    if (low, high) == (0.0, math.inf):
-        low = -math.inf
+    low, high = dt_clamp_bounds(dt_limit)
     out, final_states = _ChunkScan.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus), low, high
     )
