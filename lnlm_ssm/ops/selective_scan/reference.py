@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from lnlm_ssm.utils.dtypes import math_dtype
 
@@ -53,7 +54,7 @@ def selective_scan_ref(
 ):
     out_dtype = u.dtype
     compute = math_dtype(u.dtype)
-    batch, dim, seqlen = u.shape
+    batch, dim, _ = u.shape
     dstate = A.shape[-1]
 
     u = u.to(compute)
@@ -63,26 +64,27 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
 
-    # Ungrouped B/C is the one-group case.
+    # Ungrouped B/C is the one-group case. The scan splits the channels as dim = (g c):
+    # group g's B and C serve its c = dim / ngroups channels.
     B = (B if B.ndim == 4 else B.unsqueeze(1)).to(compute)
     C = (C if C.ndim == 4 else C.unsqueeze(1)).to(compute)
     ngroups = B.shape[1]
-    per_group = dim // ngroups
 
-    # Discretise every step up front: both are (batch, dim, seqlen, dstate).
+    # Discretise every step up front: both are (batch, ngroups, dim / ngroups, seqlen, dstate).
     decay = torch.exp(delta.unsqueeze(-1) * A.to(compute)[:, None, :])
-    drive = torch.einsum("bgcl,bgnl->bgcln", (delta * u).view(batch, ngroups, per_group, seqlen), B)
-    drive = drive.reshape(batch, dim, seqlen, dstate)
+    decay = rearrange(decay, "b (g c) l n -> b g c l n", g=ngroups)
+    drive = torch.einsum("bgcl,bgnl->bgcln", rearrange(delta * u, "b (g c) l -> b g c l", g=ngroups), B)
 
     h = u.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(compute)
+    h = rearrange(h, "b (g c) n -> b g c n", g=ngroups)
     ys = []
-    # unbind, not indexing: the backward of x[:, :, t] builds a zero tensor of x's
+    # unbind, not indexing: the backward of x[..., t, :] builds a zero tensor of x's
     # full size at every step, which makes the backward quadratic in seqlen.
-    for decay_t, drive_t, C_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(-1)):
+    for decay_t, drive_t, C_t in zip(decay.unbind(3), drive.unbind(3), C.unbind(-1)):
         h = decay_t * h + drive_t
-        y_t = torch.einsum("bgcn,bgn->bgc", h.view(batch, ngroups, per_group, dstate), C_t)
-        ys.append(y_t.reshape(batch, dim))
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+        ys.append(torch.einsum("bgcn,bgn->bgc", h, C_t))
+    y = rearrange(torch.stack(ys, dim=-1), "b g c l -> b (g c) l") if ys else u.new_zeros(batch, dim, 0)
+    h = rearrange(h, "b g c n -> b (g c) n")
 
     if D is not None:
         y = y + u * D.to(compute)[:, None]

@@ -42,6 +42,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_dt_limit
 from lnlm_ssm.utils.dtypes import math_dtype
@@ -67,6 +68,11 @@ def dt_clamp_bounds(dt_limit) -> tuple[float, float]:
     """
     low, high = check_dt_limit(dt_limit)
     return (-math.inf, high) if (low, high) == NO_DT_LIMIT else (low, high)
+
+
+def _per_head(t, nheads):
+    """B or C (..., g, n) for each head, (..., h, n): heads split as (g r), group g serving its r heads."""
+    return repeat(t, "... g n -> ... (g r) n", r=nheads // t.shape[-2])
 
 
 def _finish(y, x, D, z):
@@ -111,7 +117,7 @@ def mamba_chunk_scan_ref(
     out_dtype = x.dtype
     compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
+    dstate = B.shape[3]
     T = chunk_size
     nchunks = max(1, -(-seqlen // T))
     pad = nchunks * T - seqlen
@@ -126,17 +132,16 @@ def mamba_chunk_scan_ref(
     # 1. Chunk, padding the tail with Δ=0 (a no-op step) of the last sequence.
     def chunked(t):
         t = F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad))
-        return t.reshape(batch, nchunks, T, *t.shape[2:])
+        return rearrange(t, "b (c l) ... -> b c l ...", l=T)
 
-    heads_per_group = nheads // ngroups
     xc = chunked(x_in)  # (b, c, T, h, p)
     dtc = chunked(dt)  # (b, c, T, h)
-    Bc = chunked(B.to(compute)).repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
-    Cc = chunked(C.to(compute)).repeat_interleave(heads_per_group, dim=3)
+    Bc = _per_head(chunked(B.to(compute)), nheads)  # (b, c, T, h, n)
+    Cc = _per_head(chunked(C.to(compute)), nheads)
     last_seq = seq_idx[:, -1:] if seqlen else first_seq
-    seqc = torch.cat([seq_idx, last_seq.expand(batch, pad)], dim=1).view(batch, nchunks, T)
+    seqc = rearrange(torch.cat([seq_idx, last_seq.expand(batch, pad)], dim=1), "b (c l) -> b c l", l=T)
 
-    a = (dtc * A.to(compute)).permute(0, 3, 1, 2)  # (b, h, c, T): log-decay of each step
+    a = rearrange(dtc * A.to(compute), "b c l h -> b h c l")  # log-decay of each step
     same_seq = (seqc[:, :, :, None] == seqc[:, :, None, :])[:, None]  # (b, 1, c, T, T)
     S = _segsum(a, same_seq)  # (b, h, c, T, T)
 
@@ -171,7 +176,7 @@ def mamba_chunk_scan_ref(
     reaches = (seqc == entering_seq[:, :, None]).to(compute)[:, None]  # (b, 1, c, T)
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, entering, prefix * reaches)
 
-    y = y.reshape(batch, nchunks * T, nheads, headdim)[:, :seqlen]
+    y = rearrange(y, "b c l h p -> b (c l) h p")[:, :seqlen]
     y = _finish(y, x_in, D, z).to(out_dtype)
     return (y, state) if return_final_states else y
 
@@ -195,11 +200,10 @@ def ssd_recurrent_ref(
     out_dtype = x.dtype
     compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
-    heads_per_group = nheads // B.shape[2]
     x_in = x.to(compute)
     dt = _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
-    B = B.to(compute).repeat_interleave(heads_per_group, dim=2)  # (b, l, h, n)
-    C = C.to(compute).repeat_interleave(heads_per_group, dim=2)
+    B = _per_head(B.to(compute), nheads)  # (b, l, h, n)
+    C = _per_head(C.to(compute), nheads)
     A = A.to(compute)
 
     h = x_in.new_zeros(batch, nheads, headdim, B.shape[-1]) if initial_states is None else initial_states.to(compute)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 
 from lnlm_ssm.ops.state_update.shapes import canonicalize
 from lnlm_ssm.utils.dtypes import math_dtype
@@ -32,8 +33,9 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         dt = dt + s.dt_bias.to(compute)
     if dt_softplus:
         dt = F.softplus(dt)
-    B = s.B.to(compute).repeat_interleave(heads_per_group, dim=1)[:, :, None, :]  # (b, h, 1, n)
-    C = s.C.to(compute).repeat_interleave(heads_per_group, dim=1)[:, :, None, :]
+    # Heads split as (g r): group g's B and C serve its r heads (the 1 broadcasts over headdim).
+    B = repeat(s.B.to(compute), "b g n -> b (g r) 1 n", r=heads_per_group)
+    C = repeat(s.C.to(compute), "b g n -> b (g r) 1 n", r=heads_per_group)
     x = s.x.to(compute)
 
     decay = torch.exp(dt[..., None] * s.A.to(compute))
