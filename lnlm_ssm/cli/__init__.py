@@ -1,4 +1,4 @@
-"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``).
+"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``).
 
 Each subcommand module has ``add_parser(subparsers)``, which registers its
 arguments and its handler.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lnlm_ssm.cli import generate, train
+from lnlm_ssm.cli import evaluate, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.add_parser(subparsers)
     train.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
     return parser
 
 

@@ -29,6 +29,7 @@ TIERS = {
     "models": 4,
     "objectives": 5,
     "training": 6,
+    "evaluation": 6,
     "cli": 7,
     # Entry points: `python -m lnlm_ssm` and `python -m lnlm_ssm.train` (torchrun's form) run the cli.
     "train": 8,
