@@ -4,6 +4,7 @@ backend on the same weights (an HF MambaForCausalLM checkpoint), on local tasks 
 import json
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,9 @@ pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate"
 from lm_eval.api.instance import Instance  # noqa: E402
 
 import lnlm_ssm.evaluation  # noqa: E402,F401  (registers the model)
+from lnlm_ssm import MambaLM  # noqa: E402
 from lnlm_ssm.cli import main  # noqa: E402
+from lnlm_ssm.data.tokenizers import save_tokenizer_kind  # noqa: E402
 from lnlm_ssm.evaluation import LnlmSsmLM  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -173,3 +176,16 @@ def test_cli_eval_writes_results_and_prints_the_table(hf_checkpoint, tasks, tmp_
     assert "tiny_mc" in out and "acc" in out and "bits_per_byte" in out
     assert main(["eval", "--model", str(hf_checkpoint), "--tasks", "no_such_task", "--include-path", str(tasks),
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_example_tasks_of_the_readme_run(tmp_path, monkeypatch, capsys):
+    # README: `lnlm-ssm eval --model runs/demo/model --tasks python_mc,python_ppl --include-path examples/lm_eval`.
+    repo = Path(__file__).resolve().parents[2]
+    MambaLM.from_name("mamba-tiny", n_layer=1).save_pretrained(tmp_path / "model")
+    save_tokenizer_kind(tmp_path / "model", "byte")
+    monkeypatch.chdir(repo)  # the tasks' data paths are relative to the repository root
+    code = main(["eval", "--model", str(tmp_path / "model"), "--tasks", "python_mc,python_ppl",
+                 "--include-path", "examples/lm_eval", "--limit", "2", "--out", str(tmp_path / "eval")])
+    assert code == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert 0 <= results["python_mc"]["acc,none"] <= 1 and results["python_ppl"]["bits_per_byte,none"] > 0
