@@ -1,4 +1,4 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object a line), a progress bar, and ``loss.png``.
+"""What a run reports: ``metrics.jsonl`` (one JSON object a line), a tqdm progress bar, and ``loss.png``.
 
 Rows of ``metrics.jsonl`` have a ``kind``:
 
@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
+
+from tqdm import tqdm
 
 from lnlm_ssm.utils.files import atomic_path, atomic_write
 
@@ -63,11 +65,12 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """One status line on ``stream`` (stderr): step, a bar, the given fields, elapsed and remaining time.
+    """A tqdm bar of the run's steps on ``stream`` (stderr), with the given fields after it.
 
-    On a terminal the line is redrawn in place; elsewhere (a log file, a CI
-    console) a full line is written at most every ``log_interval`` seconds and
-    at the last step, so logs stay short.
+    On a terminal it is tqdm's live bar, redrawn in place. Elsewhere (a log file,
+    a CI console) tqdm's redraws would pile up as one endless line, so the same
+    text is written as whole lines instead: at most one every ``log_interval``
+    seconds, and always the last step's.
     """
 
     def __init__(
@@ -76,57 +79,51 @@ class ProgressBar:
         *,
         initial: int = 0,
         stream: Optional[TextIO] = None,
-        width: int = 20,
         log_interval: float = 10.0,
     ) -> None:
         self.total = total
         self.initial = initial
         self.stream = sys.stderr if stream is None else stream
-        self.width = width
         self.log_interval = log_interval
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar = (
+            tqdm(total=total, initial=initial, file=self.stream, unit="step", bar_format=_BAR_FORMAT,
+                 dynamic_ncols=True)
+            if self.interactive
+            else None
+        )
         self._start = time.perf_counter()
-        self._last_line = ""
         self._last_written = -math.inf
 
     def update(self, step: int, **fields: str) -> None:
+        postfix = ", ".join(f"{name}={value}" for name, value in fields.items())
+        if self._bar is not None:
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
         now = time.perf_counter()
-        done = step - self.initial
-        elapsed = now - self._start
-        remaining = elapsed / done * (self.total - step) if done > 0 else math.nan
-        filled = int(self.width * step / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        parts = [f"step {step:>{len(str(self.total))}}/{self.total} [{bar}]"]
-        parts += [f"{name} {value}" for name, value in fields.items()]
-        parts.append(f"{_clock(elapsed)}<{_clock(remaining)}")
-        line = " | ".join(parts)
-        if self.interactive:
-            self.stream.write("\r" + line.ljust(len(self._last_line)))
-        elif now - self._last_written >= self.log_interval or step == self.total:
+        if now - self._last_written >= self.log_interval or step == self.total:
+            line = tqdm.format_meter(step, self.total, now - self._start, ascii=True, unit="step",
+                                     bar_format=_BAR_FORMAT, postfix=postfix, initial=self.initial)
             self.stream.write(line + "\n")
+            self.stream.flush()
             self._last_written = now
-        self._last_line = line
-        self.stream.flush()
 
     def message(self, text: str) -> None:
-        """A line above the bar (the bar is redrawn by the next update)."""
-        if self.interactive and self._last_line:
-            self.stream.write("\r" + " " * len(self._last_line) + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.interactive and self._last_line:
-            self.stream.write("\n")
+        """A line above the bar (on a terminal, tqdm redraws the bar below it)."""
+        if self._bar is not None:
+            tqdm.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
             self.stream.flush()
 
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+# tqdm's usual layout, led by the step count, which is what a reader of a training log looks for first.
+_BAR_FORMAT = "step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Union[str, os.PathLike]) -> Optional[str]:

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 import sys
 
 import pytest
@@ -189,22 +190,29 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_bar_redraws_on_a_terminal_and_writes_few_lines_elsewhere():
     term = FakeTerminal()
-    bar = ProgressBar(10, initial=2, stream=term, width=10)
+    bar = ProgressBar(10, initial=2, stream=term)
     bar.update(3, loss="1.0")
     bar.message("eval")
     bar.update(10, loss="0.5")
     bar.close()
     text = term.getvalue()
-    assert text.startswith("\rstep  3/10 [###.......] | loss 1.0 | ")
-    assert "\r" + " " * len("step  3/10") in text and "eval\n" in text
-    assert "\rstep 10/10 [##########] | loss 0.5 | " in text and text.endswith("\n")
+    # tqdm's live bar: drawn at once, redrawn in place after "\r"; the message on a cleared line of its own.
+    assert text.startswith("\rstep 2/10  20%|")
+    assert re.search(r"\r +\reval\n\rstep 3/10  30%\|[^\n]*, loss=1\.0\]", text)
+    assert re.search(r"\rstep 10/10 100%\|##########\| \[[^\n]*, loss=0\.5\]\n$", text)
+    assert text.count("\n") == 2  # the message's and the one that closes the bar
 
     log = io.StringIO()
     bar = ProgressBar(100, stream=log, log_interval=3600)
     for step in range(1, 101):
         bar.update(step, loss="1.0")
+        if step == 50:
+            bar.message("eval")
+    bar.close()
     lines = log.getvalue().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("step   1/100") and lines[1].startswith("step 100/100")
+    assert len(lines) == 3 and lines[1] == "eval", lines
+    assert lines[0].startswith("step 1/100   1%|") and lines[0].endswith(", loss=1.0]")
+    assert lines[2].startswith("step 100/100 100%|##########| [") and lines[2].endswith(", loss=1.0]")
     assert "\r" not in log.getvalue()
 
 
