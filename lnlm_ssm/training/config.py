@@ -40,6 +40,7 @@ from lnlm_ssm.utils.checks import check_choice
 __all__ = ["TrainConfig", "TrainConfigError", "add_arguments", "config_from_args"]
 
 DTYPES = ("auto", "fp32", "bf16")
+REPORT_TO = ("none", "tensorboard")
 # The fields whose value is one of a fixed set of names, and the set.
 CHOICES = {
     "dtype": DTYPES,
@@ -47,6 +48,7 @@ CHOICES = {
     "backend": ("auto",) + BACKENDS,
     "objective": tuple(OBJECTIVES),
     "preset": tuple(sorted(PRESETS)),
+    "report_to": REPORT_TO,
 }
 
 
@@ -90,6 +92,11 @@ class TrainConfig:
     eval_every: int = field(default=20, metadata=_help("steps between held-out evaluations (and at the end)"))
     eval_batches: int = field(default=4, metadata=_help("held-out batches per evaluation"))
     log_every: int = field(default=1, metadata=_help("steps between rows of metrics.jsonl"))
+    report_to: str = field(
+        default="none",
+        metadata=_help("also log metrics.jsonl's scalars to: none, tensorboard (event files in out/tensorboard; needs "
+                       "pip install lnlm_ssm[tensorboard])"),
+    )
     ckpt_every: int = field(default=50, metadata=_help("steps between training checkpoints (and at the end)"))
     keep_last: int = field(default=3, metadata=_help("training checkpoints to keep"))
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint in out/checkpoints"))

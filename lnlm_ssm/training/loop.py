@@ -5,6 +5,7 @@ A run directory (``config.out``) ends up holding::
     data/                  the tokenised corpus (prepared once, reused on resume)
     metrics.jsonl          one row per logged step and per evaluation (training/metrics.py)
     loss.png               train and held-out loss curves
+    tensorboard/           with report_to="tensorboard": metrics.jsonl's scalars as TensorBoard events
     checkpoints/           step-{N:08d}.pt training checkpoints, the newest keep_last
     model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained)
 
@@ -52,7 +53,14 @@ from lnlm_ssm.training.state import (
     save_checkpoint,
 )
 from lnlm_ssm.training.config import TrainConfig, TrainConfigError
-from lnlm_ssm.training.metrics import MetricsLog, ProgressBar, plot_losses, read_metrics
+from lnlm_ssm.training.metrics import (
+    MetricsLog,
+    ProgressBar,
+    TensorBoardLog,
+    plot_losses,
+    read_metrics,
+    require_tensorboard,
+)
 
 __all__ = ["lr_at", "param_groups", "train"]
 
@@ -124,6 +132,8 @@ class _Run:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.resume_from = self._resume_path()
+        if config.report_to == "tensorboard":
+            require_tensorboard()  # on every rank, before any work: not an error an hour into the run
         self.plot_noted = False
 
     def _resume_path(self) -> Optional[Path]:
@@ -247,7 +257,13 @@ class _Run:
         bytes_per_token = corpus.bytes_per_token("val")
         tokens_per_step = config.batch_size * config.seq_len
 
-        log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if state is None else step) if self.main else None
+        resume_step = None if state is None else step
+        log = MetricsLog(self.out / "metrics.jsonl", resume_step=resume_step) if self.main else None
+        board = (
+            TensorBoardLog(self.out / "tensorboard", resume_step=resume_step)
+            if self.main and config.report_to == "tensorboard"
+            else None
+        )
         bar = ProgressBar(config.steps, initial=step) if self.main else None
         if bar is not None and state is not None:
             bar.message(f"resuming from {self.resume_from} at step {step}")
@@ -271,9 +287,12 @@ class _Run:
                 if step % config.log_every == 0 or last:
                     tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
                     last_log_step, last_log_time = step, now
+                    scalars = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
                     if log is not None:
-                        log.write("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                                  tokens=tokens, elapsed_s=now - start)
+                        log.write("train", step, **scalars, tokens=tokens, elapsed_s=now - start)
+                    # Not tokens and elapsed_s: they are TensorBoard's step and wall-time axes.
+                    if board is not None:
+                        board.write("train", step, **scalars)
                 if bar is not None:
                     speed = (tokens - first_tokens) / (now - start)
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
@@ -283,6 +302,8 @@ class _Run:
                     result.update(metrics)
                     if log is not None:
                         log.write("eval", step, **metrics)
+                        if board is not None:
+                            board.write("eval", step, **metrics)
                         bar.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if step % config.ckpt_every == 0 or last:
                     saved = self._save(model, samplers["train"], model_config, step, tokens)
@@ -295,6 +316,8 @@ class _Run:
                 bar.close()
             if log is not None:
                 log.close()
+            if board is not None:
+                board.close()
         elapsed = time.perf_counter() - start
         return {
             **result,

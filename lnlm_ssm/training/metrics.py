@@ -1,4 +1,5 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object a line), a tqdm progress bar, and ``loss.png``.
+"""What a run reports: ``metrics.jsonl`` (one JSON object a line), a tqdm progress bar, ``loss.png``, and,
+when asked, the same scalars as TensorBoard events.
 
 Rows of ``metrics.jsonl`` have a ``kind``:
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from lnlm_ssm.utils.files import atomic_path, atomic_write
 
-__all__ = ["MetricsLog", "ProgressBar", "plot_losses", "read_metrics"]
+__all__ = ["MetricsLog", "ProgressBar", "TensorBoardLog", "plot_losses", "read_metrics", "require_tensorboard"]
 
 
 def read_metrics(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
@@ -62,6 +63,41 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def require_tensorboard() -> type:
+    """torch's ``SummaryWriter``; an ImportError saying how to install TensorBoard when it is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            "report_to='tensorboard' needs the tensorboard package, which is not installed: "
+            "pip install 'lnlm_ssm[tensorboard]' (or pip install tensorboard)"
+        ) from err
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """Scalars of metrics.jsonl's rows as TensorBoard events in ``directory``: ``loss`` of a ``train`` row
+    is the scalar ``train/loss`` at global step ``step``.
+
+    ``resume_step`` as for MetricsLog. A run adds its own event file to the
+    directory; TensorBoard hides what earlier files hold from the step after
+    ``resume_step`` on (from step 1 for a fresh run), as MetricsLog drops those rows.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike], *, resume_step: Optional[int] = None) -> None:
+        summary_writer = require_tensorboard()
+        self._writer = summary_writer(str(directory), purge_step=(resume_step or 0) + 1)
+
+    def write(self, kind: str, step: int, **values: float) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(f"{kind}/{name}", value, step)
+        # At once, as metrics.jsonl is, so that a killed run keeps what it logged.
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class ProgressBar:

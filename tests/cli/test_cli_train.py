@@ -64,6 +64,16 @@ def test_errors_exit_with_status_2_and_a_message(corpus, tmp_path, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+def test_report_to_tensorboard_is_a_flag_and_needs_tensorboard(corpus, tmp_path, capsys, monkeypatch):
+    assert parse(["--report-to", "tensorboard"]).report_to == "tensorboard" and parse([]).report_to == "none"
+    with pytest.raises(SystemExit):
+        parse(["--report-to", "wandb"])
+    assert "invalid choice: 'wandb'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    assert main(["train", *tiny_flags(corpus, tmp_path / "run"), "--steps", "1", "--report-to", "tensorboard"]) == 2
+    assert "pip install 'lnlm_ssm[tensorboard]'" in capsys.readouterr().err
+
+
 def test_flags_override_the_toml_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(

@@ -167,6 +167,7 @@ def test_a_tokenizer_json_goes_with_the_model(corpus, tmp_path):
         ("grad_accum", 3, "batch_size .* multiple of grad_accum"),
         ("resume", 1, "resume must be bool"),
         ("model", "n_layer=2", "model must be a table"),
+        ("report_to", "wandb", "report_to must be one of"),
     ],
 )
 def test_bad_settings_are_named(field, value, match):
