@@ -1,14 +1,23 @@
-"""Writing checkpoints: ``config.json`` + ``model.safetensors``, atomically, in our layout.
+"""Writing checkpoints: ``config.json`` + ``model.safetensors`` and a model card, ``README.md``, atomically,
+in our layout.
 
 ``save_pretrained`` takes any model of the registry (``models.base.PretrainedModel``):
 it needs ``model.architecture``, ``model.config.to_dict()`` and ``model.tied_weights()``.
 A tied weight is stored once, under the name it is tied to.
 
+The model card is a README.md as the Hugging Face Hub shows one: the
+architecture, the parameter count, the config and, when the caller gives them
+(a training run does), facts about how the weights were made. Loading ignores it.
+
 Each file is written to a temporary file beside it and moved into place
-(``utils.files.atomic_path``); the old ``config.json`` is removed after the new
-weights are written and before they go in, so an interrupted save leaves the
-old checkpoint, the new one, or a directory without ``config.json`` that loading
-refuses, never a config paired with the wrong weights.
+(``utils.files.atomic_path``). The old card is removed first; the old
+``config.json`` after the new weights are written and before they go in; the new
+config and then the new card come last. So an interrupted save leaves the old
+checkpoint (without its card), the new one (perhaps without its card), or a
+directory without ``config.json`` that loading refuses, never a config or a card
+beside weights they do not describe. A README.md that save_pretrained did not
+write (it lacks ``CARD_MARKER``) is someone's own: it is left alone, and no card
+is written.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -33,11 +43,26 @@ from lnlm_ssm.checkpoint.load import (
 )
 from lnlm_ssm.utils.files import atomic_path, atomic_write
 
+CARD_NAME = "README.md"
+# How a save tells its own card, which describes the old weights and is replaced, from a README.md someone wrote.
+CARD_MARKER = (
+    "<!-- Written by lnlm_ssm's save_pretrained for the weights beside it; "
+    "the next save replaces it unless this line is removed. -->"
+)
 
-def save_pretrained(model: torch.nn.Module, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``model`` to ``directory`` as ``config.json`` + ``model.safetensors``; return the directory.
 
-    The directory is created if needed.
+def save_pretrained(
+    model: torch.nn.Module, directory: Union[str, os.PathLike], *, card: Optional[Mapping[str, Any]] = None
+) -> Path:
+    """Write ``model`` to ``directory`` as ``config.json`` + ``model.safetensors`` + ``README.md``; return the
+    directory.
+
+    The directory is created if needed. ``card``: facts about how the weights
+    were made (a training run gives its data, tokens seen, final evaluation and
+    command), listed in this order under the card's "Training" heading as
+    ``- name: value``: strings as they are (markdown), ints with thousands
+    separators, floats to 6 significant digits. Without it the card has the
+    architecture, the parameter count and the config.
     """
     # torch.compile's wrapper prefixes every key with "_orig_mod."; save the model it wraps.
     model = getattr(model, "_orig_mod", model)
@@ -56,12 +81,58 @@ def save_pretrained(model: torch.nn.Module, directory: Union[str, os.PathLike]) 
     fields = {**config.to_dict(), "model_type": MODEL_TYPE, ARCHITECTURE_KEY: model.architecture,
               VERSION_KEY: __version__}
     config_text = json.dumps(_encode_special_floats(fields), indent=2, allow_nan=False) + "\n"
+    card_path = directory / CARD_NAME
+    card_is_ours = not card_path.exists() or CARD_MARKER in card_path.read_text(errors="replace")
+    if card_is_ours:
+        card_path.unlink(missing_ok=True)
+    else:
+        warnings.warn(
+            f"{card_path} was not written by save_pretrained: it is kept, and no model card is written "
+            "(move it away to get one)",
+            stacklevel=2,
+        )
 
     with atomic_path(directory / WEIGHTS_NAME) as weights:
         save_file(tensors, weights, metadata={"format": "pt"})
         (directory / CONFIG_NAME).unlink(missing_ok=True)
     atomic_write(directory / CONFIG_NAME, config_text)
+    if card_is_ours:
+        atomic_write(card_path, _model_card(model, config_text, card))
     return directory
+
+
+def _model_card(model: torch.nn.Module, config_text: str, card: Optional[Mapping[str, Any]]) -> str:
+    # parameters() yields a tied weight once, so it counts once.
+    count = sum(p.numel() for p in model.parameters())
+    lines = [
+        # The Hub reads this front matter; without it, it flags the card as missing its metadata.
+        "---",
+        "library_name: lnlm_ssm",
+        "---",
+        CARD_MARKER,
+        "",
+        f"# {model.architecture}",
+        "",
+        f"A {model.architecture} with {count:,} parameters, saved by lnlm_ssm {__version__}. Load it with "
+        "`lnlm_ssm.from_pretrained(path)`.",
+        "",
+        f"## Config ({CONFIG_NAME})",
+        "",
+        "```json",
+        config_text.rstrip("\n"),
+        "```",
+    ]
+    if card:
+        lines += ["", "## Training", ""] + [f"- {name}: {_card_value(value)}" for name, value in card.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _card_value(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def _tensors_to_save(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -43,9 +43,10 @@ class PretrainedModel(nn.Module):
         """
         return registry.from_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict, expect=cls)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write config.json and the weights, atomically; returns the directory. See ``checkpoint.save``."""
-        return save_pretrained(self, directory)
+    def save_pretrained(self, directory: Union[str, os.PathLike], *, card: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write config.json, the weights and a model card (README.md, with the facts ``card`` gives), atomically;
+        returns the directory. See ``checkpoint.save``."""
+        return save_pretrained(self, directory, card=card)
 
     def tied_weights(self) -> dict[str, str]:
         """``{name: name it is tied to}`` for the weights stored once (none by default)."""

@@ -7,7 +7,8 @@ A run directory (``config.out``) ends up holding::
     loss.png               train and held-out loss curves
     tensorboard/           with report_to="tensorboard": metrics.jsonl's scalars as TensorBoard events
     checkpoints/           step-{N:08d}.pt training checkpoints, the newest keep_last
-    model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained)
+    model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained), the
+                           tokenizer, and a model card (README.md) naming the data, tokens, final evaluation, command
 
 A step draws ``batch_size`` sequences (the global batch; each rank takes its
 slice), splits its slice into ``grad_accum`` micro-batches, asks the objective
@@ -25,7 +26,10 @@ import dataclasses
 import functools
 import math
 import random
+import re
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
 from lnlm_ssm.data.sampler import WindowSampler
-from lnlm_ssm.data.tokenizers import save_tokenizer_kind
+from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import PRESETS, MambaLMConfig
@@ -268,6 +272,7 @@ class _Run:
         if bar is not None and state is not None:
             bar.message(f"resuming from {self.resume_from} at step {step}")
         result: dict[str, Any] = {}
+        final_eval: dict[str, float] = {}
         saved = self.resume_from
         start = last_log_time = time.perf_counter()
         last_log_step = step
@@ -300,6 +305,7 @@ class _Run:
                 if step % config.eval_every == 0 or last:
                     metrics = self.objective.eval_metrics(self._evaluate(model, samplers["val"]), bytes_per_token)
                     result.update(metrics)
+                    final_eval = metrics
                     if log is not None:
                         log.write("eval", step, **metrics)
                         if board is not None:
@@ -310,7 +316,7 @@ class _Run:
                     if log is not None:
                         self._plot(log, step)
                 last_log_time += time.perf_counter() - paused
-            model_dir = self._export(model, model_config)
+            model_dir = self._export(model, model_config, self._card(step, tokens, final_eval, first_step))
         finally:
             if bar is not None:
                 bar.close()
@@ -400,14 +406,39 @@ class _Run:
             self.plot_noted = True
             log.write("note", step, note=why_not)
 
-    def _export(self, model: nn.Module, model_config: MambaLMConfig) -> Path:
-        """The final weights as a MambaLM checkpoint in out/model, with the tokenizer it was trained with."""
+    def _card(self, step: int, tokens: int, final_eval: dict[str, float], first_step: int) -> dict[str, Any]:
+        """What the exported model's card says of the run that made it (see checkpoint.save)."""
+        config = self.config
+        if config.data is None:
+            data = f"the Python standard library's source, {_code(str(default_corpus_dir()))} (the default corpus)"
+        else:
+            data = _code(str(Path(config.data).resolve()))
+        if config.max_bytes is not None:
+            data += f", its first {config.max_bytes:,} bytes"
+        tokenizer = config.tokenizer
+        if tokenizer not in BUILTIN_TOKENIZERS:
+            tokenizer = str(Path(tokenizer).resolve())
+        # A resumed run's command is only the last of the commands that made the weights.
+        command = f"command (resuming at step {first_step})" if first_step else "command"
+        return {
+            "data": data,
+            "tokenizer": _code(tokenizer),
+            "objective": _code(self.objective.name),
+            "steps": step,
+            "tokens seen": tokens,
+            **{f"final {name}": value for name, value in final_eval.items()},
+            command: _code(shlex.join(sys.argv)),
+        }
+
+    def _export(self, model: nn.Module, model_config: MambaLMConfig, card: dict[str, Any]) -> Path:
+        """The final weights as a MambaLM checkpoint in out/model, with the tokenizer it was trained with and
+        its model card."""
         model_dir = self.out / "model"
         model_sd, _ = dist_lib.full_state_dicts(model, None, self.info)
         if self.main:
             export = MambaLM(model_config)
             export.load_state_dict(model_sd)
-            export.save_pretrained(model_dir)
+            export.save_pretrained(model_dir, card=card)
             tokenizer = self.config.tokenizer
             if tokenizer in ("byte", "amino"):
                 save_tokenizer_kind(model_dir, tokenizer)
@@ -417,6 +448,13 @@ class _Run:
                 shutil.copyfile(path / "tokenizer.json" if path.is_dir() else path, model_dir / "tokenizer.json")
         dist_lib.barrier(self.info)
         return model_dir
+
+
+def _code(text: str) -> str:
+    """``text`` as a markdown code span, fenced by more backticks than any run of them inside it."""
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _si(value: float) -> str:

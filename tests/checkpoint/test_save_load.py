@@ -76,7 +76,7 @@ IDS = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(1))
 def test_round_trip_is_bit_exact(tmp_path, name):
     model = make_model(name)
     save_pretrained(model, tmp_path / "ckpt")
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["README.md", "config.json", "model.safetensors"]
 
     loaded = load_pretrained(tmp_path / "ckpt").eval()
     assert_same_model(loaded, model)
@@ -155,6 +155,73 @@ def test_interrupted_replace_never_pairs_a_config_with_other_weights(tmp_path, m
     with pytest.raises(CheckpointError, match="config.json"):
         load_pretrained(tmp_path)
     save_pretrained(new, tmp_path)
+    assert_same_model(load_pretrained(tmp_path), new)
+
+
+def test_a_save_writes_a_model_card(tmp_path):
+    model = make_model("mamba1")
+    save_pretrained(model, tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: lnlm_ssm\n---\n" + ckpt.CARD_MARKER + "\n\n# MambaLM\n")
+    # The tied head is one parameter: the count is what the weights file stores.
+    count = sum(t.numel() for t in load_file(tmp_path / "model.safetensors").values())
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert f"A MambaLM with {count:,} parameters, saved by lnlm_ssm " in card
+    assert "```json\n" + (tmp_path / "config.json").read_text() + "```\n" in card
+    assert "## Training" not in card
+
+
+def test_the_card_lists_the_given_facts_in_order(tmp_path):
+    make_model("mamba2").save_pretrained(
+        tmp_path, card={"data": "`corpus/`", "tokens seen": 1234567, "final eval_loss": 1.23456789, "resumed": False}
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert card.endswith(
+        "\n## Training\n\n- data: `corpus/`\n- tokens seen: 1,234,567\n- final eval_loss: 1.23457\n- resumed: False\n"
+    )
+
+
+def test_a_save_replaces_its_own_card_and_keeps_anyone_elses(tmp_path):
+    save_pretrained(make_model("mamba1"), tmp_path, card={"steps": 1})
+    hybrid = make_model("hybrid")
+    save_pretrained(hybrid, tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert f"with {sum(p.numel() for p in hybrid.parameters()):,} parameters" in card and "steps" not in card
+    assert '"layer_pattern": "MA"' in card
+
+    # Someone's own README.md, and our card with the marker line removed (kept edits), stay as they are.
+    for own in ("# My model\n\nNotes I wrote.\n", card.replace(ckpt.CARD_MARKER + "\n", "")):
+        (tmp_path / "README.md").write_text(own)
+        model = make_model("mamba2")
+        with pytest.warns(UserWarning, match="README.md was not written by save_pretrained: it is kept"):
+            save_pretrained(model, tmp_path)
+        assert (tmp_path / "README.md").read_text() == own
+        assert_same_model(load_pretrained(tmp_path), model)
+
+
+def test_loading_ignores_the_card(tmp_path):
+    model = make_model("mamba1")
+    save_pretrained(model, tmp_path)
+    (tmp_path / "README.md").write_bytes(b"\xff\x00 not text, not a card")
+    assert_same_model(load_pretrained(tmp_path), model)
+
+
+def test_a_failed_card_write_leaves_the_new_checkpoint_without_a_card(tmp_path, monkeypatch):
+    save_pretrained(make_model("mamba1"), tmp_path)
+    new = make_model("mamba2")
+    real_replace = os.replace
+
+    def fail_on_the_card(src, dst):
+        if str(dst).endswith("README.md"):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_card)
+    with pytest.raises(OSError, match="power cut"):
+        save_pretrained(new, tmp_path)
+    monkeypatch.undo()
+    # Not the old card beside the new weights.
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     assert_same_model(load_pretrained(tmp_path), new)
 
 
@@ -320,7 +387,7 @@ def test_corrupt_torch_bin_is_named(saved):
 def test_missing_files(saved, tmp_path):
     directory, _ = saved
     (directory / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"no weights .* found \['config.json'\]"):
+    with pytest.raises(CheckpointError, match=r"no weights .* found \['README.md', 'config.json'\]"):
         load_pretrained(directory)
     (directory / "config.json").unlink()
     with pytest.raises(CheckpointError, match="needs a config.json"):

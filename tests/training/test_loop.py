@@ -14,6 +14,7 @@ import torch
 
 from lnlm_ssm.models import MambaLM
 from lnlm_ssm.data import Corpus
+from lnlm_ssm.data.corpus import default_corpus_dir
 from lnlm_ssm.training import TrainConfig, TrainConfigError, train
 from lnlm_ssm.training.state import latest_checkpoint, load_checkpoint
 from lnlm_ssm.training.loop import lr_at, param_groups
@@ -137,6 +138,47 @@ def train_losses_of(corpus, out, **overrides):
 def test_bf16_autocast_trains(corpus, tmp_path):
     result = train(tiny(corpus, tmp_path / "run", steps=2, eval_every=2, dtype="bf16"))
     assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+
+
+def test_the_model_card_says_what_made_the_weights(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lnlm-ssm", "train", "--data", "my `corpus`", "--steps", "4"])
+    out = tmp_path / "run"
+    result = train(tiny(corpus, out, steps=4, eval_every=3))
+    card = (out / "model" / "README.md").read_text()
+    model = MambaLM.from_pretrained(out / "model")
+    assert f"A MambaLM with {sum(p.numel() for p in model.parameters()):,} parameters" in card
+    assert (out / "model" / "config.json").read_text().rstrip() in card
+    training = card[card.index("## Training\n"):].splitlines()[2:]
+    assert training == [
+        f"- data: `{corpus.resolve()}`",
+        "- tokenizer: `byte`",
+        "- objective: `clm`",
+        "- steps: 4",
+        "- tokens seen: 512",  # 4 steps x 4 sequences x 32 tokens
+        f"- final eval_loss: {result['eval_loss']:.6g}",
+        f"- final eval_bpb: {result['eval_bpb']:.6g}",
+        # Shell-quoted, in a code span that the backticks inside cannot end.
+        "- command: ``lnlm-ssm train --data 'my `corpus`' --steps 4``",
+    ]
+
+
+def test_the_card_of_a_resumed_run_says_where_its_command_took_over(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=2, eval_every=2, ckpt_every=2))
+    monkeypatch.setattr(sys, "argv", ["lnlm-ssm", "train", "--steps", "3", "--resume"])
+    train(tiny(corpus, out, steps=3, eval_every=3, resume=True))
+    card = (out / "model" / "README.md").read_text()
+    assert "- steps: 3\n- tokens seen: 384\n" in card  # tokens of the whole run, not of the resumed part
+    assert "- command (resuming at step 2): `lnlm-ssm train --steps 3 --resume`\n" in card
+
+
+def test_the_card_names_the_default_corpus(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(preset="mamba-tiny", model=TINY_MODEL, out=str(out), max_bytes=20_000, steps=1, batch_size=2,
+                      seq_len=16, eval_every=1, eval_batches=1, backend="cpu"))
+    card = (out / "model" / "README.md").read_text()
+    stdlib = f"`{default_corpus_dir()}` (the default corpus)"
+    assert f"- data: the Python standard library's source, {stdlib}, its first 20,000 bytes\n" in card
 
 
 def test_a_tokenizer_json_goes_with_the_model(corpus, tmp_path):
