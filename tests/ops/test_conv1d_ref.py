@@ -37,7 +37,7 @@ def test_matches_naive(width, activation, with_bias, with_history):
     weight = torch.randn(3, width, dtype=f64)
     bias = torch.randn(3, dtype=f64) if with_bias else None
     history = torch.randn(2, 3, width - 1, dtype=f64) if with_history else None
-    out = causal_conv1d_ref(x, weight, bias, activation, initial_states=history)
+    out = causal_conv1d_ref(x, weight, bias, initial_states=history, activation=activation)
     assert_close(out, naive_conv(x, weight, bias, activation, history))
 
 
@@ -78,7 +78,7 @@ def test_update_equals_full(tokens_per_step, extra_state):
     width, seqlen = 4, 9
     x = torch.randn(2, 3, seqlen, dtype=f64)
     weight, bias = torch.randn(3, width, dtype=f64), torch.randn(3, dtype=f64)
-    full = causal_conv1d_ref(x, weight, bias, "silu")
+    full = causal_conv1d_ref(x, weight, bias, activation="silu")
     conv_state = torch.zeros(2, 3, width - 1 + extra_state, dtype=f64)
     outs = []
     for start in range(0, seqlen, tokens_per_step):
@@ -99,7 +99,7 @@ def test_gradcheck():
     history = torch.randn(1, 2, 2, dtype=f64, requires_grad=True)
 
     def f(x, weight, bias, history):
-        return causal_conv1d_ref(x, weight, bias, "silu", initial_states=history, return_final_states=True)
+        return causal_conv1d_ref(x, weight, bias, initial_states=history, return_final_states=True, activation="silu")
 
     assert torch.autograd.gradcheck(f, (x, weight, bias, history))
 
@@ -112,3 +112,17 @@ def test_low_precision_keeps_dtype():
     step = causal_conv1d_update_ref(x[..., 0], torch.zeros(2, 8, 3, dtype=torch.bfloat16), weight, activation="silu")
     assert step.dtype == torch.bfloat16
     assert torch.equal(step, out[..., 0])
+
+
+def test_reference_takes_the_incumbents_positional_order():
+    # causal-conv1d's causal_conv1d_ref(x, weight, bias, initial_states, return_final_states,
+    # final_states_out, activation): a positional initial_states must be used, not taken for the activation.
+    x, weight, bias = torch.randn(2, 6, 9), torch.randn(6, 4), torch.randn(6)
+    history = torch.randn(2, 6, 3)
+    by_position = causal_conv1d_ref(x, weight, bias, history)
+    assert_close(by_position, causal_conv1d_ref(x, weight, bias, initial_states=history))
+    assert not torch.allclose(by_position, causal_conv1d_ref(x, weight, bias))
+    final_out = torch.empty(2, 6, 3)
+    out, final = causal_conv1d_ref(x, weight, bias, history, True, final_out, "silu")
+    assert final is final_out and torch.equal(final_out, x[..., -3:])
+    assert_close(out, causal_conv1d_ref(x, weight, bias, initial_states=history, activation="silu"))

@@ -66,11 +66,12 @@ def causal_conv1d_fn(
             raise ValueError("final_states_out is only written with return_final_states=True")
         shapes.bind("final_states_out", final_states_out, ("batch", "dim", width - 1))
     kernel = resolve("causal_conv1d_fn", backend, shapes.device, dtype=x.dtype)
+    # Keywords: the reference has the causal-conv1d package's positional order, the kernels their own.
     result = kernel(
         x,
         weight,
         bias,
-        activation,
+        activation=activation,
         initial_states=initial_states,
         return_final_states=return_final_states,
         seq_idx=seq_idx,

@@ -28,8 +28,21 @@ def _activate(out, activation):
 
 
 def causal_conv1d_ref(
-    x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
+    x,
+    weight,
+    bias=None,
+    initial_states=None,
+    return_final_states=False,
+    final_states_out=None,
+    activation=None,
+    *,
+    seq_idx=None,
 ):
+    """The causal-conv1d package's ``causal_conv1d_ref``, in its positional order.
+
+    ``final_states_out`` (batch, dim, width - 1), when given with ``return_final_states``,
+    receives the final states in place and is the tensor returned.
+    """
     out_dtype = x.dtype
     compute = math_dtype(x.dtype)
     batch, dim, seqlen = x.shape
@@ -52,7 +65,10 @@ def causal_conv1d_ref(
     out = _activate(out, activation).to(out_dtype)
     if not return_final_states:
         return out
-    return out, padded[..., padded.shape[-1] - (width - 1) :].to(out_dtype)
+    final_states = padded[..., padded.shape[-1] - (width - 1) :].to(out_dtype)
+    if final_states_out is not None:
+        final_states = final_states_out.copy_(final_states)
+    return out, final_states
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
@@ -64,6 +80,6 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
     history = conv_state[..., state_len - (width - 1) :]
-    out = causal_conv1d_ref(x, weight, bias, activation, initial_states=history)
+    out = causal_conv1d_ref(x, weight, bias, history, activation=activation)
     conv_state.copy_(torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)[..., -state_len:])
     return out.squeeze(-1) if single else out
