@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lnlm_ssm.training import TrainCheckpointError, TrainConfig, TrainConfigError, train
 from lnlm_ssm.training import state as ckpt
-from lnlm_ssm.training import loop
 from lnlm_ssm.training.metrics import read_metrics
+from run_cases import train_until_killed
 
 TINY_MODEL = {"d_model": 32, "n_layer": 2}
 
@@ -32,25 +32,6 @@ def tiny(corpus, out, **overrides):
         eval_every=4, eval_batches=1, ckpt_every=6, log_every=1, warmup_steps=3, backend="cpu",
     )
     return TrainConfig(**{**fields, **overrides})
-
-
-class Killed(Exception):
-    pass
-
-
-def train_until_killed(monkeypatch, config, kill_before_step):
-    """Run ``config`` and stop it as a kill would, just before 0-based step ``kill_before_step``."""
-    real = loop.lr_at
-
-    def lr_at(step, cfg):
-        if step == kill_before_step:
-            raise Killed
-        return real(step, cfg)
-
-    with monkeypatch.context() as m:
-        m.setattr(loop, "lr_at", lr_at)
-        with pytest.raises(Killed):
-            train(config)
 
 
 def rows(out, kind):

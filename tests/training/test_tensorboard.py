@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from lnlm_ssm.training import TrainConfig, loop, train
+from lnlm_ssm.training import TrainConfig, train
 from lnlm_ssm.training.metrics import read_metrics
+from run_cases import train_until_killed
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +53,6 @@ def metrics_as_scalars(out):
         for name in names:
             scalars.setdefault(f"{row['kind']}/{name}", []).append((row["step"], float(np.float32(row[name]))))
     return scalars
-
-
-class Killed(Exception):
-    pass
-
-
-def train_until_killed(monkeypatch, config, kill_before_step):
-    """Run ``config`` and stop it as a kill would, just before 0-based step ``kill_before_step``."""
-    real = loop.lr_at
-
-    def lr_at(step, cfg):
-        if step == kill_before_step:
-            raise Killed
-        return real(step, cfg)
-
-    with monkeypatch.context() as m:
-        m.setattr(loop, "lr_at", lr_at)
-        with pytest.raises(Killed):
-            train(config)
 
 
 def test_the_event_files_hold_the_scalars_of_metrics_jsonl(corpus, tmp_path):
