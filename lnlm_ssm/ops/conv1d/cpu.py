@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from lnlm_ssm.ops import _library
+from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
 from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
 
-_SILU = ("silu", "swish")
 
 
 def _time_rows(t: torch.Tensor) -> torch.Tensor:
@@ -80,28 +80,18 @@ class _CausalConv1d(torch.autograd.Function):
         )
 
 
-def _final_states(x, initial_states, width):
-    """The last width - 1 inputs, the initial states' among them when x is shorter, in x's dtype."""
-    carry, seqlen = width - 1, x.shape[-1]
-    if seqlen >= carry:
-        return x[..., seqlen - carry :].clone()
-    batch, dim, _ = x.shape
-    history = x.new_zeros(batch, dim, carry) if initial_states is None else initial_states.to(x.dtype)
-    return torch.cat([history[..., seqlen:], x], dim=-1)
-
-
 def causal_conv1d_cpu(
     x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
 ):
-    out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation in _SILU)
+    out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation in SILU_NAMES)
     if not return_final_states:
         return out
-    return out, _final_states(x, initial_states, weight.shape[1])
+    return out, final_states(x, initial_states, weight.shape[1])
 
 
 def causal_conv1d_update_cpu(x, conv_state, weight, bias=None, activation=None):
     acc = math_dtype(x.dtype)
-    args = (_as(weight, acc), _opt(bias, acc), activation in _SILU)
+    args = (_as(weight, acc), _opt(bias, acc), activation in SILU_NAMES)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return _ops.causal_conv1d_update(x, conv_state, *args)
     # The update kernel has no backward: differentiate the convolution of x after

@@ -11,7 +11,8 @@ so they work for every layout of x.
 from __future__ import annotations
 
 import causal_conv1d
-import torch
+
+from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
 
 _WIDTHS = (2, 3, 4)
 
@@ -23,16 +24,7 @@ def _check(weight, activation):
             f"weight must have width 2, 3 or 4 for the causal-conv1d kernels (backend 'cuda'), got {width}; "
             "use backend='triton' or 'reference' for other widths"
         )
-    return None if activation is None else "silu"  # our activations: None, "silu", "swish"
-
-
-def _final_states(x, initial_states, width):
-    """The last width - 1 inputs, the initial states' among them when x is shorter, in x's dtype."""
-    carry, seqlen = width - 1, x.shape[-1]
-    if seqlen >= carry:
-        return x[..., seqlen - carry :].clone()
-    history = x.new_zeros(*x.shape[:2], carry) if initial_states is None else initial_states.to(x.dtype)
-    return torch.cat([history[..., seqlen:], x], dim=-1)
+    return "silu" if activation in SILU_NAMES else None
 
 
 def causal_conv1d_cuda(
@@ -49,7 +41,7 @@ def causal_conv1d_cuda(
     )
     if not return_final_states:
         return out
-    return out, _final_states(x, initial_states, weight.shape[1])
+    return out, final_states(x, initial_states, weight.shape[1])
 
 
 def causal_conv1d_update_cuda(x, conv_state, weight, bias=None, activation=None):

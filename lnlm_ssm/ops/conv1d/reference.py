@@ -20,11 +20,24 @@ import torch.nn.functional as F
 
 from lnlm_ssm.utils.dtypes import math_dtype
 
-ACTIVATIONS = (None, "silu", "swish")
+SILU_NAMES = ("silu", "swish")
+ACTIVATIONS = (None,) + SILU_NAMES
 
 
 def _activate(out, activation):
-    return F.silu(out) if activation in ("silu", "swish") else out
+    return F.silu(out) if activation in SILU_NAMES else out
+
+
+def final_states(x, initial_states, width):
+    """The last width - 1 inputs, the initial states' among them when x is shorter, in x's dtype.
+
+    What every backend returns as the final conv states (the kernels compute only the output).
+    """
+    carry, seqlen = width - 1, x.shape[-1]
+    if seqlen >= carry:
+        return x[..., seqlen - carry :].clone()
+    history = x.new_zeros(*x.shape[:2], carry) if initial_states is None else initial_states.to(x.dtype)
+    return torch.cat([history[..., seqlen:], x], dim=-1)
 
 
 def causal_conv1d_ref(

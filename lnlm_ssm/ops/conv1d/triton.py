@@ -25,8 +25,8 @@ from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
 from lnlm_ssm.ops._triton import wrap as _wrap
+from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
 
-_SILU = ("silu", "swish")
 
 
 @triton.jit
@@ -343,36 +343,26 @@ class _CausalConv1d(torch.autograd.Function):
         )
 
 
-def _final_states(x, initial_states, width):
-    """The last width - 1 inputs, the initial states' among them when x is shorter, in x's dtype."""
-    carry, seqlen = width - 1, x.shape[-1]
-    if seqlen >= carry:
-        return x[..., seqlen - carry :].clone()
-    batch, dim, _ = x.shape
-    history = x.new_zeros(batch, dim, carry) if initial_states is None else initial_states.to(x.dtype)
-    return torch.cat([history[..., seqlen:], x], dim=-1)
-
-
 def causal_conv1d_triton(
     x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
 ):
     _check_dtype(x)
-    out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation in _SILU)
+    out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation in SILU_NAMES)
     if not return_final_states:
         return out
-    return out, _final_states(x, initial_states, weight.shape[1])
+    return out, final_states(x, initial_states, weight.shape[1])
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
     _check_dtype(x)
     steps = x.unsqueeze(-1) if x.ndim == 2 else x
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        out = _update_op(steps, conv_state, weight, bias, activation in _SILU)
+        out = _update_op(steps, conv_state, weight, bias, activation in SILU_NAMES)
         return out.squeeze(-1) if x.ndim == 2 else out
     # The update kernel has no backward: differentiate the convolution of x after
     # the state's last width - 1 inputs, read before the kernel shifts x in.
     history = conv_state[..., conv_state.shape[-1] - (weight.shape[1] - 1) :].clone()
     out = causal_conv1d_triton(steps, weight, bias, activation, initial_states=history)
     with torch.no_grad():
-        _update_op(steps, conv_state, weight, bias, activation in _SILU)
+        _update_op(steps, conv_state, weight, bias, activation in SILU_NAMES)
     return out.squeeze(-1) if x.ndim == 2 else out
