@@ -45,6 +45,15 @@ TRITON_OP = hasattr(torch.library, "triton_op") and not _triton_interpreted()
 wrap = torch.library.wrap_triton if TRITON_OP else (lambda kernel: kernel)
 
 
+def refuse_float64(op: str, arg: str, tensor: torch.Tensor, float64_backends: str = "'reference' or 'cpu'") -> None:
+    """Our Triton kernels compute in fp32: a float64 ``tensor`` (the argument ``arg`` of ``op``) is a TypeError."""
+    if tensor.dtype == torch.float64:
+        raise TypeError(
+            f"{op}: backend 'triton' computes in float32 and {arg} has dtype float64; "
+            f"use backend={float64_backends} for float64"
+        )
+
+
 def library_op(name, fn, mutates_args, fake, *, namespace="lnlm_ssm_triton"):
     """``fn`` as the torch op ``namespace::name``, with ``fake`` for tracing where it is opaque.
 

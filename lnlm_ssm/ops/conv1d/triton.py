@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import refuse_float64
 from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
@@ -313,14 +314,6 @@ _bwd_op = _library_op("causal_conv1d_bwd", _bwd, (), _bwd_fake)
 _update_op = _library_op("causal_conv1d_update", _update, ("conv_state",), _update_fake)
 
 
-def _check_dtype(x: torch.Tensor) -> None:
-    if x.dtype == torch.float64:
-        raise TypeError(
-            "causal_conv1d: backend 'triton' computes in float32 and x has dtype float64; "
-            "use backend='reference' or 'cpu' for float64"
-        )
-
-
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, initial_states, seq_idx, silu):
@@ -346,7 +339,7 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d_triton(
     x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
 ):
-    _check_dtype(x)
+    refuse_float64("causal_conv1d", "x", x)
     out = _CausalConv1d.apply(x, weight, bias, initial_states, seq_idx, activation in SILU_NAMES)
     if not return_final_states:
         return out
@@ -354,7 +347,7 @@ def causal_conv1d_triton(
 
 
 def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
-    _check_dtype(x)
+    refuse_float64("causal_conv1d_update", "x", x)
     steps = x.unsqueeze(-1) if x.ndim == 2 else x
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         out = _update_op(steps, conv_state, weight, bias, activation in SILU_NAMES)

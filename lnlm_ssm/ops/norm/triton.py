@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import refuse_float64
 from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
@@ -286,11 +287,7 @@ def rms_norm_triton(
     prenorm=False,
     residual_in_fp32=False,
 ):
-    if x.dtype == torch.float64:
-        raise TypeError(
-            "rms_norm_fn: backend 'triton' computes in float32 and x has dtype float64; "
-            "use backend='reference' for float64"
-        )
+    refuse_float64("rms_norm_fn", "x", x, float64_backends="'reference'")
     group = x.shape[-1] if group_size is None else group_size
     if group > MAX_GROUP:
         raise ValueError(

@@ -34,6 +34,7 @@ import triton.language as tl
 from triton import knobs
 
 from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import refuse_float64
 from lnlm_ssm.ops._triton import wrap as _wrap
 
 # Steps per chunk: the time tile of both kernels and the checkpoint interval of
@@ -501,11 +502,7 @@ def selective_scan_triton(
     *,
     initial_state=None,
 ):
-    if u.dtype == torch.float64:
-        raise TypeError(
-            "u: the triton backend computes in fp32 for float32, bfloat16 and float16 inputs, got float64; "
-            "use backend='reference' or 'cpu' for float64 math"
-        )
+    refuse_float64("selective_scan_fn", "u", u)
     # The per-channel parameters and the state are read as fp32; autograd casts their gradients back.
     out, last_state = _SelectiveScan.apply(
         u, delta, A, B, C, _fp32(D), z, _fp32(delta_bias), _fp32(initial_state), bool(delta_softplus)

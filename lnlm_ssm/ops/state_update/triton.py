@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from lnlm_ssm.ops._triton import library_op as _library_op
+from lnlm_ssm.ops._triton import refuse_float64
 from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
@@ -128,11 +129,7 @@ _op = _library_op("selective_state_update", _launch, ("state",), _fake)
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    if x.dtype == torch.float64:
-        raise TypeError(
-            "selective_state_update: backend 'triton' computes in float32 and x has dtype float64; "
-            "use backend='reference' or 'cpu' for float64"
-        )
+    refuse_float64("selective_state_update", "x", x)
     if any(stride == 0 and size > 1 for stride, size in zip(state.stride(), state.shape)):
         raise ValueError(
             "state is updated in place, so it must not be a view whose elements overlap (such as an expanded "
