@@ -47,6 +47,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -255,14 +256,46 @@ def peak_extra_memory(fn: Callable[[], object], device: DeviceLike) -> dict[str,
     return {"torch_bytes": _cpu_torch_peak(fn), "rss_bytes": _rss_peak(fn)}
 
 
+@contextlib.contextmanager
+def _c_output_discarded() -> Iterator[None]:
+    """File descriptors 1 and 2 go to /dev/null for the block; C's buffered output is flushed there before they return."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        flush_c_streams = ctypes.CDLL(None).fflush
+    except (OSError, TypeError, AttributeError):  # no C library to load by name (Windows)
+        flush_c_streams = None
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        if flush_c_streams is not None:
+            flush_c_streams(None)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _cpu_torch_peak(fn: Callable[[], object]) -> Optional[int]:
     try:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    # Kineto prints "USDT: ... profiler_start" / "profiler_stop" lines through C's stdout at start and
+    # stop, into the benchmark's own output: those two calls run with the process's output discarded.
+    with _c_output_discarded():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _c_output_discarded():
+            prof.stop()
     try:
         # The event tree is how torch's own memory profiler reads allocations;
         # it is not a stable API, so any change there degrades to "unknown".
