@@ -1,10 +1,12 @@
 // y = x @ weight^T (+ bias) for a few rows of x: the projections of a decode step.
 //
 // With one to sixteen rows the product is bound by reading the weight, yet the
-// BLAS behind F.linear reaches only ~10 GB/s for 8 rows here (~24 GB/s for one),
-// against ~25 GB/s copy bandwidth. This kernel streams each weight row from
-// memory once, in order, and takes all rows of x against it while it sits in L1.
-// Work is split over weight rows with at::parallel_for.
+// BLAS behind F.linear streams it at well under copy bandwidth (~14 GB/s for one
+// row, ~6 GB/s for four, against ~27 GB/s copy bandwidth on our 2-core AVX2
+// machines). This kernel streams each weight row from memory once, in order, and
+// takes all rows of x against it while it sits in L1. Work is split over weight
+// rows with at::parallel_for; every output is summed in the same order whatever
+// the split, so the result does not depend on the thread count.
 //
 // Layout: x (m, k) with unit stride along k; weight (n, k) with unit stride
 // along k; bias (n) contiguous; y (m, n) contiguous, fp32 throughout.
@@ -14,7 +16,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace lnlm_ssm {
@@ -22,11 +27,23 @@ namespace {
 
 constexpr int64_t kMaxRows = 16;
 
-// A tile of kRows weight rows against kCols rows of x: kRows * kCols vector
-// accumulators (GCC vector types, so they stay in registers: 16 zmm for 4 x 4 on
-// AVX-512, split into narrower registers elsewhere), and each loaded weight
-// vector feeds kCols FMAs.
+// One vector is one hardware register (GCC vector types): a type wider than the
+// registers is split by the compiler, and the accumulators then live on the stack
+// (a store-to-load chain per FMA, slower than the BLAS). A tile is kTileRows weight
+// rows against up to kTileCols rows of x: kTileRows * kTileCols accumulators, plus
+// kTileCols x vectors and one weight vector, must fit the register file (32 zmm
+// with AVX-512, 16 ymm or xmm otherwise).
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+constexpr int64_t kTileCols = 4;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+constexpr int64_t kTileCols = 2;
+#else
+constexpr int64_t kLanes = 4;
+constexpr int64_t kTileCols = 2;
+#endif
+constexpr int64_t kTileRows = 4;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float unaligned_vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
 
@@ -34,6 +51,30 @@ inline vec load(const float* p) {
   return *reinterpret_cast<const unaligned_vec*>(p);
 }
 
+// a * b + c, fused wherever the machine has FMA. Spelled out rather than left to
+// the compiler's contraction, which fuses some tile shapes and not others: an
+// output would then round differently depending on which tile the thread split
+// put it in, and the result would depend on the thread count.
+inline vec madd(vec a, vec b, vec c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Each loaded weight vector feeds kCols FMAs and each x vector kRows; the lanes
+// are summed once, at the end of the row.
 template <int64_t kRows, int64_t kCols>
 inline void tile(const float* __restrict w, int64_t ldw, const float* __restrict x, int64_t ldx, int64_t k,
                  float (&out)[kRows][kCols]) {
@@ -50,7 +91,7 @@ inline void tile(const float* __restrict w, int64_t ldw, const float* __restrict
       const vec wv = load(w + r * ldw + k0);
 #pragma GCC unroll 16
       for (int64_t c = 0; c < kCols; ++c) {
-        acc[r][c] += wv * xv[c];
+        acc[r][c] = madd(wv, xv[c], acc[r][c]);
       }
     }
   }
@@ -61,14 +102,41 @@ inline void tile(const float* __restrict w, int64_t ldw, const float* __restrict
         sum += acc[r][c][l];
       }
       for (int64_t i = k_main; i < k; ++i) {
-        sum += w[r * ldw + i] * x[c * ldx + i];
+        sum = madd(w[r * ldw + i], x[c * ldx + i], sum);
       }
       out[r][c] = sum;
     }
   }
 }
 
-// Weight rows [begin, end) against all m rows of x: full 4 x 4 tiles, then the edges.
+// kRows weight rows from j against the kCols rows of x from i, plus bias, into y.
+template <int64_t kRows, int64_t kCols>
+inline void tile_to_y(const float* w, int64_t ldw, const float* x, int64_t ldx, const float* bias, float* y, int64_t n,
+                      int64_t k, int64_t j, int64_t i) {
+  float out[kRows][kCols];
+  tile<kRows, kCols>(w + j * ldw, ldw, x + i * ldx, ldx, k, out);
+  for (int64_t r = 0; r < kRows; ++r) {
+    const float b = bias ? bias[j + r] : 0.0f;
+    for (int64_t c = 0; c < kCols; ++c) {
+      y[(i + c) * n + j + r] = out[r][c] + b;
+    }
+  }
+}
+
+// The rows of x left after the full kTileCols groups, one tile of exactly that many.
+template <int64_t kRows, int64_t kCols = kTileCols - 1>
+inline void remainder_to_y(const float* w, int64_t ldw, const float* x, int64_t ldx, const float* bias, float* y,
+                           int64_t n, int64_t k, int64_t j, int64_t i, int64_t cols) {
+  if constexpr (kCols > 0) {
+    if (cols == kCols) {
+      tile_to_y<kRows, kCols>(w, ldw, x, ldx, bias, y, n, k, j, i);
+    } else {
+      remainder_to_y<kRows, kCols - 1>(w, ldw, x, ldx, bias, y, n, k, j, i, cols);
+    }
+  }
+}
+
+// Weight rows [begin, end) against all m rows of x: full tiles, then the edges.
 template <int64_t kRows>
 void rows_against_x(const float* w, int64_t ldw, const float* x, int64_t ldx, const float* bias, float* y, int64_t n,
                     int64_t m, int64_t k, int64_t begin, int64_t end) {
@@ -78,24 +146,10 @@ void rows_against_x(const float* w, int64_t ldw, const float* x, int64_t ldx, co
       return;
     }
     int64_t i = 0;
-    auto store = [&](auto& out, int64_t cols) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const float b = bias ? bias[j + r] : 0.0f;
-        for (int64_t c = 0; c < cols; ++c) {
-          y[(i + c) * n + j + r] = out[r][c] + b;
-        }
-      }
-    };
-    for (; i + 4 <= m; i += 4) {
-      float out[kRows][4];
-      tile<kRows, 4>(w + j * ldw, ldw, x + i * ldx, ldx, k, out);
-      store(out, 4);
+    for (; i + kTileCols <= m; i += kTileCols) {
+      tile_to_y<kRows, kTileCols>(w, ldw, x, ldx, bias, y, n, k, j, i);
     }
-    for (; i < m; ++i) {
-      float out[kRows][1];
-      tile<kRows, 1>(w + j * ldw, ldw, x + i * ldx, ldx, k, out);
-      store(out, 1);
-    }
+    remainder_to_y<kRows>(w, ldw, x, ldx, bias, y, n, k, j, i, m - i);
   }
 }
 
@@ -127,7 +181,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   // About 64 KB of weight per task: enough to amortise the task, small enough to balance.
   const int64_t grain = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(k, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    rows_against_x<4>(wp, ldw, xp, ldx, bp, yp, n, m, k, begin, end);
+    rows_against_x<kTileRows>(wp, ldw, xp, ldx, bp, yp, n, m, k, begin, end);
   });
   return y;
 }
