@@ -45,6 +45,40 @@ def test_leading_dimensions_and_public_call():
     assert_close(y, _expected(x, weight, bias))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("inner,out", [(256, 1), (768, 3072), (768, 50277), (1536, 80), (1537, 769)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_public_call_serves_one_to_three_rows(rows, inner, out, with_bias, monkeypatch):
+    # A decode step of batch 1 to 3: the kernel, not the BLAS, serves it, and agrees with F.linear.
+    calls = []
+    counting = lambda *a: calls.append(a) or decode_linear_cpu(*a)  # noqa: E731
+    monkeypatch.setattr(_backends._PICKED, "decode_linear:cpu", counting, raising=False)
+    gen = torch.Generator().manual_seed(rows * 100 + out)
+    x = torch.randn(rows, 1, inner, generator=gen)
+    weight = torch.randn(out, inner, generator=gen) / inner**0.5
+    bias = torch.randn(out, generator=gen) if with_bias else None
+    with torch.no_grad():
+        y = decode_linear(x, weight, bias)
+    assert len(calls) == 1 and y.shape == (rows, 1, out)
+    assert_close(y, _expected(x, weight, bias))
+    assert_close(y, F.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_threads_agree_bitwise_one_to_three_rows(rows):
+    # An odd number of weight rows, so that the split between threads leaves a partial tile.
+    x, weight, bias = torch.randn(rows, 1536), torch.randn(771, 1536), torch.randn(771)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_linear_cpu(x, weight, bias)
+        torch.set_num_threads(2)
+        two = decode_linear_cpu(x, weight, bias)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize(
     "case",
     ["grad", "float64", "bfloat16", "too_few_rows", "too_many_rows", "small_inner", "reference_backend", "empty"],

@@ -1,15 +1,16 @@
 """``decode_linear``: ``F.linear`` for the few rows of a decode step.
 
 The BLAS behind ``F.linear`` reads the weight well below memory speed when x has
-a few rows (about 10 GB/s for 8 rows against 25 GB/s copy bandwidth on our 2-core
-machines), and decoding a batch is exactly that product for every projection.
-The CPU kernel (csrc/cpu/linear.cpp) streams each weight row once and takes every
-row of x against it: 1.3-2x ``F.linear`` from 4 to 16 rows on the projections of
-a 130M model (``benchmarks/step_ops_speed.py``). From 1 to 3 rows the BLAS is as
-fast or faster, and with an inner size below 256 the kernel's reductions cost more
-than its reads. So it serves fp32 on the CPU, 4 to 16 rows, inner size >= 256,
-without autograd; anything else goes to ``F.linear``, so the function is a
-drop-in for ``F.linear`` anywhere.
+a few rows (about 13 GB/s for one row and 4-7 GB/s for four, against 20-30 GB/s
+copy bandwidth on our 2-core AVX2 machines), and decoding is exactly that product
+for every projection. The CPU kernel (csrc/cpu/linear.cpp) streams each weight row
+once and takes every row of x against it: at 2 threads on the projections of a
+130M model it reads the weight at about copy bandwidth for 1 to 3 rows, 1.5-2x
+``F.linear`` for one row and 3-5x for two to four (``benchmarks/step_ops_speed.py``).
+With an inner size below 256 the kernel's reductions cost more than its reads
+from 4 rows on, and it is no faster than the BLAS for one. So it serves fp32 on
+the CPU, 1 to 16 rows, inner size >= 256, without autograd; anything else goes to
+``F.linear``, so the function is a drop-in for ``F.linear`` anywhere.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from lnlm_ssm.ops._backends import backend_for, register, resolve
 
-MIN_ROWS, MAX_ROWS = 4, 16
+MIN_ROWS, MAX_ROWS = 1, 16
 MIN_INNER = 256
 
 
