@@ -19,10 +19,13 @@ Rows (each on the same inputs, median of --repeats after --warmup calls):
   dim, dstate) and Mamba-2 layout (batch, nheads, headdim, dstate): ``cpu``
   and the ``reference``, which is the plain torch composition (exp, multiply,
   sum over dstate);
-- decode_linear, the projections of a decode step at 1, 4, 8 and 16 rows,
+- decode_linear, the projections of a decode step at 1, 2, 3, 4, 8 and 16 rows,
   through the 24 layers' weights in turn (so they come from memory, as in
   decoding): ``cpu`` (``decode_linear``'s kernel, called directly: the public
-  function hands 1 to 3 rows to F.linear) and ``torch F.linear``.
+  function hands inner sizes below 256 to F.linear) and ``torch F.linear``.
+  These rows also give the bytes moved (weights, x and y) per second, and that
+  over the copy bandwidth measured in the same run (the better of a measure
+  before and one after the timings): "x copy bw".
 
 "x fastest torch" is the fastest torch composition's time over the row's.
 Results go to ``results.json`` in ``--out``.
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 
 from lnlm_ssm import ops
 from lnlm_ssm.ops.linear.cpu import decode_linear_cpu
-from lnlm_ssm.utils.benchmark import median, time_fn, torch_threads
+from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, median, tensor_bytes, time_fn, torch_threads
 
 HERE = Path(__file__).resolve().parent
 TORCH_ROWS = ("reference", "torch F.conv1d", "torch roll", "torch F.linear")
@@ -74,8 +77,8 @@ def conv_cases(args):
         def fwd_bwd(fn=fn, leaves=leaves):
             return torch.autograd.grad(fn(*leaves), leaves, dy)
 
-        cases.append((f"conv1d fwd (b{b} d{d} l{L} w{w})", name, fwd))
-        cases.append((f"conv1d fwd+bwd (b{b} d{d} l{L} w{w})", name, fwd_bwd))
+        cases.append((f"conv1d fwd (b{b} d{d} l{L} w{w})", name, fwd, None))
+        cases.append((f"conv1d fwd+bwd (b{b} d{d} l{L} w{w})", name, fwd_bwd, None))
 
     xs = torch.randn(args.decode_batch, d, generator=gen)
     state = torch.randn(args.decode_batch, d, w, generator=gen)
@@ -97,7 +100,7 @@ def conv_cases(args):
             with torch.no_grad():
                 return fn(xs, s)
 
-        cases.append((f"conv1d update (b{args.decode_batch} d{d} w{w})", name, step))
+        cases.append((f"conv1d update (b{args.decode_batch} d{d} w{w})", name, step, None))
     return cases
 
 
@@ -128,7 +131,7 @@ def state_update_cases(args):
                 with torch.no_grad():
                     return ops.selective_state_update(**kw, dt_softplus=True, backend=backend)
 
-            cases.append((label, backend, step))
+            cases.append((label, backend, step, None))
     return cases
 
 
@@ -137,15 +140,16 @@ def linear_cases(args):
     cases = []
     for name, out, inner, layers in args.projections:
         weights = [torch.randn(out, inner, generator=gen) / inner**0.5 for _ in range(layers)]
-        for rows in (1, 4, 8, 16):
+        for rows in (1, 2, 3, 4, 8, 16):
             x = torch.randn(rows, inner, generator=gen)
+            moved = sum(tensor_bytes(w, x) + rows * out * x.element_size() for w in weights)
             label = f"decode_linear {name} ({layers} x {out}x{inner}, rows {rows})"
             for impl, fn in (("cpu", decode_linear_cpu), ("torch F.linear", F.linear)):
 
                 def project(x=x, weights=weights, fn=fn):
                     return [fn(x, w, None) for w in weights]
 
-                cases.append((label, impl, project))
+                cases.append((label, impl, project, moved))
     return cases
 
 
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     # mamba-130m: d_inner 1536 (conv over d_inner), dstate 16; mamba2-130m: 24 heads of 64, dstate 128.
     sizes = dict(batch=2, conv_dim=1536, seqlen=2048, decode_batch=1, dim=1536, dstate=16, nheads=24, headdim=64, dstate2=128,
-                 projections=[("in_proj", 3072, 768, 24), ("out_proj", 768, 1536, 24), ("lm_head", 50277, 768, 1)])
+                 projections=[("in_proj", 3072, 768, 24), ("x_proj", 80, 1536, 24), ("dt_proj", 1536, 48, 24),
+                              ("out_proj", 768, 1536, 24), ("lm_head", 50277, 768, 1)])
     if args.quick:
         sizes = dict(batch=1, conv_dim=64, seqlen=128, decode_batch=1, dim=64, dstate=16, nheads=4, headdim=16, dstate2=16,
                      projections=[("in_proj", 64, 256, 2)])
@@ -171,10 +176,21 @@ def main(argv=None) -> int:
         args.out = HERE / "out" / f"step_ops-cpu-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
     rows = []
+    copy_nbytes = (16 << 20) if args.quick else None
     with torch_threads(args.threads):
-        for label, impl, fn in conv_cases(args) + state_update_cases(args) + linear_cases(args):
+        copy_before = measure_copy_bandwidth("cpu", nbytes=copy_nbytes)
+        for label, impl, fn, moved in conv_cases(args) + state_update_cases(args) + linear_cases(args):
             times = time_fn(fn, warmup=args.warmup, repeats=args.repeats, device="cpu")
-            rows.append({"case": label, "impl": impl, "median_us": median(times) * 1e6, "times_s": times})
+            row = {"case": label, "impl": impl, "median_us": median(times) * 1e6, "times_s": times}
+            if moved is not None:
+                row["bytes"] = moved
+                row["gb_per_s"] = moved / median(times) / 1e9
+            rows.append(row)
+        copy_after = measure_copy_bandwidth("cpu", nbytes=copy_nbytes)
+    copy_bw = max(copy_before, copy_after)
+    for r in rows:
+        if "gb_per_s" in r:
+            r["x_copy_bw"] = r["gb_per_s"] / copy_bw
     fastest_torch = {}
     for r in rows:
         if r["impl"] in TORCH_ROWS:
@@ -186,13 +202,18 @@ def main(argv=None) -> int:
 
     width = max(len(r["case"]) for r in rows)
     print(f"# {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, fp32")
-    print(f"{'case':<{width}}  {'impl':<15}  {'median us':>11}  {'x fastest torch':>15}")
+    print(f"# copy bandwidth {copy_bw:.1f} GB/s (before the timings {copy_before:.1f}, after {copy_after:.1f})")
+    print(f"{'case':<{width}}  {'impl':<15}  {'median us':>11}  {'x fastest torch':>15}  {'GB/s':>6}  {'x copy bw':>9}")
     for r in rows:
-        print(f"{r['case']:<{width}}  {r['impl']:<15}  {r['median_us']:>11.1f}  {r['x_fastest_torch']:>15.2f}")
+        line = f"{r['case']:<{width}}  {r['impl']:<15}  {r['median_us']:>11.1f}  {r['x_fastest_torch']:>15.2f}"
+        if "gb_per_s" in r:
+            line += f"  {r['gb_per_s']:>6.1f}  {r['x_copy_bw']:>9.2f}"
+        print(line)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.json", "w") as f:
         json.dump({"benchmark": "step_ops_speed", "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "torch": torch.__version__, "threads": args.threads, "sizes": sizes, "rows": rows}, f, indent=2)
+                   "torch": torch.__version__, "threads": args.threads, "sizes": sizes,
+                   "copy_bandwidth_gb_per_s": {"before": copy_before, "after": copy_after, "used": copy_bw}, "rows": rows}, f, indent=2)
     print(f"\nwrote {args.out / 'results.json'}")
     return 0
 

@@ -19,6 +19,9 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     by_case: dict[str, set] = {}
     for r in rows:
         assert r["median_us"] > 0 and r["x_fastest_torch"] > 0
+        assert ("gb_per_s" in r) == r["case"].startswith("decode_linear")
+        if "gb_per_s" in r:
+            assert r["gb_per_s"] > 0 and r["x_copy_bw"] > 0
         by_case.setdefault(r["case"].split(" (")[0], set()).add(r["impl"])
     assert by_case == {
         "conv1d fwd": {"cpu", "reference", "torch F.conv1d"},
@@ -28,4 +31,5 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
         "state update mamba2": {"cpu", "reference"},
         "decode_linear in_proj": {"cpu", "torch F.linear"},
     }
-    assert "x fastest torch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "x fastest torch" in out and "x copy bw" in out
