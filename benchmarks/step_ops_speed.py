@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     with open(args.out / "results.json", "w") as f:
         json.dump({"benchmark": "step_ops_speed", "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                    "torch": torch.__version__, "threads": args.threads, "sizes": sizes,
-                   "copy_bandwidth_gb_per_s": {"before": copy_before, "after": copy_after, "used": copy_bw}, "rows": rows}, f, indent=2)
+                   "copy_bandwidth_gb_per_s": {"before": copy_before, "after": copy_after, "used": copy_bw},
+                   "rows": rows}, f, indent=2)
     print(f"\nwrote {args.out / 'results.json'}")
     return 0
 

@@ -1,12 +1,13 @@
 // y = x @ weight^T (+ bias) for a few rows of x: the projections of a decode step.
 //
 // With one to sixteen rows the product is bound by reading the weight, yet the
-// BLAS behind F.linear streams it at well under copy bandwidth (~14 GB/s for one
-// row, ~6 GB/s for four, against ~27 GB/s copy bandwidth on our 2-core AVX2
-// machines). This kernel streams each weight row from memory once, in order, and
-// takes all rows of x against it while it sits in L1. Work is split over weight
-// rows with at::parallel_for; every output is summed in the same order whatever
-// the split, so the result does not depend on the thread count.
+// BLAS behind F.linear streams it at well under copy bandwidth (~15 GB/s for one
+// row, 6-9 GB/s for four, against ~29 GB/s copy bandwidth on our 2-core AVX2
+// machines; this kernel reads 27-30 GB/s for one row, 25-27 GB/s for four). It
+// streams each weight row from memory once, in order, and takes all rows of x
+// against it while it sits in L1. Work is split over weight rows with
+// at::parallel_for; every output is summed in the same order whatever the split,
+// so the result does not depend on the thread count.
 //
 // Layout: x (m, k) with unit stride along k; weight (n, k) with unit stride
 // along k; bias (n) contiguous; y (m, n) contiguous, fp32 throughout.
