@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
-import torch
 
 from lnlm_ssm.data.tokenizers import AminoAcidTokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 from lnlm_ssm.utils.checks import check_positive_int

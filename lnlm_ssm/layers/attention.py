@@ -23,7 +23,6 @@ after a cached past needs.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Optional
 
 import torch
@@ -235,7 +234,7 @@ class Attention(Mixer):
 
     def _attend(self, q, k, v, past: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale + masks) v over ``(batch, seqlen|total, heads, head_dim)`` inputs."""
-        seqlen, total = q.shape[1], k.shape[1]
+        seqlen = q.shape[1]
         flash = self.use_flash_attn and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         if flash and flash_attn_func() is not None:
             window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
