@@ -69,6 +69,18 @@ def assert_same_model(loaded, model):
         assert torch.equal(actual[key], t), key
 
 
+def fail_replacing(monkeypatch, name):
+    """Make the rename of a file called ``name`` into place fail, as a power cut at that moment would."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(name):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
 IDS = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
@@ -139,14 +151,7 @@ def test_interrupted_replace_never_pairs_a_config_with_other_weights(tmp_path, m
     old = make_model("mamba1")
     save_pretrained(old, tmp_path)
     new = make_model("mamba2")
-    real_replace = os.replace
-
-    def replace_weights_then_fail(src, dst):
-        if str(dst).endswith("config.json"):
-            raise OSError("power cut")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace_weights_then_fail)
+    fail_replacing(monkeypatch, "config.json")
     with pytest.raises(OSError, match="power cut"):
         save_pretrained(new, tmp_path)
     monkeypatch.undo()
@@ -209,14 +214,7 @@ def test_loading_ignores_the_card(tmp_path):
 def test_a_failed_card_write_leaves_the_new_checkpoint_without_a_card(tmp_path, monkeypatch):
     save_pretrained(make_model("mamba1"), tmp_path)
     new = make_model("mamba2")
-    real_replace = os.replace
-
-    def fail_on_the_card(src, dst):
-        if str(dst).endswith("README.md"):
-            raise OSError("power cut")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", fail_on_the_card)
+    fail_replacing(monkeypatch, "README.md")
     with pytest.raises(OSError, match="power cut"):
         save_pretrained(new, tmp_path)
     monkeypatch.undo()
