@@ -7,10 +7,14 @@ from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, 
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
 from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from lnlm_ssm.ops.linear.interface import decode_linear
+from lnlm_ssm.ops.mamba_inner.interface import mamba_inner_fn
+from lnlm_ssm.ops.mamba_inner.reference import mamba_inner_ref
 from lnlm_ssm.ops.norm.interface import rms_norm_fn
 from lnlm_ssm.ops.norm.reference import rms_norm_ref
 from lnlm_ssm.ops.selective_scan.interface import selective_scan_fn
 from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
+from lnlm_ssm.ops.split_conv1d_scan.interface import mamba_split_conv1d_scan_combined
+from lnlm_ssm.ops.split_conv1d_scan.reference import mamba_split_conv1d_scan_ref
 from lnlm_ssm.ops.ssd.interface import mamba_chunk_scan_combined
 from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref, ssd_recurrent_ref
 from lnlm_ssm.ops.state_update.interface import selective_state_update
@@ -27,6 +31,10 @@ __all__ = [
     "decode_linear",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
+    "mamba_inner_fn",
+    "mamba_inner_ref",
+    "mamba_split_conv1d_scan_combined",
+    "mamba_split_conv1d_scan_ref",
     "rms_norm_fn",
     "rms_norm_ref",
     "selective_scan_fn",
