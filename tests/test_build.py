@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NVCC = "/usr/local/cuda/bin/nvcc"
 SCHEMA = (
     "lnlm_ssm::selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor"
+    "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor"
 )
 
 

@@ -16,9 +16,11 @@ TORCH_LIBRARY(lnlm_ssm, m) {
   // canonical layout of lnlm_ssm/ops/state_update/shapes.py:
   //   state (b,h,p,n) updated in place; x, dt, z (b,h,p); A (h,p,n);
   //   B, C (b,g,n); D, dt_bias (h,p). Returns y (b,h,p) in x's dtype.
+  // With state_batch_indices (b,), state is a pool (slots,h,p,n): row b steps
+  // slot state_batch_indices[b], or is padding (y = 0) where that is negative.
   m.def(
       "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-      "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+      "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
 
   // The Mamba-1 selective scan (csrc/cpu/selective_scan.cpp has the layout).
   // checkpoints: the state entering every `checkpoint_every` steps, for the

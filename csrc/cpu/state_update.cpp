@@ -7,6 +7,11 @@
 //   state (b,h,p,n)  updated in place      x, dt, z (b,h,p)      A (h,p,n)
 //   B, C (b,g,n)                           D, dt_bias (h,p)      y (b,h,p), returned
 //
+// With state_batch_indices (b,) (int32 or int64), state is a pool (slots,h,p,n)
+// and batch row b steps the slot state_batch_indices[b]; a negative index is a
+// padding row, whose y is 0 and which touches no slot. The other indices must
+// be distinct slots (two rows updating one slot would race) below the pool size.
+//
 // For every (b, h, p), as lnlm_ssm/ops/state_update/reference.py:
 //   1. dt <- dt + dt_bias; dt <- softplus(dt) if dt_softplus (x > 20 ? x : log1p(exp(x)))
 //   2. state <- exp(dt * A) * state + (dt * x) * B
@@ -198,6 +203,7 @@ struct Inputs {
   int64_t batch, nheads, headdim, dstate, ngroups;
   View x, dt, B, C, D, z, dt_bias;
   bool dt_softplus;
+  const int64_t* slots;  // the state row of each batch row (negative: padding), or null: row b is slot b
 };
 
 template <typename acc_t, typename state_t>
@@ -235,6 +241,13 @@ void state_update(const at::Tensor& state, const at::Tensor& A, const Inputs& in
       const int64_t b = bh0 / H, h0 = bh0 % H;
       const int64_t nh = std::min({end - bh0, H - h0, block_heads});
       const int64_t len = nh * P;
+      const int64_t slot = in.slots == nullptr ? b : in.slots[b];
+      if (slot < 0) {
+        std::fill(yv, yv + len, acc_t{0});
+        store_row(yv, len, y_dtype, y_data + bh0 * y_row_bytes);
+        bh0 += nh;
+        continue;
+      }
 
       // Step 1: dt, for the block.
       load_heads(in.dt, b, h0, nh, P, dt);
@@ -261,7 +274,7 @@ void state_update(const at::Tensor& state, const at::Tensor& A, const Inputs& in
           load_row(in.C.row(b, g), in.C.dtype, in.C.stride[2], N, Cv);
           loaded_bg = b * in.ngroups + g;
         }
-        state_t* const s_bh = st + b * ss0 + h * ss1;
+        state_t* const s_bh = st + slot * ss0 + h * ss1;
         const acc_t* const a_h = a + h * as0;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t r = i * P + p;
@@ -329,6 +342,33 @@ at::Tensor cast_keep_broadcast(const at::Tensor& t, at::ScalarType dtype) {
   return t.as_strided(compact, t.strides()).to(dtype).expand(t.sizes());
 }
 
+// The state row of each batch row, from state_batch_indices (checked: see the header comment).
+std::vector<int64_t> slots_of_rows(const at::Tensor& indices, int64_t batch, int64_t pool) {
+  TORCH_CHECK(indices.device().is_cpu(), kOp, ": state_batch_indices must be a CPU tensor, got one on ",
+              indices.device());
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+              kOp, ": state_batch_indices must have dtype int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == batch,
+              kOp, ": state_batch_indices must have shape [", batch, "] (batch), got ", indices.sizes());
+  std::vector<int64_t> slots(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t i = b * indices.stride(0);
+    slots[b] = indices.scalar_type() == at::kInt ? int64_t{indices.const_data_ptr<int32_t>()[i]}
+                                                 : indices.const_data_ptr<int64_t>()[i];
+    TORCH_CHECK(slots[b] < pool, kOp, ": state_batch_indices must be slots in [0, ", pool,
+                ") of state or negative (padding), got ", slots[b], " for batch row ", b);
+  }
+  std::vector<int64_t> sorted = slots;
+  std::sort(sorted.begin(), sorted.end());
+  const auto repeated = std::adjacent_find(sorted.begin(), sorted.end(),
+                                           [](int64_t a, int64_t b) { return a >= 0 && a == b; });
+  if (repeated != sorted.end()) {
+    TORCH_CHECK(false, kOp, ": state_batch_indices must not repeat a slot (two rows would update it in place at once), "
+                "got ", *repeated, " more than once");
+  }
+  return slots;
+}
+
 at::Tensor selective_state_update_cpu(
     const at::Tensor& state,
     const at::Tensor& x,
@@ -339,14 +379,17 @@ at::Tensor selective_state_update_cpu(
     const std::optional<at::Tensor>& D,
     const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& dt_bias,
-    bool dt_softplus) {
-  TORCH_CHECK(
-      state.dim() == 4, kOp, ": state must have 4 dimensions (batch, nheads, headdim, dstate), got shape ",
-      state.sizes());
+    bool dt_softplus,
+    const std::optional<at::Tensor>& state_batch_indices) {
+  const bool pooled = state_batch_indices.has_value();
+  const char* const state_layout = pooled ? "(pool, nheads, headdim, dstate)" : "(batch, nheads, headdim, dstate)";
+  TORCH_CHECK(state.dim() == 4, kOp, ": state must have 4 dimensions ", state_layout, ", got shape ", state.sizes());
+  TORCH_CHECK(x.dim() == 3, kOp, ": x must have 3 dimensions (batch, nheads, headdim), got shape ", x.sizes());
   TORCH_CHECK(B.dim() == 3, kOp, ": B must have 3 dimensions (batch, ngroups, dstate), got shape ", B.sizes());
-  const int64_t batch = state.size(0), nheads = state.size(1), headdim = state.size(2), dstate = state.size(3);
+  const int64_t batch = x.size(0), nheads = state.size(1), headdim = state.size(2), dstate = state.size(3);
+  const int64_t pool = pooled ? state.size(0) : batch;
   const int64_t ngroups = B.size(1);
-  check_arg("state", state, {batch, nheads, headdim, dstate}, "(batch, nheads, headdim, dstate)");
+  check_arg("state", state, {pool, nheads, headdim, dstate}, state_layout);
   check_arg("x", x, {batch, nheads, headdim}, "(batch, nheads, headdim)");
   check_arg("dt", dt, {batch, nheads, headdim}, "(batch, nheads, headdim)");
   check_arg("A", A, {nheads, headdim, dstate}, "(nheads, headdim, dstate)");
@@ -369,6 +412,8 @@ at::Tensor selective_state_update_cpu(
       kOp, ": state is updated in place, so it must not be a view whose elements overlap (such as an expanded "
       "tensor); got strides ", state.strides());
 
+  const std::vector<int64_t> slots = pooled ? slots_of_rows(*state_batch_indices, batch, pool) : std::vector<int64_t>{};
+
   at::Tensor y = at::empty({batch, nheads, headdim}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (y.numel() == 0) {
     return y;
@@ -376,7 +421,7 @@ at::Tensor selective_state_update_cpu(
   const bool use_double = x.scalar_type() == at::kDouble;
   const at::Tensor A_acc = cast_keep_broadcast(A, use_double ? at::kDouble : at::kFloat);
   const Inputs in{batch, nheads, headdim, dstate, ngroups, View(x), View(dt), View(B), View(C),
-                  View(D), View(z), View(dt_bias), dt_softplus};
+                  View(D), View(z), View(dt_bias), dt_softplus, pooled ? slots.data() : nullptr};
 
   auto run = [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);

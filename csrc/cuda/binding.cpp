@@ -65,10 +65,13 @@ cu::ScalarKind kind_of(at::ScalarType dtype) {
 at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                       const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+                                       const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                       const std::optional<at::Tensor>& state_batch_indices) {
   // Devices.
   TORCH_CHECK(state.is_cuda(), kOp, "state must be a CUDA tensor, got one on ", state.device());
   const at::Device device = state.device();
+  const bool pooled = state_batch_indices.has_value();
+  if (pooled) check_on_device("state_batch_indices", *state_batch_indices, device);
   check_on_device("x", x, device);
   check_on_device("dt", dt, device);
   check_on_device("A", A, device);
@@ -78,10 +81,15 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   if (z.has_value()) check_on_device("z", *z, device);
   if (dt_bias.has_value()) check_on_device("dt_bias", *dt_bias, device);
 
-  // Shapes (the canonical layout of lnlm_ssm/ops/state_update/shapes.py).
-  TORCH_CHECK(state.dim() == 4, kOp, "state must have 4 dimensions (batch, nheads, headdim, dstate), got shape ",
-              state.sizes());
-  const int64_t batch = state.size(0), nheads = state.size(1), headdim = state.size(2), dstate = state.size(3);
+  // Shapes (the canonical layout of lnlm_ssm/ops/state_update/shapes.py). With
+  // state_batch_indices, state's first dimension is the pool of slots, not the batch.
+  const char* const state_layout = pooled ? "(pool, nheads, headdim, dstate)" : "(batch, nheads, headdim, dstate)";
+  TORCH_CHECK(state.dim() == 4, kOp, "state must have 4 dimensions ", state_layout, ", got shape ", state.sizes());
+  TORCH_CHECK(x.dim() == 3, kOp, "x must have 3 dimensions (batch, nheads, headdim), got shape ", x.sizes());
+  const int64_t batch = x.size(0), nheads = state.size(1), headdim = state.size(2), dstate = state.size(3);
+  const int64_t pool = state.size(0);
+  TORCH_CHECK(pooled || pool == batch, kOp, "state must have shape ", state_layout, " = ",
+              at::IntArrayRef({batch, nheads, headdim, dstate}), ", got ", state.sizes());
   TORCH_CHECK(dstate <= cu::kStateUpdateMaxDstate, kOp, "dstate (state.size(3)) must be at most ",
               cu::kStateUpdateMaxDstate, " for the CUDA kernel, got ", dstate);
   TORCH_CHECK(B.dim() == 3, kOp, "B must have 3 dimensions (batch, ngroups, dstate), got shape ", B.sizes());
@@ -96,6 +104,8 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   if (D.has_value()) check_shape("D", *D, {nheads, headdim}, "(nheads, headdim)");
   if (z.has_value()) check_shape("z", *z, {batch, nheads, headdim}, "(batch, nheads, headdim)");
   if (dt_bias.has_value()) check_shape("dt_bias", *dt_bias, {nheads, headdim}, "(nheads, headdim)");
+  // Only the indices' shape and dtype: their values are on the device (see state_update.h).
+  if (pooled) check_shape("state_batch_indices", *state_batch_indices, {batch}, "(batch,)");
 
   // Dtypes.
   const at::ScalarType input_dtype = x.scalar_type();
@@ -111,6 +121,11 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   check_dtype("A", A, at::kFloat, "cast it with A.float()");
   if (D.has_value()) check_dtype("D", *D, at::kFloat, "cast it with D.float()");
   if (dt_bias.has_value()) check_dtype("dt_bias", *dt_bias, at::kFloat, "cast it with dt_bias.float()");
+  if (pooled) {
+    const at::ScalarType index_dtype = state_batch_indices->scalar_type();
+    TORCH_CHECK(index_dtype == at::kInt || index_dtype == at::kLong, kOp,
+                "state_batch_indices must have dtype int32 or int64, got ", index_dtype);
+  }
 
   // state is written in place: two of its elements must not share memory.
   at::assert_no_internal_overlap(state);
@@ -126,6 +141,7 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
   p.headdim = headdim;
   p.dstate = dstate;
   p.ngroups = ngroups;
+  p.pool = pool;
   p.input_kind = kind_of(input_dtype);
   p.state_kind = kind_of(state.scalar_type());
   p.dt_softplus = dt_softplus;
@@ -176,6 +192,11 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
     p.dt_bias = dt_bias->const_data_ptr<float>();
     p.dt_bias_head_stride = dt_bias->stride(0);
     p.dt_bias_dim_stride = dt_bias->stride(1);
+  }
+  if (pooled) {
+    p.state_batch_indices = state_batch_indices->const_data_ptr();
+    p.state_batch_indices_int64 = state_batch_indices->scalar_type() == at::kLong;
+    p.state_batch_indices_stride = state_batch_indices->stride(0);
   }
 
   p.out = out.data_ptr();

@@ -27,7 +27,7 @@ def load():
 
 def _register_fakes() -> None:
     @torch.library.register_fake("lnlm_ssm::selective_state_update")
-    def _selective_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    def _selective_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
         # y: (batch, nheads, headdim), contiguous, in x's dtype; state is updated in place.
         return x.new_empty(x.shape)
 

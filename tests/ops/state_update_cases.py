@@ -73,3 +73,70 @@ def check_against_reference(args, backend, dt_softplus=True, msg=""):
         assert_close_to_ref(y, y64, y_ref, msg=f"{msg} y vs float64")
         assert_close_to_ref(s_kernel, s64, s_ref, msg=f"{msg} state vs float64")
     return y, s_kernel
+
+
+# ---------------------------------------------------------------- a state pool (state_batch_indices)
+
+# Batch rows 0..3 step slots out of order in a pool of 6, row 1 is padding; slots 2 and 4 are nobody's.
+SLOTS = (5, -1, 0, 3)
+POOL = 6
+
+
+def make_pooled_inputs(layout, dtype, state_dtype, *, slots=SLOTS, pool=POOL, index_dtype=torch.int64, **kwargs):
+    """Arguments as :func:`make_inputs` for ``len(slots)`` batch rows, with ``state`` a pool of ``pool`` slots.
+
+    Returns (args, indices).
+    """
+    device = kwargs.get("device", "cpu")
+    args = make_inputs(layout, dtype, state_dtype, batch=len(slots), **kwargs)
+    state = args[0]
+    pool_state = _randn((pool, *state.shape[1:]), state_dtype, noncontiguous=kwargs.get("noncontiguous", False),
+                        device=device)
+    return (pool_state, *args[1:]), torch.tensor(slots, dtype=index_dtype, device=device)
+
+
+def pooled_step_by_rows(args, indices, dt_softplus=True):
+    """gather -> reference -> scatter, one batch row at a time: (y, new pool), leaving ``args`` as they are.
+
+    Every argument with a batch dimension has it first, in both layouts.
+    """
+    pool, x, dt, A, B, C, D, z, dt_bias = args
+    pool = pool.clone()
+    y = torch.zeros_like(x)
+    for b, slot in enumerate(indices.tolist()):
+        if slot < 0:
+            continue
+        rows = slice(b, b + 1)
+        row_state = pool[slot : slot + 1].clone()
+        y[rows] = selective_state_update_ref(
+            row_state, x[rows], dt[rows], A, B[rows], C[rows], D, None if z is None else z[rows], dt_bias, dt_softplus
+        )
+        pool[slot] = row_state[0]
+    return y, pool
+
+
+def check_pooled_against_reference(args, indices, backend, dt_softplus=True, msg=""):
+    """Run ``backend`` on a copy of the pool; compare with :func:`pooled_step_by_rows`.
+
+    Padding rows must give exactly 0 and the slots no row names must stay bit-identical.
+    """
+    pool, x = args[0], args[1]
+    dtype = x.dtype
+    pool_kernel = pool.clone()
+    y = selective_state_update(
+        pool_kernel, *args[1:], dt_softplus=dt_softplus, state_batch_indices=indices, backend=backend
+    )
+    y_ref, pool_ref = pooled_step_by_rows(args, indices, dt_softplus)
+    assert y.dtype == dtype and y.shape == x.shape and pool_kernel.dtype == pool.dtype
+    padding = indices < 0
+    untouched = torch.ones(pool.shape[0], dtype=torch.bool, device=pool.device)
+    untouched[indices[~padding]] = False
+    assert torch.equal(y[padding], torch.zeros_like(y[padding])), f"{msg} padding rows must give 0"
+    assert torch.equal(pool_kernel[untouched], pool[untouched]), f"{msg} slots no row names must stay as they were"
+    assert_close(y, y_ref, dtype, msg=f"{msg} y")
+    assert_close(pool_kernel, pool_ref, pool.dtype, msg=f"{msg} pool")
+    if dtype in LOW:
+        y64, pool64 = pooled_step_by_rows((pool.to(f64), *map(to_float64, args[1:])), indices, dt_softplus)
+        assert_close_to_ref(y, y64, y_ref, msg=f"{msg} y vs float64")
+        assert_close_to_ref(pool_kernel, pool64, pool_ref, msg=f"{msg} pool vs float64")
+    return y, pool_kernel

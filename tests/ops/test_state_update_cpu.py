@@ -151,6 +151,40 @@ def test_empty_batch():
     assert y.shape == (0, 4, 8)
 
 
+# ---------------------------------------------------------------- state_batch_indices: a pool of states
+
+
+@pytest.mark.parametrize("dtype, state_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_matches_reference(layout, dtype, state_dtype):
+    args, indices = cases.make_pooled_inputs(layout, dtype, state_dtype)
+    cases.check_pooled_against_reference(args, indices, "cpu")
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_with_int32_indices_groups_and_strides(layout):
+    args, indices = cases.make_pooled_inputs(layout, f32, f32, index_dtype=torch.int32, ngroups=4, nheads=4,
+                                             noncontiguous=True, per_head=False)
+    assert not args[0].is_contiguous()
+    cases.check_pooled_against_reference(args, indices, "cpu")
+    # Indices that are a strided view: every other element of a longer tensor.
+    spread = torch.stack([indices, torch.full_like(indices, 99)], dim=1).flatten()[::2]
+    cases.check_pooled_against_reference(args, spread, "cpu")
+
+
+def test_pool_without_optional_inputs():
+    args, indices = cases.make_pooled_inputs("mamba2", f32, f32, optional=False)
+    cases.check_pooled_against_reference(args, indices, "cpu", dt_softplus=False)
+
+
+def test_pool_split_over_threads():
+    """Padding rows and live rows in tasks and blocks of several (batch, head) rows each."""
+    slots = tuple(range(39, -1, -3)) + (-1,) * 3 + (1, 2)
+    args, indices = cases.make_pooled_inputs("mamba1", f32, f32, slots=slots, pool=41, nheads=75, headdim=2,
+                                             dstate=16, ngroups=1)
+    cases.check_pooled_against_reference(args, indices, "cpu")
+
+
 # ---------------------------------------------------------------- the op's own argument checks
 
 
@@ -182,6 +216,30 @@ def test_op_checks_that_groups_divide_heads():
     args = _canonical()
     args[4], args[5] = torch.randn(3, 3, 16), torch.randn(3, 3, 16)
     with pytest.raises(RuntimeError, match=r"nheads \(4\) must be divisible by ngroups \(3"):
+        selective_state_update_cpu(*args)
+
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        (torch.tensor([0, 1, 2], dtype=torch.int16), "state_batch_indices must have dtype int32 or int64"),
+        (torch.tensor([0, 1]), r"state_batch_indices must have shape \[3\] \(batch\)"),
+        (torch.tensor([0, 5, -1]), r"state_batch_indices must be slots in \[0, 5\) of state .* got 5 for batch row 1"),
+        (torch.tensor([4, -1, 4], dtype=torch.int32), r"must not repeat a slot .* got 4 more than once"),
+    ],
+    ids=["int16", "shape", "past_pool", "repeated"],
+)
+def test_op_checks_the_indices(indices, message):
+    args = _canonical()
+    args[0] = torch.randn(5, 4, 8, 16)
+    with pytest.raises(RuntimeError, match=message):
+        selective_state_update_cpu(*args, state_batch_indices=indices)
+
+
+def test_op_needs_indices_for_a_pool():
+    args = _canonical()
+    args[0] = torch.randn(5, 4, 8, 16)
+    with pytest.raises(RuntimeError, match=r"state must have shape \[3, 4, 8, 16\] \(batch, nheads, headdim"):
         selective_state_update_cpu(*args)
 
 
@@ -238,6 +296,20 @@ def test_compiled_launcher_traces_the_op_in_one_graph():
     assert_close(state, expected_state, f32)  # the in-place update survives functionalisation
 
 
+def test_compiled_launcher_traces_the_op_with_indices():
+    (pool, *rest), indices = cases.make_pooled_inputs("mamba2", f32, f32)
+    canonical = canonicalize(pool, *rest, state_batch_indices=indices)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(pool, x, dt, A, B, C, D, z, dt_bias, indices):
+        return selective_state_update_cpu(pool, x, dt, A, B, C, D, z, dt_bias, True, indices) * 2
+
+    expected, expected_pool = cases.pooled_step_by_rows((pool, *rest), indices)
+    y = step(*canonical, indices)
+    assert_close(y, expected * 2, f32)
+    assert_close(pool, expected_pool, f32)
+
+
 def test_compiled_public_function_with_cpu_backend():
     state, rest = _compile_inputs()
 
@@ -250,6 +322,23 @@ def test_compiled_public_function_with_cpu_backend():
     y = step(state, *rest)
     assert_close(y, expected, f32)
     assert_close(state, expected_state, f32)
+
+
+def test_compiled_public_function_on_a_pool():
+    (pool, *rest), indices = cases.make_pooled_inputs("mamba2", f32, f32)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(pool, x, dt, A, B, C, D, z, dt_bias, indices):
+        return selective_state_update(pool, x, dt, A, B, C, D, z, dt_bias, True, indices, backend="cpu")
+
+    expected, expected_pool = cases.pooled_step_by_rows((pool, *rest), indices)
+    y = step(pool, *rest, indices)
+    assert_close(y, expected, f32)
+    assert_close(pool, expected_pool, f32)  # the in-place update of the pool survives functionalisation
+    bad = indices.clone()
+    bad[0] = pool.shape[0]
+    with pytest.raises(RuntimeError, match=r"state_batch_indices must be distinct slots in \[0, pool=6\)"):
+        step(pool, *rest, bad)
 
 
 @pytest.mark.parametrize("layout", ["mamba1", "mamba2"])

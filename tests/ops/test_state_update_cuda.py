@@ -12,6 +12,7 @@ import torch
 from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
 from lnlm_ssm.ops.state_update.shapes import canonicalize
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
+import state_update_cases as cases
 
 
 def _cuda_unavailable_reason():
@@ -220,6 +221,37 @@ def test_empty_batch(op, layout):
     assert y.shape == args["x"].shape and y.dtype == torch.float16
 
 
+# ---------------------------------------------------------------- state_batch_indices: a pool of states
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+@pytest.mark.usefixtures("op")
+def test_pool_matches_reference(layout, dtype, state_dtype, index_dtype):
+    args, indices = cases.make_pooled_inputs(layout, dtype, state_dtype, index_dtype=index_dtype, device="cuda",
+                                             dstate=64, ngroups=4, nheads=4)
+    cases.check_pooled_against_reference(args, indices, "cuda")
+
+
+@pytest.mark.usefixtures("op")
+def test_pool_without_optional_inputs_and_strided_indices():
+    args, indices = cases.make_pooled_inputs("mamba2", torch.float16, torch.float32, device="cuda", optional=False,
+                                             noncontiguous=True)
+    spread = torch.stack([indices, torch.full_like(indices, 99)], dim=1).flatten()[::2]
+    cases.check_pooled_against_reference(args, spread, "cuda")
+
+
+def test_raw_op_skips_an_index_past_the_pool(op):
+    """The kernel never addresses memory outside the state, even for an index the public function refuses."""
+    (pool, *rest), _ = cases.make_pooled_inputs("mamba2", torch.float32, torch.float32, device="cuda")
+    s = canonicalize(pool, *rest, state_batch_indices=torch.tensor(cases.SLOTS, device="cuda"))
+    before = pool.clone()
+    y = op(*s, dt_softplus=True, state_batch_indices=torch.full((len(cases.SLOTS),), pool.shape[0], device="cuda"))
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(pool, before)
+
+
 def _raw_args(dstate=16, dtype=torch.float32):
     s = canonicalize(**make_inputs("mamba2", dtype, torch.float32, dstate))
     return dict(s._asdict(), A=s.A.float(), D=s.D.float(), dt_bias=s.dt_bias.float())
@@ -228,7 +260,7 @@ def _raw_args(dstate=16, dtype=torch.float32):
 def _raw_call(args):
     return torch.ops.lnlm_ssm.selective_state_update(
         args["state"], args["x"], args["dt"], args["A"], args["B"], args["C"], args["D"], args["z"],
-        args["dt_bias"], True,
+        args["dt_bias"], True, args.get("state_batch_indices"),
     )
 
 
@@ -247,9 +279,14 @@ def _raw_call(args):
         (lambda a: {"B": a["B"][:, :1].expand(-1, 3, -1), "C": a["C"][:, :1].expand(-1, 3, -1)},
          "must be divisible by ngroups"),
         (lambda a: {"state": a["state"][:1].expand_as(a["state"])}, "single memory location"),
+        (lambda a: {"state_batch_indices": torch.arange(3, device="cuda", dtype=torch.int16)},
+         "state_batch_indices must have dtype int32 or int64"),
+        (lambda a: {"state_batch_indices": torch.arange(2, device="cuda")}, "state_batch_indices must have shape"),
+        (lambda a: {"state_batch_indices": torch.arange(3)}, "state_batch_indices must be a CUDA tensor"),
+        (lambda a: {"state": torch.zeros(5, *a["state"].shape[1:], device="cuda")}, r"state must have shape \(batch"),
     ],
     ids=["A_half", "D_double", "B_dtype", "state_dtype", "float64", "C_cpu", "x_shape", "z_dims", "ngroups",
-         "state_overlap"],
+         "state_overlap", "indices_dtype", "indices_shape", "indices_cpu", "pool_without_indices"],
 )
 @pytest.mark.usefixtures("op")  # loads the extensions that define and implement the raw op
 def test_raw_op_rejects_bad_arguments(change, message):

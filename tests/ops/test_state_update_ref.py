@@ -1,10 +1,14 @@
-"""The decode step equals one step of the scans, in both layouts."""
+"""The decode step equals one step of the scans, in both layouts; on a pool it is gather, step, scatter."""
+
+import inspect
 
 import pytest
 import torch
 
 from lnlm_ssm.ops import selective_scan_ref, selective_state_update, selective_state_update_ref, ssd_recurrent_ref
+from lnlm_ssm.ops.state_update.shapes import check_state_batch_indices
 from lnlm_ssm.utils.testing import assert_close
+import state_update_cases as cases
 
 f64 = torch.float64
 
@@ -61,3 +65,70 @@ def test_state_updated_in_place_in_its_own_dtype():
     assert state.data_ptr() == data_ptr and state.dtype == torch.bfloat16
     assert not torch.equal(state, before)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
+
+
+# ---------------------------------------------------------------- state_batch_indices: a pool of states
+
+
+def test_signatures_are_mamba_ssms():
+    """Positional order and defaults as in mamba_ssm; ``backend`` is ours and keyword-only."""
+    public = inspect.signature(selective_state_update).parameters
+    assert list(public) == ["state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+                            "state_batch_indices", "backend"]
+    assert all(public[name].default is None for name in ("D", "z", "dt_bias", "state_batch_indices"))
+    assert public["dt_softplus"].default is False
+    assert public["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    # mamba_ssm's selective_state_update_ref has no state_batch_indices.
+    assert list(inspect.signature(selective_state_update_ref).parameters) == list(public)[:10]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_equals_gather_step_scatter(layout, index_dtype):
+    args, indices = cases.make_pooled_inputs(layout, f64, f64, index_dtype=index_dtype)
+    cases.check_pooled_against_reference(args, indices, "reference")
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_in_low_precision_with_groups(layout):
+    args, indices = cases.make_pooled_inputs(layout, torch.bfloat16, torch.float32, ngroups=4, nheads=4, headdim=2)
+    cases.check_pooled_against_reference(args, indices, "reference")
+
+
+def test_pool_passed_positionally_as_in_mamba_ssm():
+    args, indices = cases.make_pooled_inputs("mamba2", f64, f64, optional=False)
+    pool = args[0].clone()
+    y = selective_state_update(pool, *args[1:], True, indices)
+    y_expected, pool_expected = cases.pooled_step_by_rows(args, indices)
+    assert_close(y, y_expected)
+    assert_close(pool, pool_expected)
+
+
+def test_identity_indices_equal_no_indices():
+    args = cases.make_inputs("mamba2", f64, f64)
+    with_indices, without = args[0].clone(), args[0].clone()
+    y = selective_state_update(with_indices, *args[1:], True, torch.arange(args[0].shape[0]))
+    y_plain = selective_state_update(without, *args[1:], True)
+    assert torch.equal(y, y_plain) and torch.equal(with_indices, without)
+
+
+def test_only_padding_rows_leave_the_pool_as_it_was():
+    args, indices = cases.make_pooled_inputs("mamba1", f64, f64, slots=(-1, -1, -1))
+    pool = args[0].clone()
+    y = selective_state_update(pool, *args[1:], True, indices)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(pool, args[0])
+
+
+def test_empty_batch_with_indices():
+    args, indices = cases.make_pooled_inputs("mamba2", f64, f64, slots=())
+    y = selective_state_update(*args, True, indices)
+    assert y.shape == (0, 4, 8)
+
+
+def test_index_check_compiles_to_an_assert_on_the_device():
+    """Under torch.compile (as on a GPU) the values are checked without reading them back to the host."""
+    check = torch.compile(check_state_batch_indices, fullgraph=True, dynamic=False)  # .item() would break the graph
+    check(torch.tensor([2, -1, 0, -1]), 3)
+    for bad in ([3, -1, 0, -1], [2, -1, 2, -1]):
+        with pytest.raises(RuntimeError, match=r"state_batch_indices must be distinct slots in \[0, pool=3\)"):
+            check(torch.tensor(bad), 3)

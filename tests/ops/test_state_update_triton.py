@@ -52,6 +52,10 @@ def check_against_reference(args, dt_softplus=True, msg=""):
     return cases.check_against_reference(args, "triton", dt_softplus, msg)
 
 
+def make_pooled_inputs(*args, **kwargs):
+    return cases.make_pooled_inputs(*args, device=DEVICE, **kwargs)
+
+
 @pytest.mark.parametrize("dtype, state_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
 def test_matches_reference(layout, dtype, state_dtype):
@@ -183,6 +187,45 @@ def test_compiled_step_is_one_graph():
     assert_close(state, expected_state, f32)  # the in-place update survives functionalisation
 
 
+# ---------------------------------------------------------------- state_batch_indices: a pool of states
+
+
+@pytest.mark.parametrize("dtype, state_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_matches_reference(layout, dtype, state_dtype):
+    args, indices = make_pooled_inputs(layout, dtype, state_dtype)
+    cases.check_pooled_against_reference(args, indices, "triton")
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_with_int32_indices_groups_and_strides(layout):
+    # headdim 3: a block of rows spans heads of several groups.
+    args, indices = make_pooled_inputs(layout, f32, f32, index_dtype=torch.int32, ngroups=4, nheads=4, headdim=3,
+                                       noncontiguous=True, per_head=False)
+    assert not args[0].is_contiguous()
+    cases.check_pooled_against_reference(args, indices, "triton")
+    spread = torch.stack([indices, torch.full_like(indices, 99)], dim=1).flatten()[::2]
+    cases.check_pooled_against_reference(args, spread, "triton")
+
+
+def test_pool_without_optional_inputs():
+    args, indices = make_pooled_inputs("mamba2", f16, f32, optional=False)
+    cases.check_pooled_against_reference(args, indices, "triton")
+
+
+def test_compiled_step_on_a_pool_is_one_graph():
+    (pool, *rest), indices = make_pooled_inputs("mamba2", f32, f32)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(pool, x, dt, A, B, C, D, z, dt_bias, indices):
+        return selective_state_update(pool, x, dt, A, B, C, D, z, dt_bias, True, indices, backend="triton") * 2
+
+    expected, expected_pool = cases.pooled_step_by_rows((pool, *rest), indices)
+    y = step(pool, *rest, indices)
+    assert_close(y, expected * 2, f32)
+    assert_close(pool, expected_pool, f32)
+
+
 # ---------------------------------------------------------------- GPU only: real sizes
 
 
@@ -194,6 +237,16 @@ def test_real_sizes_on_gpu(layout, dstate):
     nheads, headdim = (192, 16) if layout == "mamba1" else (48, 64)
     args = make_inputs(layout, bf16, f32, dstate=dstate, batch=16, nheads=nheads, headdim=headdim, ngroups=1)
     check_against_reference(args)
+
+
+@pytest.mark.skipif(not GPU, reason="real sizes need a CUDA GPU (the interpreter is too slow for them)")
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_pool_real_sizes_on_gpu(layout):
+    nheads, headdim = (192, 16) if layout == "mamba1" else (48, 64)
+    slots = tuple(range(60, 0, -5)) + (-1, -1)
+    args, indices = make_pooled_inputs(layout, bf16, f32, slots=slots, pool=64, dstate=128, nheads=nheads,
+                                       headdim=headdim, ngroups=1)
+    cases.check_pooled_against_reference(args, indices, "triton")
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU with about 6 GiB free")

@@ -117,6 +117,36 @@ def test_state_update_errors():
         selective_state_update(None, x, **good)
 
 
+@pytest.mark.parametrize(
+    "indices, error, message",
+    [
+        (torch.tensor([0.0, 1.0]), TypeError, r"state_batch_indices must have an integer dtype, got torch.float32"),
+        (torch.tensor([0, 1], dtype=torch.int16), TypeError, r"state_batch_indices must have dtype int32 or int64"),
+        (torch.tensor([0, 1, 2]), ValueError, r"state_batch_indices has shape \(3,\) \(batch\), but batch = 2"),
+        (torch.tensor([[0, 1]]), ValueError, r"state_batch_indices must have 1 dimensions \(batch\)"),
+        (torch.tensor([0, 5]), ValueError, r"state_batch_indices must be slots in \[0, pool=5\).*got 5"),
+        (torch.tensor([3, 3]), ValueError, r"state_batch_indices must not repeat a slot.*got 3 more than once"),
+        (torch.tensor([0, 1], device="meta"), ValueError, r"state_batch_indices is on meta, but state is on cpu"),
+    ],
+    ids=["float", "int16", "batch", "ndim", "past_pool", "repeated", "device"],
+)
+def test_state_update_index_errors(indices, error, message):
+    pool, x = torch.zeros(5, 4, 3), torch.randn(2, 4)
+    good = dict(dt=torch.rand(2, 4), A=-torch.rand(4, 3), B=torch.randn(2, 3), C=torch.randn(2, 3))
+    with pytest.raises(error, match=message):
+        selective_state_update(pool, x, **good, state_batch_indices=indices)
+
+
+def test_state_update_pool_needs_indices():
+    pool, x = torch.zeros(5, 4, 3), torch.randn(2, 4)
+    good = dict(dt=torch.rand(2, 4), A=-torch.rand(4, 3), B=torch.randn(2, 3), C=torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 4\).*batch = 5 \(from state\)"):
+        selective_state_update(pool, x, **good)
+    # Repeated padding is fine: only slots must be distinct.
+    y = selective_state_update(pool, x, **good, state_batch_indices=torch.tensor([-1, -1]))
+    assert torch.equal(y, torch.zeros_like(y))
+
+
 def test_norm_errors():
     x = torch.randn(3, 8)
     with pytest.raises(ValueError, match=r"weight has shape \(6,\).*hidden = 8 \(from x\)"):

@@ -9,6 +9,14 @@
 //   D, dt_bias (nheads, headdim)            float32, optional (nullptr)
 // Any stride is allowed, including 0 (broadcast), except that state and out must
 // not overlap themselves. Every offset is computed in 64 bits.
+//
+// With state_batch_indices (batch,) (int32 or int64), state is a pool of `pool`
+// slots (pool, nheads, headdim, dstate): batch row b steps the slot
+// state_batch_indices[b]. A negative index is a padding row: out is 0 and the
+// state is not touched. An index at or past `pool` is treated the same way, so
+// that no index can address memory outside the state; callers refuse such
+// indices (and repeated slots, which would race) before launching, as the
+// values live on the device and reading them here would need a sync.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +37,7 @@ struct StateUpdateParams {
   int64_t headdim = 0;
   int64_t dstate = 0;
   int64_t ngroups = 1;  // nheads % ngroups == 0; head h reads group h / (nheads / ngroups)
+  int64_t pool = 0;     // state's first dimension: batch without state_batch_indices
 
   ScalarKind input_kind = ScalarKind::kFloat32;  // x, dt, z, B, C and out
   ScalarKind state_kind = ScalarKind::kFloat32;  // float32 or input_kind
@@ -43,6 +52,8 @@ struct StateUpdateParams {
   const float* D = nullptr;        // optional
   const void* z = nullptr;         // optional
   const float* dt_bias = nullptr;  // optional
+  const void* state_batch_indices = nullptr;  // optional
+  bool state_batch_indices_int64 = false;     // int64_t elements, else int32_t
   void* out = nullptr;
 
   // Strides in elements.
@@ -56,13 +67,15 @@ struct StateUpdateParams {
   int64_t z_batch_stride = 0, z_head_stride = 0, z_dim_stride = 0;
   int64_t dt_bias_head_stride = 0, dt_bias_dim_stride = 0;
   int64_t out_batch_stride = 0, out_head_stride = 0, out_dim_stride = 0;
+  int64_t state_batch_indices_stride = 0;
 };
 
 // One launcher per input type, each in its own translation unit
 // (state_update_fp32.cu, state_update_fp16.cu, state_update_bf16.cu).
 // They return cudaErrorInvalidValue for parameters they cannot serve
 // (dstate outside [0, 256], a state type other than float32 or the input
-// type, nheads not divisible by ngroups) and otherwise the launch status.
+// type, nheads not divisible by ngroups, pool != batch without
+// state_batch_indices) and otherwise the launch status.
 cudaError_t selective_state_update_fp32(const StateUpdateParams& params, cudaStream_t stream);
 cudaError_t selective_state_update_fp16(const StateUpdateParams& params, cudaStream_t stream);
 cudaError_t selective_state_update_bf16(const StateUpdateParams& params, cudaStream_t stream);

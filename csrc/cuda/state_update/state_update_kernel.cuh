@@ -6,7 +6,8 @@
 // threads of a warp own a row; lane l holds dstate entries l, l + kLanes, ...
 // (kPerLane of them), so a warp's loads along dstate are coalesced when dstate
 // is the fastest-moving dimension. y is reduced over the row's lanes with
-// warp shuffles. All index arithmetic is 64-bit.
+// warp shuffles. All index arithmetic is 64-bit. A padding row (see
+// state_update.h) still takes part in the shuffles, with nothing to add.
 #pragma once
 
 #include <cstdint>
@@ -84,12 +85,22 @@ __global__ void __launch_bounds__(kBlockThreads) state_update_kernel(const State
     const bool active = row < rows;
     float y_partial = 0.f;
     float x_val = 0.f;
-    int64_t b = 0, h = 0, d = 0;
+    int64_t b = 0, h = 0, d = 0, slot = 0;
+    bool live = false;  // the row has a slot of the state to step
     if (active) {
       d = row % p.headdim;
       const int64_t bh = row / p.headdim;
       h = bh % p.nheads;
       b = bh / p.nheads;
+      slot = b;
+      if (p.state_batch_indices != nullptr) {
+        const int64_t i = b * p.state_batch_indices_stride;
+        slot = p.state_batch_indices_int64 ? static_cast<const int64_t*>(p.state_batch_indices)[i]
+                                           : static_cast<const int32_t*>(p.state_batch_indices)[i];
+      }
+      live = slot >= 0 && slot < p.pool;
+    }
+    if (live) {
       const int64_t g = h / heads_per_group;
 
       x_val = Scalar<T>::load(x_base + b * p.x_batch_stride + h * p.x_head_stride + d * p.x_dim_stride);
@@ -102,7 +113,7 @@ __global__ void __launch_bounds__(kBlockThreads) state_update_kernel(const State
       }
       const float dt_x = dt_val * x_val;
 
-      S* const state_row = state_base + b * p.state_batch_stride + h * p.state_head_stride + d * p.state_dim_stride;
+      S* const state_row = state_base + slot * p.state_batch_stride + h * p.state_head_stride + d * p.state_dim_stride;
       const float* const A_row = A_base + h * p.A_head_stride + d * p.A_dim_stride;
       const T* const B_row = B_base + b * p.B_batch_stride + g * p.B_group_stride;
       const T* const C_row = C_base + b * p.C_batch_stride + g * p.C_group_stride;
@@ -138,12 +149,15 @@ __global__ void __launch_bounds__(kBlockThreads) state_update_kernel(const State
       y_partial += __shfl_xor_sync(0xffffffffu, y_partial, offset, kLanes);
     }
     if (active && lane == 0) {
-      float y = y_partial;
-      if (D_base != nullptr) {
-        y += x_val * D_base[h * p.D_head_stride + d * p.D_dim_stride];
-      }
-      if (z_base != nullptr) {
-        y *= silu(Scalar<T>::load(z_base + b * p.z_batch_stride + h * p.z_head_stride + d * p.z_dim_stride));
+      float y = 0.f;  // a padding row's output
+      if (live) {
+        y = y_partial;
+        if (D_base != nullptr) {
+          y += x_val * D_base[h * p.D_head_stride + d * p.D_dim_stride];
+        }
+        if (z_base != nullptr) {
+          y *= silu(Scalar<T>::load(z_base + b * p.z_batch_stride + h * p.z_head_stride + d * p.z_dim_stride));
+        }
       }
       Scalar<T>::store(out_base + b * p.out_batch_stride + h * p.out_head_stride + d * p.out_dim_stride, y);
     }
@@ -177,7 +191,8 @@ cudaError_t dispatch_dstate(const StateUpdateParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_selective_state_update(const StateUpdateParams& p, cudaStream_t stream) {
   if (p.input_kind != Scalar<T>::kind || p.dstate < 0 || p.dstate > kStateUpdateMaxDstate || p.batch < 0 ||
-      p.nheads < 0 || p.headdim < 0 || p.ngroups < 1 || p.nheads % p.ngroups != 0) {
+      p.nheads < 0 || p.headdim < 0 || p.ngroups < 1 || p.nheads % p.ngroups != 0 || p.pool < 0 ||
+      (p.state_batch_indices == nullptr && p.pool != p.batch)) {
     return cudaErrorInvalidValue;
   }
   if (p.batch == 0 || p.nheads == 0 || p.headdim == 0) {

@@ -11,6 +11,13 @@ Steps, for every (b, h, p):
 
 Math runs in fp32 (float64 when x is float64); y is returned in x's dtype and
 the state is written back in its own dtype.
+
+``selective_state_update_ref`` has mamba_ssm's signature, which has no
+``state_batch_indices``. The public function's ``state_batch_indices`` (``state``
+is then a pool of slots, see ``shapes.py``) is specified by
+``selective_state_update_pooled_ref``: gather the slots of the rows that have
+one, take the step above on them, scatter them back; a padding row (negative
+index) gets y = 0 and touches no slot.
 """
 
 from __future__ import annotations
@@ -49,3 +56,23 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     y = y.to(s.x.dtype)
     # A Mamba-1 call gets y as (batch, dim), like its x.
     return y.squeeze(-1) if state.ndim == 3 else y
+
+
+def selective_state_update_pooled_ref(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None
+):
+    """The step on the slots of a pool that ``state_batch_indices`` names: gather, step, scatter."""
+    if state_batch_indices is None:
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    canonicalize(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)  # the checks only
+    # Every per-row argument has the batch first, in either layout.
+    live = state_batch_indices >= 0
+    slots = state_batch_indices[live]
+    rows = state[slots]  # gather: a copy of the live rows' slots
+    y_live = selective_state_update_ref(
+        rows, x[live], dt[live], A, B[live], C[live], D, None if z is None else z[live], dt_bias, dt_softplus
+    )
+    state[slots] = rows  # scatter: the slots are distinct
+    y = x.new_zeros(x.shape)
+    y[live] = y_live
+    return y

@@ -11,6 +11,12 @@ and Mamba-2 (headdim 64) both get wide tiles. B and C are gathered per row by
 group. Block sizes follow from the shape, with no autotuning: the kernel is
 memory bound and a first decode step should not wait for a tuning sweep.
 
+With ``state_batch_indices`` the state is a pool: batch row b steps the slot
+``state_batch_indices[b]``. A padding row (negative index) gets y = 0 with its
+state loads and stores masked off; so does an index past the pool, which the
+public function refuses before launching, so that a bad index can never write
+outside the state.
+
 Math runs in fp32; the state may be any float dtype and is written back in it.
 float64 inputs are refused (backend "reference" or "cpu" do float64 math).
 """
@@ -35,8 +41,9 @@ _TILE = 4096
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
-    nheads, headdim, dstate, heads_per_group,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, idx_ptr, y_ptr,
+    nheads, headdim, dstate, heads_per_group, pool,
+    idx_s,
     s_sb, s_sh, s_sp, s_sn,
     x_sb, x_sh, x_sp,
     dt_sb, dt_sh, dt_sp,
@@ -47,7 +54,7 @@ def _state_update_kernel(
     z_sb, z_sh, z_sp,
     db_sh, db_sp,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INDICES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Offsets in int64: a large state passes 2**31 elements.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -59,6 +66,15 @@ def _state_update_kernel(
     h = rows // headdim
     p = rows % headdim
     g = h // heads_per_group
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + b * idx_s).to(tl.int64)
+        live = (slot >= 0) & (slot < pool)
+        slot = tl.where(live, slot, 0)
+        # tl.where, not `mask & live`: the interpreter gives a block & a scalar the dtype int32, not a mask.
+        state_mask = tl.where(live, mask, False)
+    else:
+        slot = b
+        state_mask = mask
 
     x = tl.load(x_ptr + b * x_sb + h * x_sh + p * x_sp, mask=row_ok, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * dt_sb + h * dt_sh + p * dt_sp, mask=row_ok, other=0.0).to(tl.float32)
@@ -70,12 +86,12 @@ def _state_update_kernel(
     A = tl.load(A_ptr + h[:, None] * A_sh + p[:, None] * A_sp + n[None, :] * A_sn, mask=mask, other=0.0)
     B = tl.load(B_ptr + b * B_sb + g[:, None] * B_sg + n[None, :] * B_sn, mask=mask, other=0.0)
     C = tl.load(C_ptr + b * C_sb + g[:, None] * C_sg + n[None, :] * C_sn, mask=mask, other=0.0)
-    state_ptrs = state_ptr + b * s_sb + h[:, None] * s_sh + p[:, None] * s_sp + n[None, :] * s_sn
-    state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+    state_ptrs = state_ptr + slot * s_sb + h[:, None] * s_sh + p[:, None] * s_sp + n[None, :] * s_sn
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
 
     decay = tl.exp(dt[:, None] * A.to(tl.float32))
     state = decay * state + (dt * x)[:, None] * B.to(tl.float32)
-    _store(state_ptrs, state, mask)
+    _store(state_ptrs, state, state_mask)
 
     y = _sum(state * C.to(tl.float32), axis=1)
     if HAS_D:
@@ -83,6 +99,8 @@ def _state_update_kernel(
     if HAS_Z:
         z = tl.load(z_ptr + b * z_sb + h * z_sh + p * z_sp, mask=row_ok, other=0.0).to(tl.float32)
         y *= z * _sigmoid(z)
+    if HAS_INDICES:
+        y = tl.where(live, y, 0.0)
     _store(y_ptr + b * nheads * headdim + rows, y, row_ok)
 
 
@@ -101,8 +119,10 @@ def _launch(
     z: Optional[torch.Tensor],
     dt_bias: Optional[torch.Tensor],
     dt_softplus: bool,
+    state_batch_indices: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    batch, nheads, headdim, dstate = state.shape
+    pool, nheads, headdim, dstate = state.shape
+    batch = x.shape[0]
     y = torch.empty((batch, nheads, headdim), dtype=x.dtype, device=x.device)
     rows = nheads * headdim
     if y.numel() == 0:
@@ -111,28 +131,33 @@ def _launch(
     block_r = min(triton.next_power_of_2(rows), max(1, _TILE // block_n))
     grid = (triton.cdiv(rows, block_r), batch)
     _wrap(_state_update_kernel)[grid](
-        state, x, dt, A, B, C, x if D is None else D, x if z is None else z, x if dt_bias is None else dt_bias, y,
-        nheads, headdim, dstate, nheads // B.shape[1],
+        state, x, dt, A, B, C, x if D is None else D, x if z is None else z, x if dt_bias is None else dt_bias,
+        x if state_batch_indices is None else state_batch_indices, y,
+        nheads, headdim, dstate, nheads // B.shape[1], pool,
+        *_strides(state_batch_indices, 1),
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(dt_bias, 2),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        HAS_INDICES=state_batch_indices is not None,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4 if block_r * block_n >= 1024 else 1,
     )
     return y
 
 
-def _fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
     return x.new_empty(x.shape)
 
 
 _op = _library_op("selective_state_update", _launch, ("state",), _fake)
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_triton(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None
+):
     refuse_float64("selective_state_update", "x", x)
     if any(stride == 0 and size > 1 for stride, size in zip(state.stride(), state.shape)):
         raise ValueError(
             "state is updated in place, so it must not be a view whose elements overlap (such as an expanded "
             f"tensor); got strides {state.stride()}"
         )
-    return _op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    return _op(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), state_batch_indices)
