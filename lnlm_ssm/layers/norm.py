@@ -43,14 +43,16 @@ class RMSNorm(nn.Module):
         prenorm: bool = False,
         residual_in_fp32: bool = False,
     ):
-        """norm(x + residual); with ``prenorm`` also the sum ``x + residual`` (fp32 when ``residual_in_fp32``).
+        """norm(x + residual); with ``prenorm`` also the sum ``x + residual``.
 
         The sum is the residual stream a block passes on, so ``prenorm=True``
-        returns ``(normed, new_residual)``.
+        returns ``(normed, new_residual)``, in the residual's dtype; the first
+        block (no residual yet) starts it in fp32 when ``residual_in_fp32``.
         """
         return rms_norm_fn(
             x,
             self.weight,
+            None,
             residual=residual,
             eps=self.eps,
             prenorm=prenorm,

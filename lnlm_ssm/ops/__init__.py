@@ -7,8 +7,8 @@ from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, 
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
 from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from lnlm_ssm.ops.linear.interface import decode_linear
-from lnlm_ssm.ops.norm.interface import rms_norm_fn
-from lnlm_ssm.ops.norm.reference import rms_norm_ref
+from lnlm_ssm.ops.norm.interface import layer_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
+from lnlm_ssm.ops.norm.reference import layer_norm_gated_ref, layer_norm_ref, rms_norm_gated_ref, rms_norm_ref
 from lnlm_ssm.ops.selective_scan.interface import selective_scan_fn
 from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
 from lnlm_ssm.ops.ssd.interface import mamba_chunk_scan_combined
@@ -25,10 +25,16 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "decode_linear",
+    "layer_norm_fn",
+    "layer_norm_gated_ref",
+    "layer_norm_ref",
+    "layernorm_fn",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
     "rms_norm_fn",
+    "rms_norm_gated_ref",
     "rms_norm_ref",
+    "rmsnorm_fn",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

@@ -75,7 +75,7 @@ def test_rms_norm_residual_in_fp32():
     out, new_residual = norm(x, residual=residual, prenorm=True, residual_in_fp32=True)
     assert out.dtype == torch.bfloat16 and new_residual.dtype == torch.float32
     assert_close(new_residual, x.float() + residual)
-    expected, _ = rms_norm_ref(x, norm.weight, residual=residual, eps=1e-5, prenorm=True, residual_in_fp32=True)
+    expected, _ = rms_norm_ref(x, norm.weight, None, residual=residual, eps=1e-5, prenorm=True, upcast=True)
     assert torch.equal(out, expected)
 
     # The first block has no residual yet: the stream starts as x itself, in fp32.
