@@ -19,7 +19,7 @@ from lnlm_ssm.ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
     mamba_chunk_scan_combined,
-    rms_norm_fn,
+    rmsnorm_fn,
     selective_state_update,
 )
 from lnlm_ssm.ops._backends import backend_for, check_backend
@@ -38,15 +38,7 @@ class _GatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, *, backend: str) -> torch.Tensor:
-        return rms_norm_fn(
-            y,
-            self.weight,
-            z=z,
-            eps=self.eps,
-            group_size=self.group_size,
-            norm_before_gate=self.norm_before_gate,
-            backend=backend,
-        )
+        return rmsnorm_fn(y, self.weight, None, z, self.eps, self.group_size, self.norm_before_gate, backend=backend)
 
 
 class Mamba2(SSMMixer):
@@ -178,7 +170,7 @@ class Mamba2(SSMMixer):
     def _gate_and_project(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., d_inner): the gated norm (or nothing: the scan gated already) and out_proj."""
         if self.rmsnorm:
-            y = self.norm(y, z, backend=backend_for("rms_norm_fn", self.backend))
+            y = self.norm(y, z, backend=backend_for("rmsnorm_fn", self.backend))
         return self._project(self.out_proj, y)
 
     def _scan(self, hidden_states, cache: Optional[Mamba2Cache], keep: Optional[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,7 @@ MIXERS = {"Mamba1": Mamba, "Mamba2": Mamba2, "Attention": Attention}
 def make_norm(config: MambaLMConfig, factory: dict, backend: str) -> nn.Module:
     if config.rms_norm:
         return RMSNorm(config.d_model, eps=config.norm_epsilon, backend=backend_for("rms_norm_fn", backend), **factory)
-    return LayerNorm(config.d_model, eps=config.norm_epsilon, **factory)
+    return LayerNorm(config.d_model, eps=config.norm_epsilon, backend=backend_for("layer_norm_fn", backend), **factory)
 
 
 class Block(nn.Module):

@@ -9,8 +9,8 @@ from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_updat
 from lnlm_ssm.ops.linear.interface import decode_linear
 from lnlm_ssm.ops.mamba_inner.interface import mamba_inner_fn
 from lnlm_ssm.ops.mamba_inner.reference import mamba_inner_ref
-from lnlm_ssm.ops.norm.interface import rms_norm_fn
-from lnlm_ssm.ops.norm.reference import rms_norm_ref
+from lnlm_ssm.ops.norm.interface import layer_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
+from lnlm_ssm.ops.norm.reference import layer_norm_gated_ref, layer_norm_ref, rms_norm_gated_ref, rms_norm_ref
 from lnlm_ssm.ops.selective_scan.interface import selective_scan_fn
 from lnlm_ssm.ops.selective_scan.reference import selective_scan_ref
 from lnlm_ssm.ops.split_conv1d_scan.interface import mamba_split_conv1d_scan_combined
@@ -29,6 +29,10 @@ __all__ = [
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "decode_linear",
+    "layer_norm_fn",
+    "layer_norm_gated_ref",
+    "layer_norm_ref",
+    "layernorm_fn",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
     "mamba_inner_fn",
@@ -36,7 +40,9 @@ __all__ = [
     "mamba_split_conv1d_scan_combined",
     "mamba_split_conv1d_scan_ref",
     "rms_norm_fn",
+    "rms_norm_gated_ref",
     "rms_norm_ref",
+    "rmsnorm_fn",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",

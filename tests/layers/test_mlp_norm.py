@@ -1,11 +1,11 @@
-"""GatedMLP against its formula; RMSNorm module against the written-out norm and the fused residual add."""
+"""GatedMLP against its formula; RMSNorm and LayerNorm modules against the written-out norm and the fused residual add."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lnlm_ssm.layers.mlp import GatedMLP
-from lnlm_ssm.layers.norm import RMSNorm
+from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
 from lnlm_ssm.ops import rms_norm_ref
 from lnlm_ssm.utils.testing import assert_close
 
@@ -75,7 +75,7 @@ def test_rms_norm_residual_in_fp32():
     out, new_residual = norm(x, residual=residual, prenorm=True, residual_in_fp32=True)
     assert out.dtype == torch.bfloat16 and new_residual.dtype == torch.float32
     assert_close(new_residual, x.float() + residual)
-    expected, _ = rms_norm_ref(x, norm.weight, residual=residual, eps=1e-5, prenorm=True, residual_in_fp32=True)
+    expected, _ = rms_norm_ref(x, norm.weight, None, residual=residual, eps=1e-5, prenorm=True, upcast=True)
     assert torch.equal(out, expected)
 
     # The first block has no residual yet: the stream starts as x itself, in fp32.
@@ -99,3 +99,22 @@ def test_rms_norm_errors():
         RMSNorm(4, eps=0.0)
     with pytest.raises(ValueError, match="backend"):
         RMSNorm(4, backend="gpu")
+
+
+def test_layer_norm_module():
+    norm = LayerNorm(8, eps=1e-3, dtype=f64, backend="reference")
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    assert list(norm.state_dict()) == ["weight", "bias"]
+    x, residual = torch.randn(2, 3, 8, dtype=f64), torch.randn(2, 3, 8, dtype=f64)
+    out, new_residual = norm(x, residual=residual, prenorm=True)
+    assert_close(new_residual, x + residual)
+    assert_close(out, F.layer_norm(x + residual, (8,), norm.weight, norm.bias, 1e-3))
+    _, first = LayerNorm(8, dtype=torch.bfloat16)(x.bfloat16(), prenorm=True, residual_in_fp32=True)
+    assert first.dtype == torch.float32
+    norm.backend = "no-such-backend"
+    with pytest.raises(ValueError, match="no-such-backend"):
+        norm(x)
+    with pytest.raises(ValueError, match="backend"):
+        LayerNorm(4, backend="gpu")

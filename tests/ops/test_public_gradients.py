@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lnlm_ssm.ops import causal_conv1d_fn, mamba_chunk_scan_combined, rms_norm_fn, selective_scan_fn
+from lnlm_ssm.ops import causal_conv1d_fn, layer_norm_fn, mamba_chunk_scan_combined, rmsnorm_fn, selective_scan_fn
 
 
 def leaves(**shapes):
@@ -47,7 +47,16 @@ def test_conv1d():
     assert_all_grads({"x": t["x"]}, final.square().sum())
 
 
-def test_rms_norm():
-    t = leaves(x=(3, 8), weight=(8,), bias=(8,), residual=(3, 8), z=(3, 8))
-    y, new_residual = rms_norm_fn(t["x"], t["weight"], t["bias"], residual=t["residual"], z=t["z"], prenorm=True)
-    assert_all_grads(t, y.square().sum() + new_residual.square().sum())
+@pytest.mark.parametrize("is_rms_norm", [True, False])
+def test_norm(is_rms_norm):
+    t = leaves(x=(3, 8), weight=(8,), bias=(8,), residual=(3, 8), x1=(3, 8), weight1=(8,), bias1=(8,))
+    y, y1, new_residual = layer_norm_fn(*t.values(), prenorm=True, is_rms_norm=is_rms_norm)
+    assert_all_grads(t, y.square().sum() + y1.square().sum() + new_residual.square().sum())
+    t = leaves(x=(3, 8), weight=(8,), residual=(3, 8), rowscale=(3,))
+    y = layer_norm_fn(t["x"], t["weight"], None, t["residual"], rowscale=t["rowscale"], is_rms_norm=is_rms_norm)
+    assert_all_grads(t, y.square().sum())
+
+
+def test_gated_norm():
+    t = leaves(x=(3, 8), weight=(8,), bias=(8,), z=(3, 8))
+    assert_all_grads(t, rmsnorm_fn(*t.values(), group_size=4).square().sum())

@@ -9,7 +9,10 @@ from lnlm_ssm.ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
     mamba_chunk_scan_combined,
+    layer_norm_fn,
+    layernorm_fn,
     rms_norm_fn,
+    rmsnorm_fn,
     selective_scan_fn,
     selective_state_update,
 )
@@ -150,13 +153,32 @@ def test_state_update_pool_needs_indices():
 def test_norm_errors():
     x = torch.randn(3, 8)
     with pytest.raises(ValueError, match=r"weight has shape \(6,\).*hidden = 8 \(from x\)"):
-        rms_norm_fn(x, torch.ones(6))
+        rms_norm_fn(x, torch.ones(6), None)
     with pytest.raises(ValueError, match=r"hidden \(8\) must be divisible by group_size \(3\)"):
-        rms_norm_fn(x, torch.ones(8), group_size=3)
+        rmsnorm_fn(x, torch.ones(8), None, group_size=3)
     with pytest.raises(ValueError, match=r"residual has shape \(3, 7\)"):
-        rms_norm_fn(x, torch.ones(8), residual=torch.randn(3, 7))
+        rms_norm_fn(x, torch.ones(8), None, residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"x1 has shape \(3, 7\)"):
+        layer_norm_fn(x, torch.ones(8), None, x1=torch.randn(3, 7))
+    with pytest.raises(ValueError, match=r"weight1 has shape \(7,\).*hidden = 8"):
+        layer_norm_fn(x, torch.ones(8), None, weight1=torch.ones(7))
+    with pytest.raises(ValueError, match=r"bias1 was given without weight1"):
+        layer_norm_fn(x, torch.ones(8), None, bias1=torch.ones(8))
+    with pytest.raises(ValueError, match=r"z has shape \(3, 7\)"):
+        layernorm_fn(x, torch.ones(8), None, z=torch.randn(3, 7))
     with pytest.raises(ValueError, match=r"eps must be positive"):
-        rms_norm_fn(x, torch.ones(8), eps=0.0)
+        rms_norm_fn(x, torch.ones(8), None, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be positive"):
+        rmsnorm_fn(x, torch.ones(8), None, eps=-1.0)
+    for p in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):
+            rms_norm_fn(x, torch.ones(8), None, dropout_p=p)
+    with pytest.raises(ValueError, match=r"rowscale must hold one scale per row of x: shape \(2, 3\) or \(6,\)"):
+        rms_norm_fn(torch.randn(2, 3, 8), torch.ones(8), None, rowscale=torch.ones(3))
+    with pytest.raises(ValueError, match=r"rowscale cannot be combined with x1"):
+        rms_norm_fn(x, torch.ones(8), None, x1=torch.randn(3, 8), rowscale=torch.ones(3))
+    with pytest.raises(TypeError, match=r"rowscale must be a torch.Tensor"):
+        rms_norm_fn(x, torch.ones(8), None, rowscale=[1.0, 1.0, 1.0])
 
 
 def test_valid_arguments_pass():
