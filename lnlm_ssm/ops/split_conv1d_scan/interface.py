@@ -10,7 +10,7 @@ from __future__ import annotations
 from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.ops._checks import Shapes, check_divisible
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn
-from lnlm_ssm.ops.norm.interface import rms_norm_fn
+from lnlm_ssm.ops.norm.interface import rmsnorm_fn
 from lnlm_ssm.ops.split_conv1d_scan.reference import head_layout, split_conv1d_scan
 from lnlm_ssm.ops.ssd.interface import mamba_chunk_scan_combined
 from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_positive_int
@@ -79,7 +79,7 @@ def mamba_split_conv1d_scan_combined(
     _validate(zxbcdt, conv1d_weight, A, D, headdim, ngroups, rmsnorm_weight, outproj_weight)
     conv_backend = backend_for("causal_conv1d_fn", backend)
     scan_backend = backend_for("mamba_chunk_scan_combined", backend)
-    norm_backend = backend_for("rms_norm_fn", backend)
+    norm_backend = backend_for("rmsnorm_fn", backend)
     return split_conv1d_scan(
         zxbcdt,
         conv1d_weight,
@@ -102,7 +102,7 @@ def mamba_split_conv1d_scan_combined(
         norm_before_gate,
         conv=lambda x, w, b, seq_idx, act: causal_conv1d_fn(x, w, b, seq_idx, activation=act, backend=conv_backend),
         scan=lambda *args, **kwargs: mamba_chunk_scan_combined(*args, **kwargs, backend=scan_backend),
-        gated_norm=lambda y, w, z, eps, group, before: rms_norm_fn(
+        gated_norm=lambda y, w, z, eps, group, before: rmsnorm_fn(
             y, w, None, z=z, eps=eps, group_size=group, norm_before_gate=before, backend=norm_backend
         ),
     )

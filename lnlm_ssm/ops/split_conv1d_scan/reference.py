@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref
-from lnlm_ssm.ops.norm.reference import rms_norm_ref
+from lnlm_ssm.ops.norm.reference import rms_norm_gated_ref
 from lnlm_ssm.ops.ssd.reference import mamba_chunk_scan_ref
 from lnlm_ssm.utils.checks import NO_DT_LIMIT
 
@@ -153,7 +153,7 @@ def mamba_split_conv1d_scan_ref(
         norm_before_gate,
         conv=lambda x, w, b, seq_idx, act: causal_conv1d_ref(x, w, b, activation=act),
         scan=mamba_chunk_scan_ref,
-        gated_norm=lambda y, w, z, eps, group, before: rms_norm_ref(
+        gated_norm=lambda y, w, z, eps, group, before: rms_norm_gated_ref(
             y, w, None, z=z, eps=eps, group_size=group, norm_before_gate=before
         ),
     )
