@@ -244,5 +244,5 @@ def test_opcheck():
     fwd_args = (*base, t["initial_states"], seq_idx, *config)
     torch.library.opcheck(ops.ssd_chunk_scan_fwd, fwd_args)
     out, final, chunk_states = ops.ssd_chunk_scan_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), torch.randn_like(final), *base, seq_idx, chunk_states, *config)
-    torch.library.opcheck(ops.ssd_chunk_scan_bwd, bwd_args)
+    grads = (torch.randn_like(out), torch.randn_like(final), torch.randn_like(chunk_states))
+    torch.library.opcheck(ops.ssd_chunk_scan_bwd, (*grads, *base, seq_idx, chunk_states, *config))

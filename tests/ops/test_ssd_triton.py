@@ -206,7 +206,8 @@ def test_opcheck(optional):
     torch.library.opcheck(ssd_triton._ssd_fwd_op, fwd_args)
     out, out_x, final, *saved = ssd_triton._ssd_fwd_op(*fwd_args)
     grad_final = torch.randn_like(final) if optional else None
-    bwd_args = (torch.randn_like(out), grad_final, *base, seq_idx, out_x, *saved, *config)
+    grad_states = torch.randn_like(saved[0]) if optional else None
+    bwd_args = (torch.randn_like(out), grad_final, grad_states, *base, seq_idx, out_x, *saved, *config)
     torch.library.opcheck(ssd_triton._ssd_bwd_op, bwd_args)
 
 
