@@ -34,16 +34,17 @@ def varlen_states(entering, x, dt, A, B, cu_seqlens, chunk_size, dt_bias, dt_sof
     of the one row; x, dt, B (1, seqlen, ...) and the rest as the scan took them.
     """
     compute = entering.dtype
-    seqlen, nheads = x.shape[1], x.shape[2]
-    ngroups = B.shape[2]
+    seqlen, ngroups = x.shape[1], B.shape[2]
     offsets = cu_seqlens.to(device=x.device, dtype=torch.long)
     starts, ends = offsets[:-1], offsets[1:]
+    if seqlen == 0:  # every sequence is empty (and a scan may have no chunk to index)
+        return entering.new_zeros(len(starts), *entering.shape[1:])
     chunk = (ends - 1).clamp(min=0) // chunk_size
     tail_start = torch.maximum(starts, chunk * chunk_size)
     tail_len = ends - tail_start  # 0 for an empty sequence
     steps = torch.arange(int(tail_len.max()), device=x.device)
     in_tail = steps < tail_len[:, None]  # (s, W)
-    token = (tail_start[:, None] + steps).clamp(max=max(seqlen - 1, 0))  # padding reads a real token, weighted 0
+    token = (tail_start[:, None] + steps).clamp(max=seqlen - 1)  # padding reads a real token, weighted 0
 
     delta = discretise_dt(dt[0, token], dt_bias, dt_softplus, dt_limit, compute) * in_tail[..., None]  # (s, W, h)
     a = delta * A.to(compute)
