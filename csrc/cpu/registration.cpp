@@ -54,7 +54,8 @@ TORCH_LIBRARY(lnlm_ssm, m) {
 
   // The Mamba-2 SSD chunked scan (csrc/cpu/ssd.cpp has the layout). dt is
   // taken before dt_bias, softplus and the clamp to [dt_min, dt_max].
-  // chunk_states: the state entering each chunk, for the backward.
+  // chunk_states: the state entering each chunk, for the backward (and for the
+  // varlen states, whence grad_chunk_states).
   m.def(
       "ssd_chunk_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
       "Tensor? initial_states, Tensor? seq_idx, int chunk_size, bool dt_softplus, float dt_min, float dt_max) "
@@ -62,10 +63,10 @@ TORCH_LIBRARY(lnlm_ssm, m) {
   // Gradients of absent optional inputs come back as empty tensors; ddt is the
   // gradient of dt before dt_bias (so also that of dt_bias, summed).
   m.def(
-      "ssd_chunk_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, Tensor B, "
-      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? seq_idx, Tensor chunk_states, int chunk_size, "
-      "bool dt_softplus, float dt_min, float dt_max) -> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, "
-      "Tensor dD, Tensor dz, Tensor dinitial_states)");
+      "ssd_chunk_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor? grad_chunk_states, Tensor x, "
+      "Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? seq_idx, "
+      "Tensor chunk_states, int chunk_size, bool dt_softplus, float dt_min, float dt_max) -> (Tensor dx, "
+      "Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor dinitial_states)");
 }
 
 // `import lnlm_ssm._C` loads this shared library, which runs the registrations

@@ -12,7 +12,8 @@
 //   seq_idx                       (b, l)        int64, non-decreasing along l
 //   initial_states, final_states  (b, h, p, n)  math dtype
 //   chunk_states                  (b, h, c, p, n): the state entering each chunk, saved by
-//                                 the forward for the backward
+//                                 the forward for the backward (and an output: the varlen
+//                                 states are made from it, so it may have a gradient)
 //
 // The math dtype is float (double for double inputs). Per (batch, chunk,
 // head), with the chunk's steps t, s and cum_t = Σ_{k≤t} Δ_k A:
@@ -716,13 +717,15 @@ void output_grads(
 }
 
 // Backward pass 2: along the chunks of each (row, head) in reverse. In:
-// dstates holds each chunk's own part of its entering state's gradient. Out:
-// dstates holds the gradient of the state leaving each chunk; ddecays the
+// dstates holds each chunk's own part of its entering state's gradient, to
+// which grad_entering (the gradient of the chunk_states output, if any) adds.
+// Out: dstates holds the gradient of the state leaving each chunk; ddecays the
 // gradient of each chunk's decay; dinitial the entering state's gradient.
 template <typename acc_t>
 void pass_state_grads(
     const Problem& P,
     const acc_t* grad_final,
+    const acc_t* grad_entering,
     const acc_t* states,
     const acc_t* decays,
     acc_t* dstates,
@@ -743,6 +746,13 @@ void pass_state_grads(
         const acc_t* __restrict__ H = states + (bh * P.nchunks + c) * size;
         const acc_t decay = decays[bh * P.nchunks + c];
         std::copy_n(slot, size, own.data());
+        if (grad_entering) {
+          const acc_t* __restrict__ ge = grad_entering + (bh * P.nchunks + c) * size;
+#pragma omp simd
+          for (int64_t i = 0; i < size; ++i) {
+            own[i] += ge[i];
+          }
+        }
         std::copy_n(g, size, slot);
         acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -1090,6 +1100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ssd_chunk_scan_bwd(
     const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_final_states,
+    const std::optional<at::Tensor>& grad_chunk_states,
     const at::Tensor& x,
     const at::Tensor& dt,
     const at::Tensor& A,
@@ -1109,6 +1120,7 @@ ssd_chunk_scan_bwd(
   check_math("grad_out", grad_out, x.sizes(), x.scalar_type());
   check_optional("grad_final_states", grad_final_states, {P.batch, P.nheads, P.headdim, P.dstate}, A.scalar_type());
   check_math("chunk_states", chunk_states, {P.batch, P.nheads, P.nchunks, P.headdim, P.dstate}, A.scalar_type());
+  check_optional("grad_chunk_states", grad_chunk_states, chunk_states.sizes(), A.scalar_type());
   auto dx = at::empty_like(x);
   auto ddt = at::empty_like(dt);
   auto dz = z ? at::empty_like(*z) : at::empty({0}, x.options());
@@ -1127,6 +1139,7 @@ ssd_chunk_scan_bwd(
                  z ? dz.mutable_data_ptr<T>() : nullptr, D ? dD_partial.mutable_data_ptr<acc_t>() : nullptr,
                  dstates.mutable_data_ptr<acc_t>(), decays.mutable_data_ptr<acc_t>());
     pass_state_grads(P, grad_final_states ? grad_final_states->const_data_ptr<acc_t>() : nullptr,
+                     grad_chunk_states ? grad_chunk_states->const_data_ptr<acc_t>() : nullptr,
                      chunk_states.const_data_ptr<acc_t>(), decays.const_data_ptr<acc_t>(), dstates.mutable_data_ptr<acc_t>(),
                      ddecays.mutable_data_ptr<acc_t>(), dinitial.mutable_data_ptr<acc_t>());
     input_grads(P, in, gy.const_data_ptr<acc_t>(), chunk_states.const_data_ptr<acc_t>(), dstates.const_data_ptr<acc_t>(),

@@ -100,8 +100,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lnlm_ssm::ssd_chunk_scan_bwd")
     def _ssd_chunk_scan_bwd_fake(
-        grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, chunk_states, chunk_size, dt_softplus,
-        dt_min, dt_max,
+        grad_out, grad_final_states, grad_chunk_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, chunk_states,
+        chunk_size, dt_softplus, dt_min, dt_max,
     ):
         batch, _, nheads, headdim = x.shape
         return (

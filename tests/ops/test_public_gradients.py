@@ -40,6 +40,16 @@ def test_ssd(through):
         assert_all_grads(inputs, final.square().sum())
 
 
+def test_ssd_varlen_states():
+    """Through the states at the end of each packed sequence alone (mamba_ssm has no gradient there)."""
+    t = leaves(x=(1, 10, 4, 2), dt=(1, 10, 4), A=(4,), B=(1, 10, 2, 3), C=(1, 10, 2, 3), dt_bias=(4,), initial_states=(1, 4, 2, 3))
+    seq_idx = torch.tensor([[0] * 6 + [1] * 4])
+    _, varlen = mamba_chunk_scan_combined(
+        **t, chunk_size=4, seq_idx=seq_idx, cu_seqlens=torch.tensor([0, 6, 10]), dt_softplus=True, return_varlen_states=True
+    )
+    assert_all_grads({k: v for k, v in t.items() if k != "C"}, varlen.square().sum())
+
+
 def test_conv1d():
     t = leaves(x=(2, 3, 5), weight=(3, 4), bias=(3,), initial_states=(2, 3, 3))
     out, final = causal_conv1d_fn(t["x"], t["weight"], t["bias"], initial_states=t["initial_states"], return_final_states=True, activation="silu")

@@ -244,5 +244,89 @@ def test_opcheck():
     fwd_args = (*base, t["initial_states"], seq_idx, *config)
     torch.library.opcheck(ops.ssd_chunk_scan_fwd, fwd_args)
     out, final, chunk_states = ops.ssd_chunk_scan_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), torch.randn_like(final), *base, seq_idx, chunk_states, *config)
-    torch.library.opcheck(ops.ssd_chunk_scan_bwd, bwd_args)
+    grads = (torch.randn_like(out), torch.randn_like(final), torch.randn_like(chunk_states))
+    torch.library.opcheck(ops.ssd_chunk_scan_bwd, (*grads, *base, seq_idx, chunk_states, *config))
+
+
+def packed(lengths, dtype=f64, **shape):
+    """Inputs of one row holding sequences of ``lengths``; seq_idx and cu_seqlens marking them."""
+    t = make_inputs(batch=1, seqlen=sum(lengths), dtype=dtype, **shape)
+    lengths = torch.tensor(lengths)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None].int()
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+    return t, dict(seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+
+
+def run_varlen(fn, t, chunk_size, used=(0, 1, 2), **kw):
+    """(y, final_states, varlen_states) and the gradients of the sum of <output, fixed random weights> over the
+    outputs ``used`` w.r.t. every input."""
+    outputs = fn(**t, chunk_size=chunk_size, return_final_states=True, return_varlen_states=True, **kw)
+    g = torch.Generator().manual_seed(2)
+    loss = sum((outputs[i] * torch.randn(outputs[i].shape, generator=g, dtype=f64).to(outputs[i].dtype)).float().sum()
+               for i in used)
+    grads = torch.autograd.grad(loss, list(t.values()), allow_unused=True)
+    return outputs, dict(zip(t, grads))
+
+
+VARLEN_PACKINGS = {
+    "inside-chunks": [5, 11, 1, 20],
+    "on-chunk-boundaries": [16, 16, 5],
+    "empty-sequences": [0, 9, 0, 12, 0],
+    "one-sequence": [37],
+}
+
+
+@pytest.mark.parametrize("packing", VARLEN_PACKINGS)
+@pytest.mark.parametrize("initial", [True, False], ids=["initial_states", "no-initial_states"])
+@pytest.mark.parametrize("dtype", [f64, f32])
+def test_varlen_states(packing, initial, dtype):
+    """Varlen states and the gradients through them (with y's and the final states'), against the reference."""
+    t, kw = packed(VARLEN_PACKINGS[packing], dtype, initial=initial)
+    kw.update(dt_softplus=True)
+    outputs, grads = run_varlen(cpu, t, 16, **kw)
+    outputs_ref, grads_ref = run_varlen(mamba_chunk_scan_ref, upcast(t), 16, **kw)
+    assert outputs[2].dtype == dtype and outputs[2].shape == (len(VARLEN_PACKINGS[packing]), 4, 6, 5)
+    for name, out, ref in zip(("y", "final_states", "varlen_states"), outputs, outputs_ref):
+        assert_close(out, ref, dtype, msg=name)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, msg=f"d{name}")
+
+
+def test_varlen_states_alone():
+    """Only the varlen states used: the gradient reaches the inputs through them alone."""
+    t, kw = packed([7, 20, 10])
+    _, grads = run_varlen(cpu, t, 16, used=(2,), dt_softplus=True, **kw)
+    _, grads_ref = run_varlen(mamba_chunk_scan_ref, upcast(t), 16, used=(2,), dt_softplus=True, **kw)
+    for name, g_ref in grads_ref.items():
+        if g_ref is None:  # C, D and z do not reach the states
+            assert grads[name] is None or not grads[name].any(), name
+        else:
+            assert g_ref.abs().sum() > 0, name
+            assert_close(grads[name], g_ref, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [bf16, f16])
+def test_varlen_states_low_precision(dtype):
+    """Low-precision inputs: the varlen states come in C's dtype (as mamba_ssm's), or in state_dtype."""
+    t, kw = packed([9, 30, 31], dtype)
+    kw.update(dt_softplus=True)
+    outputs, grads = run_varlen(cpu, t, 32, **kw)
+    outputs_lowp, grads_lowp = run_varlen(mamba_chunk_scan_ref, t, 32, **kw)
+    outputs_ref, grads_ref = run_varlen(mamba_chunk_scan_ref, upcast(t), 32, **kw)
+    assert outputs[2].dtype == dtype
+    for name, out, ref, lowp in zip(("y", "final_states", "varlen_states"), outputs, outputs_ref, outputs_lowp):
+        assert_close_to_ref(out, ref, lowp, msg=name)
+    for name, g in grads.items():
+        assert_close_to_ref(g, grads_ref[name], grads_lowp[name], msg=f"d{name}")
+    (_, final32, varlen32), _ = run_varlen(cpu, t, 32, state_dtype=f32, **kw)
+    assert varlen32.dtype == f32 and torch.equal(varlen32.to(dtype), outputs[2])
+    assert torch.equal(final32, outputs[1])
+
+
+def test_varlen_states_without_tokens():
+    """seqlen 0 (the scan has no chunk): every sequence is empty and its state zero, as the reference's."""
+    t, kw = packed([0, 0])
+    y, varlen = cpu(**t, chunk_size=16, return_varlen_states=True, **kw)
+    _, varlen_ref = mamba_chunk_scan_ref(**t, chunk_size=16, return_varlen_states=True, **kw)
+    assert y.shape == (1, 0, 4, 6) and varlen.shape == varlen_ref.shape == (2, 4, 6, 5)
+    assert not varlen.any() and not varlen_ref.any()

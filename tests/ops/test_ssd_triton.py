@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from test_ssd_cpu import make_inputs, run, upcast  # noqa: E402
+from test_ssd_cpu import make_inputs, packed, run, run_varlen, upcast  # noqa: E402
 
 from lnlm_ssm.ops import _backends, mamba_chunk_scan_combined, mamba_chunk_scan_ref  # noqa: E402
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref  # noqa: E402
@@ -111,6 +111,21 @@ def test_seq_idx_and_dt_limit():
     seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     seq_idx = torch.stack([seq_idx, torch.full_like(seq_idx, 2)]).int().to(DEVICE)
     check_tight(t, 8, dt_softplus=False, dt_limit=(0.0, 0.4), seq_idx=seq_idx)
+
+
+@pytest.mark.parametrize("initial", [True, False], ids=["initial_states", "no-initial_states"])
+def test_varlen_states(initial):
+    """Varlen states and the gradients through them (with y's and the final states'), against the reference:
+    a sequence ending in the first chunk, an empty one, one crossing a chunk boundary, one ending on it."""
+    t, kw = packed([3, 0, 7, 6], f32, nheads=2, ngroups=1, initial=initial)
+    kw = dict(seq_idx=kw["seq_idx"].to(DEVICE), cu_seqlens=kw["cu_seqlens"].to(DEVICE), dt_softplus=True)
+    outputs, grads = run_varlen(mamba_chunk_scan_triton, on_device(t), 8, **kw)
+    outputs_ref, grads_ref = run_varlen(mamba_chunk_scan_ref, upcast(t), 8, **kw)
+    assert outputs[2].dtype == f32 and outputs[2].shape == (4, 2, 6, 5)
+    for name, out, ref in zip(("y", "final_states", "varlen_states"), outputs, outputs_ref):
+        assert_close(out.cpu(), ref, f32, msg=name)
+    for name, g in grads.items():
+        assert_close(g.cpu(), grads_ref[name], f32, msg=f"d{name}")
 
 
 def test_strong_decay_no_nan():
@@ -206,7 +221,8 @@ def test_opcheck(optional):
     torch.library.opcheck(ssd_triton._ssd_fwd_op, fwd_args)
     out, out_x, final, *saved = ssd_triton._ssd_fwd_op(*fwd_args)
     grad_final = torch.randn_like(final) if optional else None
-    bwd_args = (torch.randn_like(out), grad_final, *base, seq_idx, out_x, *saved, *config)
+    grad_states = torch.randn_like(saved[0]) if optional else None
+    bwd_args = (torch.randn_like(out), grad_final, grad_states, *base, seq_idx, out_x, *saved, *config)
     torch.library.opcheck(ssd_triton._ssd_bwd_op, bwd_args)
 
 

@@ -87,6 +87,46 @@ def test_ssd_errors(override, error, pattern):
         mamba_chunk_scan_combined(**ssd_args(**override))
 
 
+def varlen_args(**override):
+    """ssd_args of one row holding two sequences (4 + 2 tokens), asking for their varlen states."""
+    args = ssd_args()
+    for k in ("x", "dt", "B", "C", "z", "initial_states"):
+        args[k] = args[k][:1]
+    args.update(
+        seq_idx=torch.tensor([[0, 0, 0, 0, 1, 1]], dtype=torch.int32),
+        cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32),
+        return_varlen_states=True,
+    )
+    args.update(override)
+    return args
+
+
+VARLEN_CASES = [
+    (dict(cu_seqlens=None), ValueError, r"return_varlen_states=True needs cu_seqlens \(num_seqs \+ 1,\)"),
+    (dict(cu_seqlens=torch.tensor([0.0, 4.0, 6.0])), TypeError, r"cu_seqlens must have an integer dtype, got torch.float32"),
+    (dict(cu_seqlens=torch.tensor([[0, 4, 6]])), ValueError, r"cu_seqlens must have 1 dimensions \(num_seqs \+ 1\)"),
+    (dict(cu_seqlens=torch.tensor([6])), ValueError, r"cu_seqlens must hold num_seqs \+ 1 >= 2 offsets, got \[6\]"),
+    (dict(cu_seqlens=torch.tensor([1, 4, 6])), ValueError, r"cu_seqlens must start at 0, got 1"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 5])), ValueError, r"cu_seqlens must end at seqlen \(6\), got 5"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 2, 6])), ValueError, r"cu_seqlens must be non-decreasing, got 4 then 2 at index 2"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 6], device="meta")), ValueError, r"cu_seqlens is on meta, but x is on cpu"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 6])), ValueError, r"seq_idx marking the sequences of cu_seqlens.*disagree at token 3"),
+    (dict(seq_idx=None), ValueError, r"seq_idx marking the sequences of cu_seqlens.*but seq_idx is None"),
+    (dict(state_dtype=torch.int32), TypeError, r"state_dtype must be None or one of \(torch.float32.*got torch.int32"),
+]
+
+
+@pytest.mark.parametrize("override,error,pattern", VARLEN_CASES)
+def test_ssd_varlen_errors(override, error, pattern):
+    with pytest.raises(error, match=pattern):
+        mamba_chunk_scan_combined(**varlen_args(**override))
+
+
+def test_ssd_varlen_needs_batch_1():
+    with pytest.raises(ValueError, match=r"return_varlen_states=True needs batch 1 .*got batch 2"):
+        mamba_chunk_scan_combined(**ssd_args(cu_seqlens=torch.tensor([0, 6]), return_varlen_states=True))
+
+
 def test_conv1d_errors():
     x, w = torch.randn(2, 4, 5), torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"weight has shape \(3, 3\).*dim = 4 \(from x\)"):
@@ -185,3 +225,4 @@ def test_valid_arguments_pass():
     """The argument sets above are valid before each override: the errors come from the override alone."""
     selective_scan_fn(**scan_args())
     mamba_chunk_scan_combined(**ssd_args(), dt_limit=(0.0, math.inf))
+    mamba_chunk_scan_combined(**varlen_args(), state_dtype=torch.float64)

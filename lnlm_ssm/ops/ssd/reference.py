@@ -13,7 +13,11 @@ B, C            (b, l, g, n)    input and output projections; group j serves hea
 D               (h,) or (h, p)  skip connection
 z               (b, l, h, p)    gate
 seq_idx         (b, l)          integer id of the packed sequence each token belongs to
+cu_seqlens      (s + 1,)        offsets of the s packed sequences of a batch of one row:
+                                sequence i is tokens [cu_seqlens[i], cu_seqlens[i+1])
 h_t             (b, h, p, n)    state; ``initial_states`` is the state before step 0
+final_states    (b, h, p, n)    h after the last step
+varlen_states   (s, h, p, n)    h after the last step of each packed sequence
 ==============  ==============  ================================================
 
 The recurrence (Mamba-2 paper, eq. 1 with scalar A per head):
@@ -31,9 +35,13 @@ computes the same thing chunk by chunk (paper, section 6, "SSD algorithm"):
 4. pass states from chunk to chunk (a short sequential loop over chunks);
 5. add each chunk's entering state, decayed to every position, read out through C.
 
-Math runs in fp32 (float64 when x is float64); y is returned in x's dtype and
-final states in the math dtype. Tokens whose seq_idx differs never interact;
-``initial_states`` belong to the first packed sequence of each row.
+Math runs in fp32 (float64 when x is float64); y is returned in x's dtype,
+final states in the math dtype and varlen states in C's dtype (mamba_ssm's
+choices; ``state_dtype`` sets both states' dtype). Tokens whose seq_idx differs
+never interact; ``initial_states`` belong to the first packed sequence of each
+row. With seq_idx marking the sequences of cu_seqlens, varlen_states[i] is the
+final state of sequence i scanned alone: from ``initial_states`` for the one
+holding token 0, from zero for the others (zero if it is empty).
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from lnlm_ssm.utils.checks import NO_DT_LIMIT, check_dt_limit
 from lnlm_ssm.utils.dtypes import math_dtype
 
 
-def _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
+def discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute):
+    """Δ from dt: + dt_bias, softplus if asked, clamped to dt_limit (nothing clamped by default), in ``compute``."""
     dt = dt.to(compute)
     if dt_bias is not None:
         dt = dt + dt_bias.to(compute)
@@ -108,12 +117,17 @@ def mamba_chunk_scan_ref(
     D=None,
     z=None,
     dt_bias=None,
-    dt_softplus=False,
-    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
+    cu_seqlens=None,
+    dt_softplus=False,
+    dt_limit=NO_DT_LIMIT,
     return_final_states=False,
+    return_varlen_states=False,
+    *,
+    state_dtype=None,
 ):
+    """The chunked scan (steps 1-5 above); varlen states by scanning each packed sequence alone."""
     out_dtype = x.dtype
     compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
@@ -123,7 +137,12 @@ def mamba_chunk_scan_ref(
     pad = nchunks * T - seqlen
 
     x_in = x.to(compute)
-    dt = _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
+    varlen_states = None
+    if return_varlen_states:  # from the raw inputs: each sequence runs through this function alone
+        varlen_states = _per_sequence_final_states(
+            x, dt, A, B, C, chunk_size, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit
+        )
+    dt = discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
     if seq_idx is None:
         seq_idx = torch.zeros(batch, seqlen, dtype=torch.long, device=x.device)
     seq_idx = seq_idx.long()
@@ -178,7 +197,44 @@ def mamba_chunk_scan_ref(
 
     y = rearrange(y, "b c l h p -> b (c l) h p")[:, :seqlen]
     y = _finish(y, x_in, D, z).to(out_dtype)
-    return (y, state) if return_final_states else y
+    return scan_outputs(y, state, varlen_states, C, return_final_states, state_dtype)
+
+
+def _per_sequence_final_states(x, dt, A, B, C, chunk_size, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit):
+    """(num_seqs, h, p, n): each packed sequence of row 0 scanned alone, from ``initial_states`` for
+    the one holding token 0 (they belong to it in the packed scan) and from zero for the others;
+    zero for an empty sequence, which holds no token."""
+    compute = math_dtype(x.dtype)
+    _, _, nheads, headdim = x.shape
+    offsets = cu_seqlens.tolist()
+    states = []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if start == end:
+            states.append(x.new_zeros(nheads, headdim, B.shape[-1], dtype=compute))
+            continue
+        steps = slice(start, end)
+        _, final = mamba_chunk_scan_ref(
+            x[:, steps], dt[:, steps], A, B[:, steps], C[:, steps], chunk_size,
+            dt_bias=dt_bias,
+            initial_states=initial_states if start == 0 else None,
+            dt_softplus=dt_softplus,
+            dt_limit=dt_limit,
+            return_final_states=True,
+        )
+        states.append(final[0])
+    return torch.stack(states)
+
+
+def scan_outputs(y, final_states, varlen_states, C, return_final_states, state_dtype):
+    """What ``mamba_chunk_scan_combined`` returns, in mamba_ssm's order: y, then final_states if
+    asked, then varlen_states if computed. The states come in ``state_dtype``; by default, as in
+    mamba_ssm, final_states in the math dtype and varlen_states in C's dtype."""
+    outputs = [y]
+    if return_final_states:
+        outputs.append(final_states if state_dtype is None else final_states.to(state_dtype))
+    if varlen_states is not None:
+        outputs.append(varlen_states.to(C.dtype if state_dtype is None else state_dtype))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def ssd_recurrent_ref(
@@ -201,7 +257,7 @@ def ssd_recurrent_ref(
     compute = math_dtype(x.dtype)
     batch, seqlen, nheads, headdim = x.shape
     x_in = x.to(compute)
-    dt = _discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
+    dt = discretise_dt(dt, dt_bias, dt_softplus, dt_limit, compute)
     B = _per_head(B.to(compute), nheads)  # (b, l, h, n)
     C = _per_head(C.to(compute), nheads)
     A = A.to(compute)

@@ -11,7 +11,9 @@ the cumsums, and a reverse cumsum that maps it onto dt, A and dt_bias.
 
 Saved for the backward: the inputs, the fp32 cumsums and dt (b, h, c, T), C B^T
 (b, c, g, T, T), the states entering each chunk (b, c, h, p, n) and, with z,
-the output before the gate (fp32).
+the output before the gate (fp32). The entering states are also an output,
+differentiable: ``varlen.py`` makes the varlen states from them, and their
+gradient joins that of each entering state from the outputs.
 
 Block sizes come from the shapes, not autotuning: first calls stay fast and the
 same sizes are valid on Ampere and Hopper. Both launchers are torch ops
@@ -31,7 +33,8 @@ from lnlm_ssm.ops._triton import wrap as _wrap
 # them under TRITON_INTERPRET=1 (Triton picks compiled or interpreted at @triton.jit).
 from lnlm_ssm.ops.ssd import triton_kernels as _fwd
 from lnlm_ssm.ops.ssd import triton_kernels_bwd as _bwd
-from lnlm_ssm.ops.ssd.reference import dt_clamp_bounds
+from lnlm_ssm.ops.ssd.reference import dt_clamp_bounds, scan_outputs
+from lnlm_ssm.ops.ssd.varlen import varlen_states
 from lnlm_ssm.utils.checks import NO_DT_LIMIT
 
 _STATE_BLOCK = 256  # elements of one (p, n) state per program in state passing
@@ -151,6 +154,7 @@ def _ssd_fwd(
 def _ssd_bwd(
     grad_out: torch.Tensor,
     grad_final_states: Optional[torch.Tensor],
+    grad_states: Optional[torch.Tensor],
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -196,6 +200,8 @@ def _ssd_bwd(
     # Gradient of each chunk's entering state from its outputs, then passed backwards:
     # dstates[c] becomes the gradient of the state leaving chunk c.
     dstates = _chunk_state(dy, C, dt_out, cs, seq_idx, chunk_size, nchunks, True, mode)
+    if grad_states is not None:
+        dstates += grad_states
     dim = headdim * dstate
     nblocks = triton.cdiv(dim, _STATE_BLOCK)
     dinit = x.new_empty(batch, nheads, headdim, dstate, dtype=torch.float32)
@@ -271,7 +277,7 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_
 
 
 def _ssd_bwd_fake(
-    grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb, chunk_size,
+    grad_out, grad_final_states, grad_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb, chunk_size,
     dt_softplus, dt_min, dt_max,
 ):
     batch, seqlen, nheads, headdim = x.shape
@@ -311,18 +317,20 @@ class _ChunkScan(torch.autograd.Function):
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (A, D, dt_bias, initial_states))
         ctx.D_per_head = D is not None and D.ndim == 1
         ctx.set_materialize_grads(False)
-        return out, final_states
+        return out, final_states, states
 
     @staticmethod
-    def backward(ctx, grad_out, grad_final_states):
+    def backward(ctx, grad_out, grad_final_states, grad_states):
         x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb = ctx.saved_tensors
         A_dtype, D_dtype, bias_dtype, init_dtype = ctx.dtypes
         grad_out = torch.zeros_like(x) if grad_out is None else grad_out.to(x.dtype)
         if grad_final_states is not None:
             grad_final_states = grad_final_states.float().contiguous()
+        if grad_states is not None:
+            grad_states = grad_states.float().contiguous()
         dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = _ssd_bwd_op(
-            grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out, cs, cb,
-            *ctx.config,
+            grad_out, grad_final_states, grad_states, x, dt, A, B, C, D, z, dt_bias, seq_idx, out_x, states, dt_out,
+            cs, cb, *ctx.config,
         )
         if D_dtype is not None:
             dD = (dD.sum(-1) if ctx.D_per_head else dD).to(D_dtype)
@@ -354,14 +362,21 @@ def mamba_chunk_scan_triton(
     D=None,
     z=None,
     dt_bias=None,
-    dt_softplus=False,
-    dt_limit=NO_DT_LIMIT,
     initial_states=None,
     seq_idx=None,
+    cu_seqlens=None,
+    dt_softplus=False,
+    dt_limit=NO_DT_LIMIT,
     return_final_states=False,
+    return_varlen_states=False,
+    *,
+    state_dtype=None,
 ):
     low, high = dt_clamp_bounds(dt_limit)
-    out, final_states = _ChunkScan.apply(
+    out, final_states, states = _ChunkScan.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, bool(dt_softplus), low, high
     )
-    return (out, final_states) if return_final_states else out
+    varlen = None
+    if return_varlen_states:
+        varlen = varlen_states(states[0], x, dt, A, B, cu_seqlens, chunk_size, dt_bias, dt_softplus, dt_limit)
+    return scan_outputs(out, final_states, varlen, C, return_final_states, state_dtype)
