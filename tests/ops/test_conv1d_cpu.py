@@ -499,3 +499,15 @@ def test_torch_compile_checks_index_values_without_reading_them():
         compiled(x, pool, weight, torch.tensor([1, 2]), torch.tensor([1, 1]))
     with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
         compiled(x, pool, weight, torch.tensor([-1, 2]), torch.tensor([0, 1]))
+
+
+def test_torch_compile_with_padded_seq_idx():
+    def conv(x, weight, seq_idx):
+        return causal_conv1d_fn(x, weight, None, seq_idx, activation="silu", backend="cpu")
+
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
+    seq_idx = torch.tensor([[0, 0, -1, 1, 1]], dtype=torch.int32)
+    assert_close(compiled(x, weight, seq_idx), conv(x, weight, seq_idx))
+    with pytest.raises(RuntimeError, match="seq_idx must be non-decreasing along seqlen apart from padding"):
+        compiled(x, weight, torch.tensor([[1, 0, -1, 1, 1]], dtype=torch.int32))

@@ -56,15 +56,26 @@ def _bind_index(shapes: Shapes, arg: str, value, layout) -> torch.Tensor:
     return tensor
 
 
-def _refuse_values(values: torch.Tensor, bad: torch.Tensor, rule: str, *, at_index: bool = True) -> None:
+def _readable(values: torch.Tensor, gpu: bool) -> bool:
+    """Whether a check may read ``values`` back now: never while torch.compile traces or a CUDA graph is
+    captured, and on a GPU only when ``gpu`` (the sync is worth it for a prefill, not for every decode step)."""
+    if torch.compiler.is_compiling():
+        return False
+    if values.device.type == "cpu":
+        return True
+    return gpu and not (values.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _refuse_values(
+    values: torch.Tensor, bad: torch.Tensor, rule: str, *, at_index: bool = True, gpu: bool = False
+) -> None:
     """Raise ``ValueError(rule, got ...)`` if any entry of the bool tensor ``bad`` (shaped like ``values``) is set;
     the message shows the first such value of ``values`` and, with ``at_index``, where it is.
 
-    Only CPU tensors are read back, outside torch.compile: on a GPU that would
-    stall every call (a decode step's among them) and it is impossible in a CUDA
-    graph capture, so there the rule is a device-side assertion instead.
+    Where the values cannot be read back (see ``_readable``) the rule is a
+    device-side assertion instead, as for token ids in ``layers/embedding.py``.
     """
-    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _readable(values, gpu):
         if bool(bad.any()):
             at = tuple(int(i) for i in bad.nonzero()[0])
             where = f" at index {at if len(at) > 1 else at[0]}" if at_index else ""
@@ -81,6 +92,7 @@ def _check_seq_idx(seq_idx: torch.Tensor, with_states: bool) -> None:
             seq_idx < 0,
             "seq_idx must not mark padding (negative ids) together with initial_states or return_final_states "
             "(causal-conv1d refuses seq_idx with either)",
+            gpu=True,
         )
     if seq_idx.shape[-1] > 1:
         _refuse_values(
@@ -88,6 +100,7 @@ def _check_seq_idx(seq_idx: torch.Tensor, with_states: bool) -> None:
             (seq_idx >= 0) & (seq_idx < seq_idx.cummax(dim=-1).values),
             "seq_idx must be non-decreasing along seqlen apart from padding (negative ids): "
             "one run of equal ids per packed sequence",
+            gpu=True,
         )
 
 
@@ -162,7 +175,8 @@ def causal_conv1d_update(
     advances it). ``conv_state_indices`` (batch,) int32/int64: conv_state is a pool
     ``(pool, dim, state_len)`` and batch row b reads and updates its slot
     conv_state_indices[b]; a negative index is a padding row, whose output is 0 and
-    which touches no slot. Two rows may not share a slot.
+    which touches no slot. Two rows may not share a slot. On a GPU these rules on
+    the index values are device-side assertions: checking them costs no sync.
     """
     shapes = Shapes()
     if getattr(x, "ndim", None) == 2:
@@ -214,12 +228,16 @@ def causal_conv1d_varlen_states(x, cu_seqlens, state_len, *, backend="auto"):
         raise ValueError("cu_seqlens must hold at least one offset (batch + 1 >= 1), got shape (0,)")
     total = shapes["total_tokens"]
     _refuse_values(
-        cu_seqlens, (cu_seqlens < 0) | (cu_seqlens > total), f"cu_seqlens must lie in [0, total_tokens = {total}]"
+        cu_seqlens,
+        (cu_seqlens < 0) | (cu_seqlens > total),
+        f"cu_seqlens must lie in [0, total_tokens = {total}]",
+        gpu=True,
     )
     _refuse_values(
         cu_seqlens,
         cu_seqlens < cu_seqlens.cummax(dim=0).values,
         "cu_seqlens must be non-decreasing (offsets of sequences)",
+        gpu=True,
     )
     kernel = resolve("causal_conv1d_varlen_states", backend, shapes.device, dtype=x.dtype)
     return kernel(x, cu_seqlens, state_len)
