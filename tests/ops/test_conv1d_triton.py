@@ -286,6 +286,20 @@ def test_update_circular_and_pool_match_reference(dtype, state_dtype, steps, mod
     assert torch.equal(s_tri, s_ref)
 
 
+@pytest.mark.parametrize("width, state_len", [(1, 0), (1, 2), (2, 1), (3, 2)])
+def test_update_circular_pool_small_buffers(width, state_len):
+    """Width 1 keeps no history and may keep no buffer at all; a one-slot buffer (which the GPU compiler
+    specialises as a constant)."""
+    x, weight = torch.randn(3, 4, 3, device=DEVICE), torch.randn(4, width, device=DEVICE)
+    cache_seqlens, indices = torch.tensor([0, 5, 2], device=DEVICE), torch.tensor([1, -1, 0], device=DEVICE)
+    state = torch.randn(2, 4, state_len, device=DEVICE)
+    s_tri, s_ref = state.clone(), state.clone()
+    out = causal_conv1d_update(x, s_tri, weight, None, "silu", cache_seqlens, indices, backend="triton")
+    expected = causal_conv1d_update(x, s_ref, weight, None, "silu", cache_seqlens, indices, backend="reference")
+    assert_close(out, expected)
+    assert torch.equal(s_tri, s_ref)
+
+
 def test_update_pool_through_a_strided_view_with_gradients():
     """The pool as one layer of a channel-last cache; gradients of x, weight and bias through a circular pool."""
     batch, dim, width, pool_size = 3, 5, 4, 4

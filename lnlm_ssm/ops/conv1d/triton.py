@@ -181,7 +181,7 @@ def _conv_update_kernel(
     # The slot of the state's oldest input: a circular buffer's next write slot.
     head = b * 0
     if HAS_SEQLENS:
-        head = tl.load(seqlens_ptr + b * seqlens_s).to(tl.int64) % tl.maximum(state_len, 1)
+        head = tl.load(seqlens_ptr + b * seqlens_s).to(tl.int64) % state_len
     x_row = x_ptr + b * x_sb + d[:, None] * x_sd
     state_row = state_ptr + slot * s_sb + d[:, None] * s_sd
 
@@ -206,7 +206,7 @@ def _conv_update_kernel(
         # x goes to the slots from the head on; of more than state_len inputs only the last state_len stay.
         keep = (t < steps) & (t >= steps - state_len)
         new = tl.load(x_row + t[None, :] * x_sl, mask=d_ok[:, None] & keep[None, :], other=0.0).to(tl.float32)
-        at = ((head + t) % tl.maximum(state_len, 1))[None, :]
+        at = ((head + t) % state_len)[None, :]
         # Every thread's reads of the old state come before any thread's writes.
         tl.debug_barrier()
         _store(state_row + at * s_sl, new, state_ok[:, None] & keep[None, :])
@@ -323,7 +323,7 @@ def _update(
     out = torch.empty((batch, dim, steps), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_l, block_s = triton.next_power_of_2(steps), triton.next_power_of_2(state_len)
+    block_l, block_s = triton.next_power_of_2(steps), triton.next_power_of_2(max(state_len, 1))
     block_d = min(triton.next_power_of_2(dim), max(1, 2048 // max(block_l, block_s)))
     grid = (triton.cdiv(dim, block_d), batch)
     _wrap(_conv_update_kernel)[grid](
@@ -334,7 +334,8 @@ def _update(
         *x.stride(), *conv_state.stride(), *weight.stride(),
         *_strides(cache_seqlens, 1), *_strides(conv_state_indices, 1),
         HAS_BIAS=bias is not None, SILU=silu, WIDTH=width,
-        HAS_SEQLENS=cache_seqlens is not None, HAS_INDEX=conv_state_indices is not None,
+        # An empty buffer (width 1) has no slots to go round: it is the same as a shift register.
+        HAS_SEQLENS=cache_seqlens is not None and state_len > 0, HAS_INDEX=conv_state_indices is not None,
         BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
     )
     return out
