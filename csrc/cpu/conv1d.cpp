@@ -33,9 +33,17 @@
 // inputs before it into a math-dtype buffer, so that every tap reads one array
 // and the loops over steps vectorise.
 //
+// seq_idx < 0 marks a padding step: its output is 0, and no other step shares its
+// id, so its input reaches no real output; its output gradient is dropped.
+//
 // The update (decode) keeps the last state_len >= c inputs in conv_state (b, d,
-// state_len), any strides, any float dtype, and shifts x (b, d, l) or (b, d) (one
+// state_len), any strides, any float dtype, and takes x (b, d, l) or (b, d) (one
 // step), any strides, into it in place. Its output is contiguous, shaped like x.
+// Without cache_seqlens the state is a shift register, newest last; with it, a
+// circular buffer whose row b takes its next input at slot cache_seqlens[b] mod
+// state_len. With conv_state_indices, conv_state is a pool and batch row b uses
+// its slot conv_state_indices[b]; a negative index is a padding row (output 0, no
+// slot touched). Both are (b,) int32 or int64, any stride.
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -49,6 +57,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -170,7 +179,7 @@ struct PaddedRow {
 };
 
 // y[i] = bias + sum_k w[k] p[i + k] for i < n, counting only the taps in step i's
-// sequence (id s[i + c]) when s is given.
+// sequence (id s[i + c]) when s is given, and 0 when step i is padding (s[i + c] < 0).
 template <int kW, typename acc_t>
 void conv_block(
     const acc_t* __restrict__ p,
@@ -188,7 +197,7 @@ void conv_block(
       for (int64_t k = 0; k < W; ++k) {
         acc += s[i + k] == s[i + c] ? w[k] * p[i + k] : acc_t(0);
       }
-      y[i] = acc;
+      y[i] = s[i + c] < 0 ? acc_t(0) : acc;
     }
   } else {
 #pragma omp simd
@@ -392,6 +401,12 @@ void backward_kernel(
               gz[i] = static_cast<acc_t>(g[i]);
             }
           }
+          if (const int64_t* ids = row.ids()) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) {
+              gz[i] = ids[c + i] < 0 ? acc_t(0) : gz[i];
+            }
+          }
           acc_t block_sum = 0;
 #pragma omp simd reduction(+ : block_sum)
           for (int64_t i = 0; i < n; ++i) {
@@ -417,11 +432,12 @@ void backward_kernel(
   });
 }
 
-// Decode: per row, out[t] = act(bias + sum_k w[k] p[t + k]) with p the last c
-// entries of the state followed by x, then state <- (state, x)[l ..]. Rows are
+// Decode: per row, out[t] = act(bias + sum_k w[k] p[t + k]) with p the latest c
+// inputs of the state followed by x, then x is taken into the state. Rows are
 // taken in groups of up to kUpdateRows channels of one batch entry, staged
 // position-major (p[j][row]) so that the taps and the activation vectorise over
-// the group's rows.
+// the group's rows. heads[b] is batch entry b's circular-buffer write slot (null
+// for a shift register), slots[b] its state's index in the pool (null: b itself).
 template <int kW, typename T, typename S, typename acc_t>
 void update_kernel(
     const Sizes& sz,
@@ -433,6 +449,8 @@ void update_kernel(
     const acc_t* weight,
     const acc_t* bias,
     bool silu,
+    const int64_t* heads,
+    const int64_t* slots,
     T* out) {
   const int64_t W = kW > 0 ? kW : sz.width, c = W - 1, L = sz.seqlen, dim = sz.dim;
   const int64_t xs_b = x_strides[0], xs_d = x_strides[1], xs_l = x_strides[2];
@@ -446,10 +464,19 @@ void update_kernel(
     for (int64_t r0 = r_begin; r0 < r_end;) {
       const int64_t b = r0 / dim, d0 = r0 % dim;
       const int64_t rows = std::min({kUpdateRows, r_end - r0, dim - d0});
+      const int64_t slot = slots ? slots[b] : b;
+      if (slot < 0) {
+        std::fill_n(out + r0 * L, rows * L, T(0));
+        r0 += rows;
+        continue;
+      }
       const T* x_group = x + b * xs_b + d0 * xs_d;
-      S* st = state + b * ss_b + d0 * ss_d;
+      S* st = state + slot * ss_b + d0 * ss_d;
+      // The slot of the state's j-th oldest input (j < state_len).
+      const int64_t head = heads ? heads[b] : 0;
+      const auto slot_of = [&](int64_t j) { return head + j < state_len ? head + j : head + j - state_len; };
       for (int64_t j = 0; j < c; ++j) {
-        const S* src = st + (state_len - c + j) * ss_l;
+        const S* src = st + slot_of(state_len - c + j) * ss_l;
         for (int64_t i = 0; i < rows; ++i) {
           p[j * kUpdateRows + i] = static_cast<acc_t>(src[i * ss_d]);
         }
@@ -472,6 +499,18 @@ void update_kernel(
         }
       }
       store_activated(y, rows * L, silu, out + r0 * L);
+      if (heads) {
+        // x goes to the slots from the head on; of more than state_len inputs only the last state_len stay.
+        for (int64_t t = std::max<int64_t>(0, L - state_len); t < L; ++t) {
+          S* dst = st + slot_of(t % state_len) * ss_l;
+          const acc_t* src = p + (c + t) * kUpdateRows;
+          for (int64_t i = 0; i < rows; ++i) {
+            dst[i * ss_d] = static_cast<S>(src[i]);
+          }
+        }
+        r0 += rows;
+        continue;
+      }
       // Ascending j reads each older entry before it is overwritten.
       for (int64_t j = 0; j < state_len; ++j) {
         S* dst = st + j * ss_l;
@@ -589,12 +628,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
   return {dx, dweight, dbias, dinitial_states};
 }
 
+// The (b,) int32/int64 values of an index argument, each checked by ok(value); empty when absent.
+template <typename Ok>
+std::vector<int64_t> read_indices(
+    const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t batch, const char* rule, const Ok& ok) {
+  std::vector<int64_t> values;
+  if (!t.has_value()) {
+    return values;
+  }
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && (t->scalar_type() == at::kInt || t->scalar_type() == at::kLong),
+              op, ": ", name, " must be int32 or int64 of shape (", batch, "); got shape ", t->sizes(), ", dtype ",
+              t->scalar_type());
+  values.resize(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    values[b] = t->scalar_type() == at::kInt ? int64_t(t->const_data_ptr<int32_t>()[b * t->stride(0)])
+                                             : t->const_data_ptr<int64_t>()[b * t->stride(0)];
+    TORCH_CHECK(ok(values[b]), op, ": ", name, " must be ", rule, "; got ", values[b], " at index ", b);
+  }
+  return values;
+}
+
 at::Tensor causal_conv1d_update(
     const at::Tensor& x,
     at::Tensor& conv_state,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
-    bool silu) {
+    bool silu,
+    const std::optional<at::Tensor>& cache_seqlens,
+    const std::optional<at::Tensor>& conv_state_indices) {
   constexpr const char* kOp = "causal_conv1d_update (cpu)";
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, kOp, ": x must be (batch, dim) or (batch, dim, seqlen); got shape ",
               x.sizes());
@@ -609,10 +670,21 @@ at::Tensor causal_conv1d_update(
   if (bias.has_value()) {
     check_math_tensor(kOp, "bias", *bias, {sz.dim}, math);
   }
-  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == sz.batch && conv_state.size(1) == sz.dim &&
+  const bool pooled = conv_state_indices.has_value();
+  const std::string rows = pooled ? "pool" : "batch = " + std::to_string(sz.batch);
+  TORCH_CHECK(conv_state.dim() == 3 && (pooled || conv_state.size(0) == sz.batch) && conv_state.size(1) == sz.dim &&
                   conv_state.size(2) >= sz.carry(),
-              kOp, ": conv_state must be (batch, dim, state_len) = (", sz.batch, ", ", sz.dim, ", >= ", sz.carry(),
-              "); got shape ", conv_state.sizes());
+              kOp, ": conv_state must be (", rows, ", dim = ", sz.dim, ", state_len >= ", sz.carry(), "); got shape ",
+              conv_state.sizes());
+  const int64_t state_len = conv_state.size(2), pool = conv_state.size(0);
+  std::vector<int64_t> heads = read_indices(kOp, "cache_seqlens", cache_seqlens, sz.batch, ">= 0",
+                                            [](int64_t v) { return v >= 0; });
+  for (int64_t& head : heads) {
+    head = state_len > 0 ? head % state_len : 0;
+  }
+  const std::vector<int64_t> slots = read_indices(kOp, "conv_state_indices", conv_state_indices, sz.batch,
+                                                  "< the pool size conv_state.size(0) (negative: padding)",
+                                                  [pool](int64_t v) { return v < pool; });
   TORCH_CHECK(at::has_internal_overlap(conv_state) != at::MemOverlap::Yes, kOp,
               ": conv_state is updated in place, so it must not be a view whose elements overlap (such as an expanded "
               "tensor); got strides ", conv_state.strides());
@@ -629,7 +701,7 @@ at::Tensor causal_conv1d_update(
         update_kernel<decltype(width_tag)::value, T, S, acc_t>(
             sz, conv_state.size(2), x.const_data_ptr<T>(), x_strides, conv_state.mutable_data_ptr<S>(),
             conv_state.strides(), weight.const_data_ptr<acc_t>(), optional_data<acc_t>(bias), silu,
-            out.mutable_data_ptr<T>());
+            heads.empty() ? nullptr : heads.data(), slots.empty() ? nullptr : slots.data(), out.mutable_data_ptr<T>());
       });
     });
   });

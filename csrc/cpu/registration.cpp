@@ -49,8 +49,11 @@ TORCH_LIBRARY(lnlm_ssm, m) {
       "causal_conv1d_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
       "Tensor? seq_idx, bool silu) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
   // Decode step(s) x (b, d, l), or (b, d) for one: returns out shaped like x and
-  // shifts x into conv_state (b, d, state_len) in place.
-  m.def("causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  // takes x into conv_state (b, d, state_len) in place: a circular buffer with
+  // cache_seqlens (b,), a pool of states indexed by conv_state_indices (b,).
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, "
+      "Tensor? cache_seqlens, Tensor? conv_state_indices) -> Tensor");
 
   // The Mamba-2 SSD chunked scan (csrc/cpu/ssd.cpp has the layout). dt is
   // taken before dt_bias, softplus and the clamp to [dt_min, dt_max].

@@ -4,8 +4,12 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 """
 
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
-from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
-from lnlm_ssm.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
+from lnlm_ssm.ops.conv1d.reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    causal_conv1d_varlen_states_ref,
+)
 from lnlm_ssm.ops.linear.interface import decode_linear
 from lnlm_ssm.ops.mamba_inner.interface import mamba_inner_fn
 from lnlm_ssm.ops.mamba_inner.reference import mamba_inner_ref
@@ -28,6 +32,8 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "causal_conv1d_varlen_states",
+    "causal_conv1d_varlen_states_ref",
     "decode_linear",
     "layer_norm_fn",
     "layer_norm_gated_ref",

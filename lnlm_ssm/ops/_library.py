@@ -80,7 +80,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("lnlm_ssm::causal_conv1d_update")
-    def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu):
+    def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
         return x.new_empty(x.shape)
 
     # Mamba-2 SSD chunked scan (csrc/cpu/ssd.cpp): out in x's dtype, states and the

@@ -297,6 +297,123 @@ def test_update_gradients_match_reference():
         assert_close(got, expected)
 
 
+# ---------------------------------------------------------------- causal-conv1d's padding, circular buffers, pools
+
+
+def padded_seq_idx(batch, seqlen):
+    """Packed rows with padding (-1) at the start, inside and at the end, ids counting on across rows."""
+    gen = torch.Generator().manual_seed(3)
+    rows, next_id = [], 0
+    for _ in range(batch):
+        row = []
+        while len(row) < seqlen:
+            n = int(torch.randint(1, 6, (), generator=gen))
+            if torch.rand((), generator=gen) < 0.3:
+                row += [-1] * n
+            else:
+                row += [next_id] * n
+                next_id += 1
+        rows.append(row[:seqlen])
+    return torch.tensor(rows)
+
+
+def grads_without_states(inputs, seq_idx, backend):
+    leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in ("x", "weight", "bias")}
+    out = causal_conv1d_fn(*leaves.values(), seq_idx, activation="silu", backend=backend)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=f64).to(out.dtype)
+    return (out, *torch.autograd.grad(out, list(leaves.values()), grad))
+
+
+@pytest.mark.parametrize("dtype", [f64, bf16], ids=str)
+@pytest.mark.parametrize("seqlen", [9, 600])
+def test_seq_idx_padding_matches_reference(dtype, seqlen):
+    """Output and every gradient with padding (-1) in seq_idx, int32 as causal-conv1d takes it; across a
+    512-step block boundary too."""
+    inputs = make_inputs(batch=3, dim=4, seqlen=seqlen, dtype=dtype, initial_states=False)
+    seq_idx = padded_seq_idx(3, seqlen).to(torch.int32)
+    assert (seq_idx < 0).any() and (seq_idx >= 0).any()
+    got, expected = grads_without_states(inputs, seq_idx, "cpu"), grads_without_states(inputs, seq_idx, "reference")
+    for name, a, b in zip(("out", "dx", "dweight", "dbias"), got, expected):
+        assert_close(a, b, dtype, msg=name)
+    assert got[0].masked_select((seq_idx < 0)[:, None, :]).eq(0).all()
+
+
+def check_indexed_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation="silu"):
+    state_cpu, state_ref = conv_state.clone(), conv_state.clone()
+    args = (weight, bias, activation, cache_seqlens, conv_state_indices)
+    out = causal_conv1d_update(x, state_cpu, *args, backend="cpu")
+    expected = causal_conv1d_update(x, state_ref, *args, backend="reference")
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_close(out, expected, x.dtype)
+    assert torch.equal(state_cpu, state_ref)
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(f64, f64), (f32, f32), (bf16, bf16), (bf16, f32)], ids=str)
+@pytest.mark.parametrize("seqlen", [None, 1, 3, 9])
+@pytest.mark.parametrize("state_len", [3, 6])
+@pytest.mark.parametrize("mode", ["circular", "pool", "circular_pool"])
+def test_update_circular_and_pool_match_reference(dtype, state_dtype, seqlen, state_len, mode):
+    """cache_seqlens (int32, past the buffer's length too) and conv_state_indices (int64, with padding);
+    seqlen 9 > state_len wraps the circular buffer."""
+    batch, dim, width = 4, 7, 4
+    x = torch.randn((batch, dim) if seqlen is None else (batch, dim, seqlen)).to(dtype)
+    weight, bias = torch.randn(dim, width).to(dtype), torch.randn(dim).to(dtype)
+    cache_seqlens = torch.tensor([0, 5, 2, 1001], dtype=torch.int32) if "circular" in mode else None
+    indices = torch.tensor([3, -1, 0, 5]) if "pool" in mode else None
+    conv_state = torch.randn(6 if indices is not None else batch, dim, state_len).to(state_dtype)
+    check_indexed_update(x, conv_state, weight, bias, cache_seqlens, indices)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5])
+def test_update_circular_other_widths(width):
+    """Width 1 reads no history and may keep an empty buffer (state_len 0); width 5 takes the kernel's generic path."""
+    dim = 6
+    for state_len in {width - 1, width + 2}:
+        check_indexed_update(
+            torch.randn(3, dim, 2), torch.randn(3, dim, state_len), torch.randn(dim, width), None,
+            torch.tensor([4, 0, 7]), None,
+        )
+
+
+def test_update_pool_through_a_strided_view():
+    """The pool as one layer of a channel-last cache, x strided too."""
+    batch, dim, width, pool_size = 3, 5, 4, 4
+    cache = torch.randn(2, pool_size, 6, dim)
+    view = cache[1].transpose(1, 2)
+    x = torch.randn(dim, batch).t()
+    check_indexed_update(x, view, torch.randn(dim, width), torch.randn(dim), torch.tensor([9, 0, 3]), torch.tensor([2, 0, -1]))
+
+
+@pytest.mark.parametrize("mode", ["circular", "pool"])
+def test_update_indexed_gradients_match_reference(mode):
+    batch, dim, width = 3, 5, 4
+    x, weight, bias = torch.randn(batch, dim, 2, dtype=f64), torch.randn(dim, width, dtype=f64), torch.randn(dim, dtype=f64)
+    cache_seqlens = torch.tensor([2, 0, 7]) if mode == "circular" else None
+    indices = torch.tensor([1, -1, 3], dtype=torch.int32) if mode == "pool" else None
+    conv_state = torch.randn(4 if indices is not None else batch, dim, width + 1, dtype=f64)
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        state = conv_state.clone()
+        out = causal_conv1d_update(leaves[0], state, leaves[1], leaves[2], "silu", cache_seqlens, indices, backend=backend)
+        results.append([out, state, *torch.autograd.grad(out.square().sum(), leaves)])
+    for name, got, expected in zip(("out", "state", "dx", "dweight", "dbias"), *results):
+        assert_close(got, expected, msg=name)
+
+
+def test_update_kernel_checks_its_indices():
+    """The C++ op reads cache_seqlens and conv_state_indices itself, so it refuses values that would take it
+    outside conv_state, whoever calls it."""
+    x, state, weight = torch.randn(2, 3, 1), torch.randn(4, 3, 2), torch.randn(3, 3)
+    op = torch.ops.lnlm_ssm.causal_conv1d_update
+    with pytest.raises(RuntimeError, match=r"conv_state_indices must be < the pool size.*got 4 at index 1"):
+        op(x, state, weight, None, False, None, torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match=r"cache_seqlens must be >= 0; got -1 at index 0"):
+        op(x, state[:2], weight, None, False, torch.tensor([-1, 0], dtype=torch.int32), None)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens must be int32 or int64 of shape \(2\)"):
+        op(x, state[:2], weight, None, False, torch.tensor([0, 1, 2]), None)
+
+
 # ---------------------------------------------------------------- properties
 
 
@@ -315,18 +432,44 @@ def test_property_float64_matches_reference(batch, dim, seqlen, width, activatio
     check_against_reference(inputs, activation, seq_idx)
 
 
+@given(
+    batch=st.integers(1, 4),
+    seqlen=st.one_of(st.none(), st.integers(1, 9)),
+    width=st.integers(1, 5),
+    extra=st.integers(0, 4),
+    circular=st.booleans(),
+    pooled=st.booleans(),
+    data=st.data(),
+)
+def test_property_update_matches_reference(batch, seqlen, width, extra, circular, pooled, data):
+    dim = 3
+    x = torch.randn((batch, dim) if seqlen is None else (batch, dim, seqlen), dtype=f64)
+    cache_seqlens = torch.tensor(data.draw(st.lists(st.integers(0, 50), min_size=batch, max_size=batch))) if circular else None
+    indices = None
+    if pooled:
+        slots = data.draw(st.permutations(range(batch + 2)))[:batch]
+        indices = torch.tensor([s if s < batch else -1 for s in slots])
+    conv_state = torch.randn(batch + 2 if pooled else batch, dim, width - 1 + extra, dtype=f64)
+    check_indexed_update(x, conv_state, torch.randn(dim, width, dtype=f64), None, cache_seqlens, indices)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
 def test_torch_compile_fullgraph():
     inputs = make_inputs(dim=4, seqlen=16)
 
+    cache_seqlens, indices = torch.tensor([5, 2]), torch.tensor([-1, 0], dtype=torch.int32)
+
     def f(x, weight, bias, initial_states, conv_state):
         out, final = causal_conv1d_fn(
             x, weight, bias, None, initial_states, return_final_states=True, activation="silu", backend="cpu"
         )
         with torch.no_grad():
-            step = causal_conv1d_update(x[..., -1].detach(), conv_state, weight.detach(), bias.detach(), "silu", backend="cpu")
+            step = causal_conv1d_update(
+                x[..., -1].detach(), conv_state, weight.detach(), bias.detach(), "silu", cache_seqlens, indices,
+                backend="cpu",
+            )
         return out.square().sum() + final.square().sum(), step
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -338,3 +481,33 @@ def test_torch_compile_fullgraph():
         results.append([loss.detach(), step, conv_state, *torch.autograd.grad(loss, leaves)])
     for got, expected in zip(*results):
         assert_close(got, expected)
+
+
+def test_torch_compile_checks_index_values_without_reading_them():
+    """Compiled, the value rules become assertions in the graph (no values read back while tracing)."""
+
+    def step(x, conv_state, weight, cache_seqlens, indices):
+        return causal_conv1d_update(x, conv_state, weight, None, None, cache_seqlens, indices, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x, pool, weight = torch.randn(2, 3), torch.randn(3, 3, 2), torch.randn(3, 3)
+    expected_pool = pool.clone()
+    expected = causal_conv1d_update(x, expected_pool, weight, None, None, torch.tensor([1, 2]), torch.tensor([0, 2]))
+    assert_close(compiled(x, pool, weight, torch.tensor([1, 2]), torch.tensor([0, 2])), expected)
+    assert torch.equal(pool, expected_pool)
+    with pytest.raises(RuntimeError, match="conv_state_indices must not repeat a slot"):
+        compiled(x, pool, weight, torch.tensor([1, 2]), torch.tensor([1, 1]))
+    with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
+        compiled(x, pool, weight, torch.tensor([-1, 2]), torch.tensor([0, 1]))
+
+
+def test_torch_compile_with_padded_seq_idx():
+    def conv(x, weight, seq_idx):
+        return causal_conv1d_fn(x, weight, None, seq_idx, activation="silu", backend="cpu")
+
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    x, weight = torch.randn(1, 3, 5), torch.randn(3, 4)
+    seq_idx = torch.tensor([[0, 0, -1, 1, 1]], dtype=torch.int32)
+    assert_close(compiled(x, weight, seq_idx), conv(x, weight, seq_idx))
+    with pytest.raises(RuntimeError, match="seq_idx must be non-decreasing along seqlen apart from padding"):
+        compiled(x, weight, torch.tensor([[1, 0, -1, 1, 1]], dtype=torch.int32))

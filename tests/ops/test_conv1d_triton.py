@@ -245,6 +245,79 @@ def test_update_gradients_match_reference():
         assert_close(got, expected, msg=name)
 
 
+# ---------------------------------------------------------------- causal-conv1d's padding, circular buffers, pools
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+def test_seq_idx_padding_matches_reference(dtype):
+    """Padding (-1, int32 as causal-conv1d takes it) at the start, inside a sequence and at the end: output
+    and every gradient, across a 64-step block boundary."""
+    runs = [[(-1, 2), (0, 30), (-1, 3), (0, 3), (1, 30), (-1, 2)], [(2, 1), (-1, 40), (3, 29)]]
+    seq_idx = torch.tensor([[i for i, n in row for _ in range(n)] for row in runs], dtype=torch.int32, device=DEVICE)
+    inputs = make_inputs(batch=2, dim=3, seqlen=70, dtype=dtype, initial_states=False)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [inputs[k].detach().clone().requires_grad_(True) for k in ("x", "weight", "bias")]
+        out = causal_conv1d_fn(*leaves, seq_idx, activation="silu", backend=backend)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for name, got, expected in zip(("out", "dx", "dweight", "dbias"), *results):
+        assert_close(got, expected, dtype, msg=name)
+    assert results[0][0].masked_select((seq_idx < 0)[:, None, :]).eq(0).all()
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(f32, f32), (bf16, f32)], ids=str)
+@pytest.mark.parametrize("steps", [None, 3, 9])
+@pytest.mark.parametrize("mode", ["circular", "pool", "circular_pool"])
+def test_update_circular_and_pool_match_reference(dtype, state_dtype, steps, mode):
+    """cache_seqlens (int32, past the buffer's length too) and conv_state_indices (int64, with padding);
+    9 steps wrap the 6-slot circular buffer."""
+    batch, dim, width, state_len = 4, 5, 4, 6
+    x = torch.randn((batch, dim) if steps is None else (batch, dim, steps), device=DEVICE).to(dtype)
+    weight, bias = torch.randn(dim, width, device=DEVICE), torch.randn(dim, device=DEVICE)
+    cache_seqlens = torch.tensor([0, 5, 2, 1001], dtype=torch.int32, device=DEVICE) if "circular" in mode else None
+    indices = torch.tensor([3, -1, 0, 5], device=DEVICE) if "pool" in mode else None
+    state = torch.randn(6 if indices is not None else batch, dim, state_len, device=DEVICE).to(state_dtype)
+    s_tri, s_ref = state.clone(), state.clone()
+    out = causal_conv1d_update(x, s_tri, weight, bias, "silu", cache_seqlens, indices, backend="triton")
+    expected = causal_conv1d_update(x, s_ref, weight, bias, "silu", cache_seqlens, indices, backend="reference")
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+    assert torch.equal(s_tri, s_ref)
+
+
+@pytest.mark.parametrize("width, state_len", [(1, 0), (1, 2), (2, 1), (3, 2)])
+def test_update_circular_pool_small_buffers(width, state_len):
+    """Width 1 keeps no history and may keep no buffer at all; a one-slot buffer (which the GPU compiler
+    specialises as a constant)."""
+    x, weight = torch.randn(3, 4, 3, device=DEVICE), torch.randn(4, width, device=DEVICE)
+    cache_seqlens, indices = torch.tensor([0, 5, 2], device=DEVICE), torch.tensor([1, -1, 0], device=DEVICE)
+    state = torch.randn(2, 4, state_len, device=DEVICE)
+    s_tri, s_ref = state.clone(), state.clone()
+    out = causal_conv1d_update(x, s_tri, weight, None, "silu", cache_seqlens, indices, backend="triton")
+    expected = causal_conv1d_update(x, s_ref, weight, None, "silu", cache_seqlens, indices, backend="reference")
+    assert_close(out, expected)
+    assert torch.equal(s_tri, s_ref)
+
+
+def test_update_pool_through_a_strided_view_with_gradients():
+    """The pool as one layer of a channel-last cache; gradients of x, weight and bias through a circular pool."""
+    batch, dim, width, pool_size = 3, 5, 4, 4
+    cache = torch.randn(2, pool_size, 6, dim, device=DEVICE)
+    x = torch.randn(dim, batch, device=DEVICE).t()
+    weight, bias = torch.randn(dim, width, device=DEVICE), torch.randn(dim, device=DEVICE)
+    cache_seqlens, indices = torch.tensor([9, 0, 3], device=DEVICE), torch.tensor([2, 0, -1], device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        layer = cache.clone()
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        out = causal_conv1d_update(leaves[0], layer[1].transpose(1, 2), leaves[1], leaves[2], "silu", cache_seqlens,
+                                   indices, backend=backend)
+        results.append((out, layer, *torch.autograd.grad(out.square().sum(), leaves)))
+    for name, got, expected in zip(("out", "cache", "dx", "dweight", "dbias"), *results):
+        assert_close(got, expected, msg=name)
+
+
 # ---------------------------------------------------------------- GPU only: real sizes
 
 

@@ -8,6 +8,7 @@ import torch
 from lnlm_ssm.ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
+    causal_conv1d_varlen_states,
     mamba_chunk_scan_combined,
     layer_norm_fn,
     layernorm_fn,
@@ -143,6 +144,89 @@ def test_conv1d_errors():
         causal_conv1d_update(torch.randn(2, 4), torch.zeros(2, 4, 1), w)
     with pytest.raises(ValueError, match=r"conv_state has shape \(3, 4, 2\).*batch = 2"):
         causal_conv1d_update(torch.randn(2, 4), torch.zeros(3, 4, 2), w)
+
+
+def conv_update_args(**override):
+    args = dict(
+        x=torch.randn(2, 4, 3), conv_state=torch.zeros(3, 4, 2), weight=torch.randn(4, 3),
+        cache_seqlens=torch.tensor([0, 5], dtype=torch.int32), conv_state_indices=torch.tensor([2, -1]),
+    )
+    args.update(override)
+    return args
+
+
+def conv_seq_idx(*rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+CONV_PADDING_CASES = [
+    (dict(seq_idx=conv_seq_idx([0, 1, -1, 0, 1], [0] * 5)), r"seq_idx must be non-decreasing along seqlen apart from padding \(negative ids\).*got 0 at index \(0, 3\)"),
+    (dict(seq_idx=conv_seq_idx([0, 0, 1, 1, -1], [0] * 5), initial_states=torch.randn(2, 4, 2)), r"seq_idx must not mark padding \(negative ids\) together with initial_states or return_final_states.*got -1 at index \(0, 4\)"),
+    (dict(seq_idx=conv_seq_idx([0] * 5, [-2, 0, 0, 0, 0]), return_final_states=True), r"seq_idx must not mark padding.*got -2 at index \(1, 0\)"),
+]
+
+
+@pytest.mark.parametrize("override,pattern", CONV_PADDING_CASES)
+def test_conv1d_seq_idx_errors(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        causal_conv1d_fn(torch.randn(2, 4, 5), torch.randn(4, 3), **override)
+
+
+def test_conv1d_accepts_causal_conv1ds_padding():
+    """Negative ids anywhere, any negative value, ids rising across them; with states when nothing is padding."""
+    x, w = torch.randn(2, 4, 6), torch.randn(4, 3)
+    causal_conv1d_fn(x, w, seq_idx=conv_seq_idx([-1, 0, -1, 0, 1, -5], [3, 3, -1, -1, 4, 7]))
+    causal_conv1d_fn(x, w, seq_idx=conv_seq_idx([0, 0, 1, 1, 2, 2], [5] * 6), initial_states=torch.randn(2, 4, 2), return_final_states=True)
+
+
+CONV_UPDATE_CASES = [
+    (dict(cache_seqlens=torch.tensor([0.0, 5.0])), TypeError, r"cache_seqlens must have an integer dtype, got torch.float32"),
+    (dict(cache_seqlens=torch.tensor([0, 5], dtype=torch.int16)), TypeError, r"cache_seqlens must have dtype int32 or int64, got torch.int16"),
+    (dict(cache_seqlens=torch.tensor([0, 5, 1])), ValueError, r"cache_seqlens has shape \(3,\) \(batch\), but batch = 2 \(from x\)"),
+    (dict(cache_seqlens=torch.tensor([[0, 5]])), ValueError, r"cache_seqlens must have 1 dimensions \(batch\)"),
+    (dict(cache_seqlens=torch.tensor([0, -2])), ValueError, r"cache_seqlens must be >= 0, got -2 at index 1"),
+    (dict(conv_state_indices=torch.tensor([2.0, 0.0])), TypeError, r"conv_state_indices must have an integer dtype"),
+    (dict(conv_state_indices=torch.tensor([2, 0], dtype=torch.uint8)), TypeError, r"conv_state_indices must have dtype int32 or int64, got torch.uint8"),
+    (dict(conv_state_indices=torch.tensor([2])), ValueError, r"conv_state_indices has shape \(1,\) \(batch\), but batch = 2"),
+    (dict(conv_state_indices=torch.tensor([-1, 3])), ValueError, r"conv_state_indices must be < the pool size conv_state.shape\[0\] = 3 \(negative: padding\), got 3 at index 1"),
+    (dict(conv_state_indices=torch.tensor([1, 1], dtype=torch.int32)), ValueError, r"conv_state_indices must not repeat a slot \(two rows would update the same state\), got 1$"),
+    (dict(conv_state=torch.zeros(3, 5, 2)), ValueError, r"conv_state has shape \(3, 5, 2\).*dim = 4 \(from x\)"),
+    (dict(conv_state=torch.zeros(3, 4, 1)), ValueError, r"conv_state must hold at least width - 1 = 2 steps"),
+    (dict(conv_state=torch.zeros(3, 4, 2), conv_state_indices=None), ValueError, r"conv_state has shape \(3, 4, 2\).*batch = 2 \(from x\)"),
+]
+
+
+@pytest.mark.parametrize("override,error,pattern", CONV_UPDATE_CASES)
+def test_conv1d_update_index_errors(override, error, pattern):
+    with pytest.raises(error, match=pattern):
+        causal_conv1d_update(**conv_update_args(**override))
+
+
+def test_conv1d_update_accepts_padding_rows_and_a_larger_pool():
+    args = conv_update_args(conv_state_indices=torch.tensor([-1, -7]), conv_state=torch.zeros(1, 4, 2))
+    assert torch.equal(causal_conv1d_update(**args), torch.zeros(2, 4, 3))
+
+
+VARLEN_CASES = [
+    (dict(x=torch.randn(5, 4, 1)), ValueError, r"x must have 2 dimensions \(total_tokens, dim\)"),
+    (dict(cu_seqlens=torch.tensor([0.0, 5.0])), TypeError, r"cu_seqlens must have an integer dtype"),
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int8)), TypeError, r"cu_seqlens must have dtype int32 or int64"),
+    (dict(cu_seqlens=torch.tensor([[0, 5]])), ValueError, r"cu_seqlens must have 1 dimensions \(batch \+ 1\)"),
+    (dict(cu_seqlens=torch.tensor([], dtype=torch.int32)), ValueError, r"cu_seqlens must hold at least one offset"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError, r"cu_seqlens must be non-decreasing \(offsets of sequences\), got 2 at index 2"),
+    (dict(cu_seqlens=torch.tensor([0, 6])), ValueError, r"cu_seqlens must lie in \[0, total_tokens = 5\], got 6 at index 1"),
+    (dict(cu_seqlens=torch.tensor([-1, 5])), ValueError, r"cu_seqlens must lie in \[0, total_tokens = 5\], got -1 at index 0"),
+    (dict(state_len=-1), ValueError, r"state_len must be an integer >= 0, got -1"),
+    (dict(state_len=2.0), ValueError, r"state_len must be an integer >= 0, got 2.0"),
+]
+
+
+@pytest.mark.parametrize("override,error,pattern", VARLEN_CASES)
+def test_conv1d_varlen_states_errors(override, error, pattern):
+    args = dict(x=torch.randn(5, 4), cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32), state_len=3)
+    args.update(override)
+    with pytest.raises(error, match=pattern):
+        causal_conv1d_varlen_states(**args)
 
 
 def test_state_update_errors():

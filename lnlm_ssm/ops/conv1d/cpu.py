@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 
 from lnlm_ssm.ops import _library
-from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
+from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states, update_history
 from lnlm_ssm.utils.dtypes import math_dtype
 
 _ops = _library.load()
-
 
 
 def _time_rows(t: torch.Tensor) -> torch.Tensor:
@@ -89,16 +88,18 @@ def causal_conv1d_cpu(
     return out, final_states(x, initial_states, weight.shape[1])
 
 
-def causal_conv1d_update_cpu(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_cpu(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None, conv_state_indices=None):
     acc = math_dtype(x.dtype)
-    args = (_as(weight, acc), _opt(bias, acc), activation in SILU_NAMES)
+    args = (_as(weight, acc), _opt(bias, acc), activation in SILU_NAMES, cache_seqlens, conv_state_indices)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return _ops.causal_conv1d_update(x, conv_state, *args)
     # The update kernel has no backward: differentiate the convolution of x after
-    # the state's last width - 1 inputs, read before the kernel shifts x in.
-    history = conv_state[..., conv_state.shape[-1] - (weight.shape[1] - 1) :].clone()
+    # the history the kernel reads, taken before it takes x in.
+    history = update_history(conv_state, weight.shape[1], cache_seqlens, conv_state_indices)
     steps = x.unsqueeze(-1) if x.ndim == 2 else x
     out = causal_conv1d_cpu(steps, weight, bias, activation, initial_states=history)
+    if conv_state_indices is not None:
+        out = out.masked_fill((conv_state_indices < 0)[:, None, None], 0)
     with torch.no_grad():
         _ops.causal_conv1d_update(x, conv_state, *args)
     return out.squeeze(-1) if x.ndim == 2 else out

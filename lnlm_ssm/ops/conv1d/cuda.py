@@ -11,6 +11,7 @@ so they work for every layout of x.
 from __future__ import annotations
 
 import causal_conv1d
+import torch
 
 from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
 
@@ -27,6 +28,11 @@ def _check(weight, activation):
     return "silu" if activation in SILU_NAMES else None
 
 
+def _int32(index):
+    """The causal-conv1d kernels read index tensors (seq_idx, cache_seqlens, conv_state_indices) as int32."""
+    return None if index is None else index.to(torch.int32)
+
+
 def causal_conv1d_cuda(
     x, weight, bias=None, activation=None, *, initial_states=None, return_final_states=False, seq_idx=None
 ):
@@ -37,12 +43,16 @@ def causal_conv1d_cuda(
             "use backend='triton' or 'reference'"
         )
     out = causal_conv1d.causal_conv1d_fn(
-        x, weight, bias, seq_idx=seq_idx, initial_states=initial_states, activation=act
+        x, weight, bias, seq_idx=_int32(seq_idx), initial_states=initial_states, activation=act
     )
     if not return_final_states:
         return out
     return out, final_states(x, initial_states, weight.shape[1])
 
 
-def causal_conv1d_update_cuda(x, conv_state, weight, bias=None, activation=None):
-    return causal_conv1d.causal_conv1d_update(x, conv_state, weight, bias, _check(weight, activation))
+def causal_conv1d_update_cuda(
+    x, conv_state, weight, bias=None, activation=None, cache_seqlens=None, conv_state_indices=None
+):
+    return causal_conv1d.causal_conv1d_update(
+        x, conv_state, weight, bias, _check(weight, activation), _int32(cache_seqlens), _int32(conv_state_indices)
+    )

@@ -26,7 +26,7 @@ from lnlm_ssm.ops._triton import reduce_sum as _sum
 from lnlm_ssm.ops._triton import sigmoid as _sigmoid
 from lnlm_ssm.ops._triton import store_rounded as _store
 from lnlm_ssm.ops._triton import wrap as _wrap
-from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states
+from lnlm_ssm.ops.conv1d.reference import SILU_NAMES, final_states, update_history
 
 
 
@@ -86,6 +86,8 @@ def _conv_fwd_kernel(
         v = _input_at(x_ptr, init_ptr, seq_ptr, b, d, t - (WIDTH - 1) + k, seq_t, d_ok, seqlen,
                       x_sb, x_sd, x_sl, i_sb, i_sd, i_sk, seq_sb, seq_sl, HAS_INIT, HAS_SEQ, WIDTH)
         acc += w[:, None] * v
+    if HAS_SEQ:
+        acc = tl.where((seq_t >= 0)[None, :], acc, 0.0)  # padding
     if SILU:
         acc = acc * _sigmoid(acc)
     out = out_ptr + b * dim * seqlen + d[:, None].to(tl.int64) * seqlen + t[None, :]
@@ -121,7 +123,7 @@ def _conv_bwd_kernel(
         reads = (t >= 0) & (t < seqlen)
         if HAS_SEQ:
             seq_t = _seq_at(seq_ptr, b, t, seq_sb, seq_sl, seqlen)
-            reads = reads & (seq_t == seq_s)
+            reads = reads & (seq_t == seq_s) & (seq_t >= 0)  # a padding output has no gradient to pass on
         else:
             seq_t = t
         mask = d_ok[:, None] & reads[None, :]
@@ -159,18 +161,29 @@ def _conv_bwd_kernel(
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, state_ptr, w_ptr, bias_ptr, seqlens_ptr, index_ptr, out_ptr,
     dim, steps, state_len,
-    x_sb, x_sd, x_sl, s_sb, s_sd, s_sl, w_sd, w_sk,
+    x_sb, x_sd, x_sl, s_sb, s_sd, s_sl, w_sd, w_sk, seqlens_s, index_s,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Positions c index the concatenation [conv_state, x] of length state_len + steps.
+    # Positions c index the concatenation [conv_state oldest first, x] of length state_len + steps.
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(1).to(tl.int64)
     d_ok = d < dim
+    slot = b
+    if HAS_INDEX:
+        slot = tl.load(index_ptr + b * index_s).to(tl.int64)
+    # A padding row (slot < 0) outputs 0 and touches no state. (0 * d: Triton's
+    # interpreter cannot combine a scalar mask with a tensor one.)
+    state_ok = d_ok & (slot + 0 * d >= 0)
+    # The slot of the state's oldest input: a circular buffer's next write slot.
+    head = b * 0
+    if HAS_SEQLENS:
+        head = tl.load(seqlens_ptr + b * seqlens_s).to(tl.int64) % state_len
     x_row = x_ptr + b * x_sb + d[:, None] * x_sd
-    state_row = state_ptr + b * s_sb + d[:, None] * s_sd
+    state_row = state_ptr + slot * s_sb + d[:, None] * s_sd
 
     t = tl.arange(0, BLOCK_L)
     t_ok = d_ok[:, None] & (t < steps)[None, :]
@@ -179,22 +192,33 @@ def _conv_update_kernel(
         acc += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)[:, None]
     for k in tl.static_range(WIDTH):
         c = (state_len - (WIDTH - 1) + t + k)[None, :]
-        v = tl.load(state_row + c * s_sl, mask=t_ok & (c < state_len), other=0.0).to(tl.float32)
+        at = c + head
+        at = tl.where(at >= state_len, at - state_len, at)
+        v = tl.load(state_row + at * s_sl, mask=t_ok & state_ok[:, None] & (c < state_len), other=0.0).to(tl.float32)
         v += tl.load(x_row + (c - state_len) * x_sl, mask=t_ok & (c >= state_len), other=0.0).to(tl.float32)
         w = tl.load(w_ptr + d * w_sd + k * w_sk, mask=d_ok, other=0.0).to(tl.float32)
         acc += w[:, None] * v
     if SILU:
         acc = acc * _sigmoid(acc)
+    acc = tl.where(state_ok[:, None], acc, 0.0)
 
-    # The state shifted left by ``steps``, x entering at its end.
-    j = tl.arange(0, BLOCK_S)
-    c = (j + steps)[None, :]
-    j_ok = d_ok[:, None] & (j < state_len)[None, :]
-    new = tl.load(state_row + c * s_sl, mask=j_ok & (c < state_len), other=0.0).to(tl.float32)
-    new += tl.load(x_row + (c - state_len) * x_sl, mask=j_ok & (c >= state_len), other=0.0).to(tl.float32)
-    # Every thread's reads of the old state come before any thread's writes.
-    tl.debug_barrier()
-    _store(state_row + j[None, :] * s_sl, new, j_ok)
+    if HAS_SEQLENS:
+        # x goes to the slots from the head on; of more than state_len inputs only the last state_len stay.
+        keep = (t < steps) & (t >= steps - state_len)
+        new = tl.load(x_row + t[None, :] * x_sl, mask=d_ok[:, None] & keep[None, :], other=0.0).to(tl.float32)
+        at = ((head + t) % state_len)[None, :]
+        # Every thread's reads of the old state come before any thread's writes.
+        tl.debug_barrier()
+        _store(state_row + at * s_sl, new, state_ok[:, None] & keep[None, :])
+    else:
+        # The state shifted left by ``steps``, x entering at its end.
+        j = tl.arange(0, BLOCK_S)
+        c = (j + steps)[None, :]
+        j_ok = state_ok[:, None] & (j < state_len)[None, :]
+        new = tl.load(state_row + c * s_sl, mask=j_ok & (c < state_len), other=0.0).to(tl.float32)
+        new += tl.load(x_row + (c - state_len) * x_sl, mask=j_ok & (c >= state_len), other=0.0).to(tl.float32)
+        tl.debug_barrier()
+        _store(state_row + j[None, :] * s_sl, new, j_ok)
     _store(out_ptr + b * dim * steps + d[:, None].to(tl.int64) * steps + t[None, :], acc, t_ok)
 
 
@@ -285,7 +309,13 @@ def _bwd_fake(grad_out, x, weight, bias, initial_states, seq_idx, silu):
 
 
 def _update(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    silu: bool,
+    cache_seqlens: Optional[torch.Tensor],
+    conv_state_indices: Optional[torch.Tensor],
 ) -> torch.Tensor:
     batch, dim, steps = x.shape
     state_len = conv_state.shape[-1]
@@ -293,19 +323,25 @@ def _update(
     out = torch.empty((batch, dim, steps), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_l, block_s = triton.next_power_of_2(steps), triton.next_power_of_2(state_len)
+    block_l, block_s = triton.next_power_of_2(steps), triton.next_power_of_2(max(state_len, 1))
     block_d = min(triton.next_power_of_2(dim), max(1, 2048 // max(block_l, block_s)))
     grid = (triton.cdiv(dim, block_d), batch)
     _wrap(_conv_update_kernel)[grid](
-        x, conv_state, weight, x if bias is None else bias, out, dim, steps, state_len,
+        x, conv_state, weight, x if bias is None else bias,
+        # An absent buffer's pointer is never read: any live tensor will do.
+        x if cache_seqlens is None else cache_seqlens, x if conv_state_indices is None else conv_state_indices,
+        out, dim, steps, state_len,
         *x.stride(), *conv_state.stride(), *weight.stride(),
-        HAS_BIAS=bias is not None, SILU=silu, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s,
-        num_warps=4,
+        *_strides(cache_seqlens, 1), *_strides(conv_state_indices, 1),
+        HAS_BIAS=bias is not None, SILU=silu, WIDTH=width,
+        # An empty buffer (width 1) has no slots to go round: it is the same as a shift register.
+        HAS_SEQLENS=cache_seqlens is not None and state_len > 0, HAS_INDEX=conv_state_indices is not None,
+        BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_S=block_s, num_warps=4,
     )
     return out
 
 
-def _update_fake(x, conv_state, weight, bias, silu):
+def _update_fake(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
     return x.new_empty(x.shape)
 
 
@@ -346,16 +382,21 @@ def causal_conv1d_triton(
     return out, final_states(x, initial_states, weight.shape[1])
 
 
-def causal_conv1d_update_triton(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_triton(
+    x, conv_state, weight, bias=None, activation=None, cache_seqlens=None, conv_state_indices=None
+):
     refuse_float64("causal_conv1d_update", "x", x)
     steps = x.unsqueeze(-1) if x.ndim == 2 else x
+    args = (weight, bias, activation in SILU_NAMES, cache_seqlens, conv_state_indices)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        out = _update_op(steps, conv_state, weight, bias, activation in SILU_NAMES)
+        out = _update_op(steps, conv_state, *args)
         return out.squeeze(-1) if x.ndim == 2 else out
     # The update kernel has no backward: differentiate the convolution of x after
-    # the state's last width - 1 inputs, read before the kernel shifts x in.
-    history = conv_state[..., conv_state.shape[-1] - (weight.shape[1] - 1) :].clone()
+    # the history the kernel reads, taken before it takes x in.
+    history = update_history(conv_state, weight.shape[1], cache_seqlens, conv_state_indices)
     out = causal_conv1d_triton(steps, weight, bias, activation, initial_states=history)
+    if conv_state_indices is not None:
+        out = out.masked_fill((conv_state_indices < 0)[:, None, None], 0)
     with torch.no_grad():
-        _update_op(steps, conv_state, weight, bias, activation in SILU_NAMES)
+        _update_op(steps, conv_state, *args)
     return out.squeeze(-1) if x.ndim == 2 else out
