@@ -23,6 +23,8 @@ TIERS = {
     "utils": 0,
     "ops": 1,
     "layers": 2,
+    # import mamba_ssm / causal_conv1d served by lnlm_ssm.ops
+    "compat": 2,
     "checkpoint": 3,
     "generation": 3,
     "data": 3,
