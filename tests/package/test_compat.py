@@ -158,6 +158,9 @@ def test_hf_transformers_mamba_runs_on_our_ops(tmp_path):
             logits = model(io["ids"]).logits
         torch.testing.assert_close(logits, io["logits"], rtol=1e-4, atol=1e-4)
         assert calls, "transformers did not call lnlm_ssm's ops"
+        # On a GPU, is_mamba_ssm_available() is this and torch.cuda.is_available(): the fast path.
+        from transformers.utils.import_utils import _is_package_available
+        assert _is_package_available("mamba_ssm")[0] and _is_package_available("causal_conv1d")[0]
         print("hf ok", sorted(set(calls)))
     """, install=False)
     assert result.returncode == 0, result.stderr
