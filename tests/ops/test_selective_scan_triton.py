@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from lnlm_ssm.ops import _backends, selective_scan_fn, selective_scan_ref  # noqa: E402
+from lnlm_ssm.ops import BackendUnavailableError, _backends, selective_scan_fn, selective_scan_ref  # noqa: E402
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref  # noqa: E402
 from scan_cases import make_inputs, run  # noqa: E402
 
@@ -87,6 +87,26 @@ def test_without_optional_inputs(small_chunks, softplus):
     check_fp32(make_inputs(dim=3, seqlen=40, optional=False), softplus)
 
 
+@pytest.mark.parametrize(
+    "time_invariant,shape",
+    [
+        ("B", dict(dim=3, seqlen=40)),
+        ("C", dict(dim=4, ngroups=2, dstate=5, seqlen=33)),
+        ("BC", dict(seqlen=1)),
+        ("BC", dict(batch=1, dim=3, seqlen=20, dstate=1)),
+    ],
+)
+def test_time_invariant_B_C(small_chunks, time_invariant, shape):
+    """(dim, dstate) B and / or C, as mamba_ssm takes them: read per channel, their gradients summed per channel."""
+    check_fp32(make_inputs(time_invariant=time_invariant, **shape))
+
+
+def test_complex_A_is_refused_with_the_backends_that_serve_it(kernels):
+    t = make_inputs(dim=2, seqlen=4, dstate=2, time_invariant="B", complex_A=True)
+    with pytest.raises(BackendUnavailableError, match="complex A is served by the 'cpu' and 'reference' backends"):
+        selective_scan_fn(**t, backend="triton")
+
+
 def test_ungrouped_equals_one_group(kernels):
     t = make_inputs(dim=3, seqlen=20, dstate=4)
     grouped = {**t, "B": t["B"][:, None], "C": t["C"][:, None]}
@@ -96,10 +116,12 @@ def test_ungrouped_equals_one_group(kernels):
     assert torch.equal(grads["B"], grads1["B"][:, 0])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(small_chunks, dtype):
+# The interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest), which
+# alone can double the error of y on some draws: the time-invariant case runs in float16.
+@pytest.mark.parametrize("dtype,time_invariant", [(torch.bfloat16, ""), (torch.float16, ""), (torch.float16, "BC")])
+def test_low_precision(small_chunks, dtype, time_invariant):
     """Error against the float64 reference at most twice that of the reference run on the same low-precision inputs."""
-    t = make_inputs(dim=4, seqlen=40, dstate=8, dtype=dtype)
+    t = make_inputs(dim=4, seqlen=40, dstate=8, dtype=dtype, time_invariant=time_invariant)
     y, last, grads = run(t, "triton")
     y_lowp, last_lowp, grads_lowp = run(t, "reference")
     y64, last64, grads64 = run({k: v.double() for k, v in t.items()}, "reference")
@@ -116,6 +138,14 @@ def test_noncontiguous_inputs(small_chunks):
     t["u"] = t["u"].transpose(1, 2).contiguous().transpose(1, 2)
     t["B"] = t["B"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not t["u"].is_contiguous()
+    check_fp32(t)
+
+
+def test_noncontiguous_time_invariant_B_C(small_chunks):
+    t = make_inputs(dim=4, seqlen=24, dstate=4, time_invariant="BC")
+    t["B"] = t["B"].t().contiguous().t()  # dim fastest
+    t["C"] = torch.randn(4, 8)[:, ::2]  # a stride of 2 along dstate
+    assert not t["B"].is_contiguous() and not t["C"].is_contiguous()
     check_fp32(t)
 
 
@@ -145,8 +175,9 @@ def test_float64_is_refused(kernels):
         selective_scan_fn(**t, backend="triton")
 
 
-def test_torch_compile_fullgraph(kernels):
-    t = make_inputs(dim=3, seqlen=12, dstate=4)
+@pytest.mark.parametrize("time_invariant", ["", "B"])
+def test_torch_compile_fullgraph(kernels, time_invariant):
+    t = make_inputs(dim=3, seqlen=12, dstate=4, time_invariant=time_invariant)
 
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
         y, last = selective_scan_fn(

@@ -17,13 +17,15 @@ gradients without ever storing a (batch, dim, seqlen, dstate) tensor:
 - dA, dD and d(delta_bias) are per channel: each program sums over its batch
   row and time in registers, writes one (batch, ...) partial, and the batch
   sum is done by torch (deterministic);
-- dB and dC are shared by the channels of a group: each program sums its
-  channels first, then adds its (dstate, CHUNK) tile into an fp32 buffer with
-  atomics, so their summation order (not their value) can vary run to run.
+- time-varying dB and dC are shared by the channels of a group: each program
+  sums its channels first, then adds its (dstate, CHUNK) tile into an fp32
+  buffer with atomics, so their summation order (not their value) can vary run
+  to run; a time-invariant (dim, dstate) B or C is per channel, and its
+  gradient is summed like dA's.
 
-Math and state are fp32 for fp32, bf16 and fp16 inputs; float64 is left to the
-reference and cpu backends. Gradients flow through the last state and into
-``initial_state``, as in the reference.
+Math and state are fp32 for fp32, bf16 and fp16 inputs; float64 and complex A
+are left to the reference and cpu backends. Gradients flow through the last
+state and into ``initial_state``, as in the reference.
 """
 
 from __future__ import annotations
@@ -102,10 +104,10 @@ def _fwd_kernel(
     s_dt_b, s_dt_d, s_dt_l,
     s_z_b, s_z_d, s_z_l,
     s_A_d, s_A_n,
-    s_B_b, s_B_g, s_B_n, s_B_l,
-    s_C_b, s_C_g, s_C_n, s_C_l,
+    s_B_b, s_B_g, s_B_d, s_B_n, s_B_l,
+    s_C_b, s_C_g, s_C_d, s_C_n, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
     DSTATE: tl.constexpr, NSTATE: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Tiles are (TILE steps, BLOCK_D channels) and BLOCK_D = 32 * num_warps:
@@ -160,15 +162,22 @@ def _fwd_kernel(
         y = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
         for k in tl.static_range(NSTATE):
             is_k = n[:, None] == k
-            B_k = tl.load(B_row + k * s_B_n + t * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
-            C_k = tl.load(C_row + k * s_C_n + t * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
+            # Time-varying: one value per step, shared by the channels; time-invariant: one per channel.
+            if VAR_B:
+                B_k = tl.load(B_row + k * s_B_n + t * s_B_l, mask=mask_t, other=0.0).to(tl.float32)[:, None]
+            else:
+                B_k = tl.load(B_ptr + d * s_B_d + k * s_B_n, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+            if VAR_C:
+                C_k = tl.load(C_row + k * s_C_n + t * s_C_l, mask=mask_t, other=0.0).to(tl.float32)[:, None]
+            else:
+                C_k = tl.load(C_ptr + d * s_C_d + k * s_C_n, mask=mask_d, other=0.0).to(tl.float32)[None, :]
             decay = tl.exp2(step * tl.sum(tl.where(is_k, A2, 0.0), axis=0)[None, :])
-            drive = step_u * B_k[:, None]
+            drive = step_u * B_k
             # The state carried in from the previous tile enters with the first step's drive.
             h_k = tl.sum(tl.where(is_k, h, 0.0), axis=0)
             drive = tl.where(first, drive + decay * h_k[None, :], drive)
             _, states = tl.associative_scan((decay, drive), axis=0, combine_fn=_compose)
-            y += states * C_k[:, None]
+            y += states * C_k
             h = tl.where(is_k, tl.sum(tl.where(last, states, 0.0), axis=0)[None, :], h)
         if HAS_D:
             y += skip[None, :] * u
@@ -190,10 +199,10 @@ def _bwd_kernel(
     s_z_b, s_z_d, s_z_l,
     s_dy_b, s_dy_d, s_dy_l,
     s_A_d, s_A_n,
-    s_B_b, s_B_g, s_B_n, s_B_l,
-    s_C_b, s_C_g, s_C_n, s_C_l,
+    s_B_b, s_B_g, s_B_d, s_B_n, s_B_l,
+    s_C_b, s_C_g, s_C_d, s_C_n, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DLAST: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
     DSTATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1) // ngroups
@@ -218,6 +227,15 @@ def _bwd_kernel(
     else:
         carry = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
     dA = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
+    # A time-invariant B or C: (BLOCK_D, DSTATE, 1) for the whole sequence, its gradient summed here like dA's.
+    if not VAR_B:
+        B_fixed = tl.load(B_ptr + d[:, None] * s_B_d + n[None, :] * s_B_n, mask=mask_dn, other=0.0)
+        B_fixed = B_fixed.to(tl.float32)[:, :, None]
+        dB_fixed = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
+    if not VAR_C:
+        C_fixed = tl.load(C_ptr + d[:, None] * s_C_d + n[None, :] * s_C_n, mask=mask_dn, other=0.0)
+        C_fixed = C_fixed.to(tl.float32)[:, :, None]
+        dC_fixed = tl.zeros((BLOCK_D, DSTATE), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
@@ -244,10 +262,17 @@ def _bwd_kernel(
         h0 = tl.load(ckpt + c * dstate, mask=mask_dn, other=0.0)
         u = tl.load(u_row + t[None, :] * s_u_l, mask=mask, other=0.0).to(tl.float32)
         pre, step = _load_delta(dt_row + t[None, :] * s_dt_l, mask, bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=mask_nt, other=0.0).to(tl.float32)
+        # Bt, Ct broadcast to (BLOCK_D, DSTATE, CHUNK).
+        if VAR_B:
+            Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=mask_nt, other=0.0).to(tl.float32)[None, :, :]
+        else:
+            Bt = B_fixed
+        if VAR_C:
+            Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=mask_nt, other=0.0).to(tl.float32)[None, :, :]
+        else:
+            Ct = C_fixed
         decay = tl.exp2(step[:, None, :] * A2[:, :, None])
-        drive = (step * u)[:, None, :] * Bt[None, :, :]
+        drive = (step * u)[:, None, :] * Bt
         cum_decay, cum_drive = tl.associative_scan((decay, drive), axis=2, combine_fn=_compose)
         states = cum_decay * h0[:, :, None] + cum_drive
 
@@ -256,7 +281,7 @@ def _bwd_kernel(
         if HAS_Z:
             zt = tl.load(z_row + t[None, :] * s_z_l, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zt)
-            y = tl.sum(states * Ct[None, :, :], axis=1)
+            y = tl.sum(states * Ct, axis=1)
             if HAS_D:
                 y += skip[:, None] * u
             dz = dy * y * sig * (1.0 + zt * (1.0 - sig))
@@ -276,13 +301,13 @@ def _bwd_kernel(
         _, next_step = _load_delta(dt_row + next_t[None, :] * s_dt_l, mask_next, bias, HAS_BIAS, SOFTPLUS)
         next_decay = tl.exp2(next_step[:, None, :] * A2[:, :, None])
         through, grad = tl.associative_scan(
-            (next_decay, Ct[None, :, :] * dy[:, None, :]), axis=2, combine_fn=_compose, reverse=True
+            (next_decay, Ct * dy[:, None, :]), axis=2, combine_fn=_compose, reverse=True
         )
         grad += through * carry[:, :, None]
         carry = tl.sum(tl.where(first_step, decay * grad, 0.0), axis=2)
 
         # Drive x_t = Δ_t u_t B_t.
-        grad_B = tl.sum(grad * Bt[None, :, :], axis=1)
+        grad_B = tl.sum(grad * Bt, axis=1)
         du += step * grad_B
         dstep = u * grad_B
         # Decay a_t = exp(Δ_t A), entering as a_t h_{t-1} = h_t - x_t.
@@ -294,27 +319,50 @@ def _bwd_kernel(
         dstep = tl.where(mask, dstep, 0.0)
         dbias += tl.sum(dstep, axis=1)
 
-        dBt = tl.sum(grad * (step * u)[:, None, :], axis=0)
-        dCt = tl.sum(states * dy[:, None, :], axis=0)
-        tl.atomic_add(dB_ptr + dBC_rows + t[None, :], dBt, mask=mask_nt, sem="relaxed")
-        tl.atomic_add(dC_ptr + dBC_rows + t[None, :], dCt, mask=mask_nt, sem="relaxed")
+        if VAR_B:
+            dBt = tl.sum(grad * (step * u)[:, None, :], axis=0)
+            tl.atomic_add(dB_ptr + dBC_rows + t[None, :], dBt, mask=mask_nt, sem="relaxed")
+        else:
+            dB_fixed += tl.sum(grad * (step * u)[:, None, :], axis=2)
+        if VAR_C:
+            dCt = tl.sum(states * dy[:, None, :], axis=0)
+            tl.atomic_add(dC_ptr + dBC_rows + t[None, :], dCt, mask=mask_nt, sem="relaxed")
+        else:
+            dC_fixed += tl.sum(states * dy[:, None, :], axis=2)
         tl.store(du_ptr + out_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + out_row + t[None, :], dstep.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
     tl.store(dh0_ptr + state_offs, carry, mask=mask_dn)
     tl.store(dA_ptr + state_offs, dA, mask=mask_dn)
+    if not VAR_B:
+        tl.store(dB_ptr + state_offs, dB_fixed, mask=mask_dn)
+    if not VAR_C:
+        tl.store(dC_ptr + state_offs, dC_fixed, mask=mask_dn)
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)
     tl.store(dbias_ptr + b * dim + d, dbias, mask=mask_d)
 
 
 def _grouped(t: torch.Tensor) -> torch.Tensor:
-    """B or C as (batch, ngroups, dstate, seqlen): the ungrouped layout is the one-group case."""
-    return t if t.ndim == 4 else t.unsqueeze(1)
+    """B or C as (batch, ngroups, dstate, seqlen), or (dim, dstate) when time-invariant: ungrouped is one group."""
+    return t if t.ndim != 3 else t.unsqueeze(1)
+
+
+def _ngroups(B: torch.Tensor, C: torch.Tensor) -> int:
+    """The groups of the time-varying ones among (grouped) B and C; 1 when both are time-invariant."""
+    return B.shape[1] if B.ndim == 4 else (C.shape[1] if C.ndim == 4 else 1)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     # A size-1 dimension is never stepped along; a zero stride keeps offsets small.
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+
+
+def _bc_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """(batch, group, dim, dstate, seqlen) strides of a grouped B or C: only a time-invariant one steps along dim."""
+    if t.ndim == 2:
+        return (0, 0, *t.stride(), 0)
+    s_b, s_g, s_n, s_l = _strides(t)
+    return (s_b, s_g, 0, s_n, s_l)
 
 
 def _fwd(
@@ -334,7 +382,7 @@ def _fwd(
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     B, C = _grouped(B), _grouped(C)
-    ngroups = B.shape[1]
+    ngroups = _ngroups(B, C)
     nchunks = triton.cdiv(seqlen, CHUNK)
     y = u.new_empty(batch, dim, seqlen)
     last = u.new_empty(batch, dim, dstate, dtype=torch.float32)
@@ -353,9 +401,10 @@ def _fwd(
         y, last, checkpoints if save_checkpoints else last,
         ngroups, dim // ngroups, seqlen, dstate, nchunks,
         *_strides(u), *_strides(delta), *(_strides(z) if z is not None else (0, 0, 0)),
-        *_strides(A), *_strides(B), *_strides(C),
+        *_strides(A), *_bc_strides(B), *_bc_strides(C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_H0=initial_state is not None, SOFTPLUS=delta_softplus, SAVE_CKPT=save_checkpoints,
+        VAR_B=B.ndim == 4, VAR_C=C.ndim == 4,
         DSTATE=triton.next_power_of_2(dstate), NSTATE=dstate, CHUNK=CHUNK, TILE=FWD_TILE,
     )
     return y, last, checkpoints
@@ -378,19 +427,26 @@ def _bwd(
            torch.Tensor, torch.Tensor]:
     """(du, ddelta, dz, dB, dC, dA, dD, ddelta_bias, dinitial_state) in fp32 except du, ddelta, dz.
 
-    dz is empty without z; dB and dC are (batch, ngroups, dstate, seqlen).
+    dz is empty without z; dB and dC are (batch, ngroups, dstate, seqlen), or
+    (dim, dstate) for a time-invariant B or C.
     """
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     B, C = _grouped(B), _grouped(C)
-    ngroups = B.shape[1]
+    ngroups = _ngroups(B, C)
     nchunks = checkpoints.shape[2]
     f32 = torch.float32
     du = u.new_empty(batch, dim, seqlen)
     ddelta = delta.new_empty(batch, dim, seqlen)
     dz = u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0)
-    dB = u.new_zeros(batch, ngroups, dstate, seqlen, dtype=f32)
-    dC = u.new_zeros(batch, ngroups, dstate, seqlen, dtype=f32)
+
+    def projection_grad(t):
+        # Time-varying: atomics add into it. Time-invariant: one (dim, dstate) per batch row, summed below.
+        if t.ndim == 4:
+            return u.new_zeros(batch, ngroups, dstate, seqlen, dtype=f32)
+        return u.new_empty(batch, dim, dstate, dtype=f32)
+
+    dB, dC = projection_grad(B), projection_grad(C)
     dA = u.new_empty(batch, dim, dstate, dtype=f32)
     dD = u.new_empty(batch, dim, dtype=f32)
     dbias = u.new_empty(batch, dim, dtype=f32)
@@ -407,11 +463,13 @@ def _bwd(
         du, ddelta, dz if z is not None else du, dB, dC, dA, dD, dbias, dh0,
         ngroups, dim // ngroups, seqlen, dstate, nchunks,
         *_strides(u), *_strides(delta), *(_strides(z) if z is not None else (0, 0, 0)), *_strides(dy),
-        *_strides(A), *_strides(B), *_strides(C),
+        *_strides(A), *_bc_strides(B), *_bc_strides(C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DLAST=dlast is not None,
-        SOFTPLUS=delta_softplus,
+        SOFTPLUS=delta_softplus, VAR_B=B.ndim == 4, VAR_C=C.ndim == 4,
         DSTATE=triton.next_power_of_2(dstate), CHUNK=CHUNK, BLOCK_D=BWD_BLOCK_D, num_warps=BWD_NUM_WARPS,
     )
+    dB = dB if B.ndim == 4 else dB.sum(0)
+    dC = dC if C.ndim == 4 else dC.sum(0)
     return du, ddelta, dz, dB, dC, dA.sum(0), dD.sum(0), dbias.sum(0), dh0
 
 
@@ -428,14 +486,18 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
 def _bwd_fake(dy, dlast, u, delta, A, B, C, D, z, delta_bias, checkpoints, delta_softplus):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    grouped = (batch, B.shape[1] if B.ndim == 4 else 1, dstate, seqlen)
+    ngroups = _ngroups(_grouped(B), _grouped(C))
     f32 = torch.float32
+
+    def projection_grad(t):
+        return u.new_empty((dim, dstate) if t.ndim == 2 else (batch, ngroups, dstate, seqlen), dtype=f32)
+
     return (
         u.new_empty(batch, dim, seqlen),
         delta.new_empty(batch, dim, seqlen),
         u.new_empty(batch, dim, seqlen) if z is not None else u.new_empty(0),
-        u.new_empty(grouped, dtype=f32),
-        u.new_empty(grouped, dtype=f32),
+        projection_grad(B),
+        projection_grad(C),
         u.new_empty(dim, dstate, dtype=f32),
         u.new_empty(dim, dtype=f32),
         u.new_empty(dim, dtype=f32),
