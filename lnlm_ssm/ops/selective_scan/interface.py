@@ -19,11 +19,12 @@ register("selective_scan", _KERNELS)
 
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
-# Complex A runs on the reference and cpu backends only: "auto" skips the others, and asking for one of them says so.
+# The backends with a kernel for complex A: "auto" skips the others, and asking for one of them says so.
+_COMPLEX_BACKENDS = ("reference", "cpu", "triton")
 _COMPLEX_UNSERVED = tuple(
-    (backend, "complex A is served by the 'cpu' and 'reference' backends only")
+    (backend, f"complex A is served by the {', '.join(map(repr, _COMPLEX_BACKENDS))} backends only")
     for backend in BACKENDS
-    if backend not in ("reference", "cpu")
+    if backend not in _COMPLEX_BACKENDS
 )
 
 
@@ -126,7 +127,7 @@ def selective_scan_fn(
     Shapes and math: see ``lnlm_ssm/ops/selective_scan/reference.py``. B and C
     are each time-varying (3-D or grouped 4-D; both grouped alike when both
     are) or time-invariant ``(dim, dstate)``. A may be complex (S4D-style), on
-    the "reference" and "cpu" backends. Returns y ``(batch, dim, seqlen)`` in u's
+    the "reference", "cpu" and "triton" backends. Returns y ``(batch, dim, seqlen)`` in u's
     dtype, or ``(y, last_state)`` with ``last_state`` ``(batch, dim, dstate)`` in
     fp32 (float64 for float64 u; complex64 / complex128 for complex A). Unlike
     mamba_ssm, gradients flow through ``last_state`` and into ``initial_state``.
