@@ -369,7 +369,10 @@ def _compose_complex(decay_re_a, decay_im_a, drive_re_a, drive_im_a, decay_re_b,
 
 @triton.jit
 def _complex_decay(step, A_re2, A_im):
-    """exp(Δ A) = exp(Δ Re A) (cos(Δ Im A) + i sin(Δ Im A)), as (BLOCK_D, DSTATE, CHUNK) tiles; A_re2 = Re A log2(e)."""
+    """exp(Δ A) = exp(Δ Re A) (cos(Δ Im A) + i sin(Δ Im A)) as (BLOCK_D, DSTATE, CHUNK) tiles.
+
+    A_re2 is Re A log2(e), for exp2.
+    """
     magnitude = tl.exp2(step[:, None, :] * A_re2[:, :, None])
     angle = step[:, None, :] * A_im[:, :, None]
     return magnitude * tl.cos(angle), magnitude * tl.sin(angle)
