@@ -28,7 +28,7 @@ _COMPLEX_UNSERVED = tuple(
 )
 
 
-def _bind_complex_or_real(shapes: Shapes, arg: str, value, layout, complex_A: bool, form: str) -> None:
+def _bind_complex_or_real(shapes: Shapes, arg: str, value, layout, complex_A: bool) -> None:
     """Bind a tensor that is complex exactly when A is: A itself, a time-invariant B or C, initial_state."""
     if isinstance(value, torch.Tensor) and value.is_complex():
         if not complex_A:
@@ -39,7 +39,7 @@ def _bind_complex_or_real(shapes: Shapes, arg: str, value, layout, complex_A: bo
         shapes.bind(arg, value.real, layout)
         return
     if complex_A and isinstance(value, torch.Tensor):
-        raise TypeError(f"{arg} must be complex ({form}) when A is complex, got {value.dtype}")
+        raise TypeError(f"{arg} must be complex ({', '.join(layout)}) when A is complex, got {value.dtype}")
     shapes.bind(arg, value, layout)
 
 
@@ -48,7 +48,7 @@ def _bind_projection(shapes: Shapes, arg: str, value, complex_A: bool) -> int | 
     if not (isinstance(value, torch.Tensor) and value.is_complex()):
         check_tensor(arg, value)
     if value.ndim == 2:
-        _bind_complex_or_real(shapes, arg, value, ("dim", "dstate"), complex_A, "dim, dstate")
+        _bind_complex_or_real(shapes, arg, value, ("dim", "dstate"), complex_A)
         return None
     if value.ndim not in (3, 4):
         raise ValueError(
@@ -81,7 +81,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> Shapes:
     shapes.bind("delta", delta, seq)
     shapes.bind_optional("z", z, seq)
     complex_A = isinstance(A, torch.Tensor) and A.is_complex()
-    _bind_complex_or_real(shapes, "A", A, ("dim", "dstate"), complex_A, "dim, dstate")
+    _bind_complex_or_real(shapes, "A", A, ("dim", "dstate"), complex_A)
     groups_B = _bind_projection(shapes, "B", B, complex_A)
     groups_C = _bind_projection(shapes, "C", C, complex_A)
     if groups_B is not None and groups_C is not None:
@@ -98,9 +98,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> Shapes:
     shapes.bind_optional("D", D, ("dim",))
     shapes.bind_optional("delta_bias", delta_bias, ("dim",))
     if initial_state is not None:
-        _bind_complex_or_real(
-            shapes, "initial_state", initial_state, ("batch", "dim", "dstate"), complex_A, "batch, dim, dstate"
-        )
+        _bind_complex_or_real(shapes, "initial_state", initial_state, ("batch", "dim", "dstate"), complex_A)
     for arg, value in (("delta", delta), ("z", z)):
         if value is not None and value.dtype != u.dtype:
             raise TypeError(f"{arg} must have the dtype of u ({u.dtype}), got {value.dtype}")
