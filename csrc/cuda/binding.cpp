@@ -215,7 +215,7 @@ at::Tensor selective_state_update_cuda(const at::Tensor& state, const at::Tensor
 
 // The selective scan (csrc/cuda/selective_scan/selective_scan.h has the layout):
 // u, delta, z (b, d, l) in one of float32/float16/bfloat16; A (d, n), B and C
-// (b, g, n, l), D, delta_bias (d,), states (b, d, n), all float32.
+// (b, g, n, l) or, time-invariant, (d, n), D, delta_bias (d,), states (b, d, n), all float32.
 constexpr const char* kScanOp = "lnlm_ssm.selective_scan (CUDA): ";
 
 void check_scan_tensor(const char* name, const at::Tensor& t, const at::Device& device, at::IntArrayRef shape,
@@ -244,23 +244,33 @@ ScanSizes fill_scan_inputs(cu::SelectiveScanParams& p, const at::Tensor& u, cons
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kScanOp,
               "u must have dtype float32, float16 or bfloat16, got ", dtype, " (for float64 use backend=\"reference\")");
   TORCH_CHECK(A.dim() == 2, kScanOp, "A must have 2 dimensions (dim, dstate), got shape ", A.sizes());
-  TORCH_CHECK(B.dim() == 4, kScanOp, "B must have 4 dimensions (batch, ngroups, dstate, seqlen), got shape ",
-              B.sizes());
-  const ScanSizes s{u.size(0), u.size(1), u.size(2), A.size(1), B.size(1)};
+  TORCH_CHECK(B.dim() == 4 || B.dim() == 2, kScanOp,
+              "B must have 4 dimensions (batch, ngroups, dstate, seqlen) or 2 (dim, dstate), got shape ", B.sizes());
+  TORCH_CHECK(C.dim() == 4 || C.dim() == 2, kScanOp,
+              "C must have 4 dimensions (batch, ngroups, dstate, seqlen) or 2 (dim, dstate), got shape ", C.sizes());
+  // The groups are those of the time-varying ones (the checks below make B's and C's agree).
+  const int64_t ngroups = B.dim() == 4 ? B.size(1) : (C.dim() == 4 ? C.size(1) : 1);
+  const ScanSizes s{u.size(0), u.size(1), u.size(2), A.size(1), ngroups};
   TORCH_CHECK(s.dstate >= 1 && s.dstate <= cu::kSelectiveScanMaxDstate, kScanOp, "dstate (A.size(1)) must be in [1, ",
               cu::kSelectiveScanMaxDstate, "], got ", s.dstate);
   TORCH_CHECK(s.ngroups >= 1 && s.dim % s.ngroups == 0, kScanOp, "dim (", s.dim,
-              ") must be divisible by ngroups (B.size(1) = ", s.ngroups, ")");
+              ") must be divisible by ngroups (", s.ngroups, ")");
   TORCH_CHECK(checkpoint_every >= 0 && checkpoint_every <= cu::kSelectiveScanMaxCheckpointEvery &&
                   checkpoint_every % cu::kSelectiveScanCheckpointQuantum == 0,
               kScanOp, "checkpoint_every must be 0 or a multiple of ", cu::kSelectiveScanCheckpointQuantum,
               " up to ", cu::kSelectiveScanMaxCheckpointEvery, ", got ", checkpoint_every);
   check_scan_tensor("delta", delta, device, u.sizes(), "(batch, dim, seqlen)", dtype);
   check_scan_tensor("A", A, device, {s.dim, s.dstate}, "(dim, dstate)", at::kFloat);
-  check_scan_tensor("B", B, device, {s.batch, s.ngroups, s.dstate, s.seqlen}, "(batch, ngroups, dstate, seqlen)",
-                    at::kFloat);
-  check_scan_tensor("C", C, device, {s.batch, s.ngroups, s.dstate, s.seqlen}, "(batch, ngroups, dstate, seqlen)",
-                    at::kFloat);
+  const auto check_projection = [&](const char* name, const at::Tensor& M) {
+    if (M.dim() == 2) {
+      check_scan_tensor(name, M, device, {s.dim, s.dstate}, "(dim, dstate)", at::kFloat);
+    } else {
+      check_scan_tensor(name, M, device, {s.batch, s.ngroups, s.dstate, s.seqlen}, "(batch, ngroups, dstate, seqlen)",
+                        at::kFloat);
+    }
+  };
+  check_projection("B", B);
+  check_projection("C", C);
   if (D.has_value()) check_scan_tensor("D", *D, device, {s.dim}, "(dim,)", at::kFloat);
   if (z.has_value()) check_scan_tensor("z", *z, device, u.sizes(), "(batch, dim, seqlen)", dtype);
   if (delta_bias.has_value()) check_scan_tensor("delta_bias", *delta_bias, device, {s.dim}, "(dim,)", at::kFloat);
@@ -286,15 +296,27 @@ ScanSizes fill_scan_inputs(cu::SelectiveScanParams& p, const at::Tensor& u, cons
   p.A_dim_stride = A.stride(0);
   p.A_dstate_stride = A.stride(1);
   p.B = B.const_data_ptr<float>();
-  p.B_batch_stride = B.stride(0);
-  p.B_group_stride = B.stride(1);
-  p.B_dstate_stride = B.stride(2);
-  p.B_seq_stride = B.stride(3);
+  p.B_time_invariant = B.dim() == 2;
+  if (p.B_time_invariant) {
+    p.B_dim_stride = B.stride(0);
+    p.B_dstate_stride = B.stride(1);
+  } else {
+    p.B_batch_stride = B.stride(0);
+    p.B_group_stride = B.stride(1);
+    p.B_dstate_stride = B.stride(2);
+    p.B_seq_stride = B.stride(3);
+  }
   p.C = C.const_data_ptr<float>();
-  p.C_batch_stride = C.stride(0);
-  p.C_group_stride = C.stride(1);
-  p.C_dstate_stride = C.stride(2);
-  p.C_seq_stride = C.stride(3);
+  p.C_time_invariant = C.dim() == 2;
+  if (p.C_time_invariant) {
+    p.C_dim_stride = C.stride(0);
+    p.C_dstate_stride = C.stride(1);
+  } else {
+    p.C_batch_stride = C.stride(0);
+    p.C_group_stride = C.stride(1);
+    p.C_dstate_stride = C.stride(2);
+    p.C_seq_stride = C.stride(3);
+  }
   if (D.has_value()) {
     p.D = D->const_data_ptr<float>();
     p.D_stride = D->stride(0);
@@ -412,15 +434,25 @@ selective_scan_bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tens
   p.dA_dim_stride = dA.stride(0);
   p.dA_dstate_stride = dA.stride(1);
   p.dB = dB.data_ptr<float>();
-  p.dB_batch_stride = dB.stride(0);
-  p.dB_group_stride = dB.stride(1);
-  p.dB_dstate_stride = dB.stride(2);
-  p.dB_seq_stride = dB.stride(3);
+  if (p.B_time_invariant) {
+    p.dB_dim_stride = dB.stride(0);
+    p.dB_dstate_stride = dB.stride(1);
+  } else {
+    p.dB_batch_stride = dB.stride(0);
+    p.dB_group_stride = dB.stride(1);
+    p.dB_dstate_stride = dB.stride(2);
+    p.dB_seq_stride = dB.stride(3);
+  }
   p.dC = dC.data_ptr<float>();
-  p.dC_batch_stride = dC.stride(0);
-  p.dC_group_stride = dC.stride(1);
-  p.dC_dstate_stride = dC.stride(2);
-  p.dC_seq_stride = dC.stride(3);
+  if (p.C_time_invariant) {
+    p.dC_dim_stride = dC.stride(0);
+    p.dC_dstate_stride = dC.stride(1);
+  } else {
+    p.dC_batch_stride = dC.stride(0);
+    p.dC_group_stride = dC.stride(1);
+    p.dC_dstate_stride = dC.stride(2);
+    p.dC_seq_stride = dC.stride(3);
+  }
   if (D.has_value()) {
     p.dD = dD.data_ptr<float>();
     p.dD_stride = dD.stride(0);

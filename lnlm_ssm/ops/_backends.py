@@ -149,17 +149,31 @@ def backend_for(op: str, backend: str) -> str:
     return backend if backend == "auto" or backend in _KERNELS[op] else "auto"
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
-    """The kernel of ``op`` for ``backend`` on ``device``; ``dtype`` is the dtype of the op's main input."""
-    return getattr(_PICKED, _pick(op, backend, device.type, dtype))
+def resolve(
+    op: str,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    unserved: tuple[tuple[str, str], ...] = (),
+) -> Callable:
+    """The kernel of ``op`` for ``backend`` on ``device``; ``dtype`` is the dtype of the op's main input.
+
+    ``unserved``: (backend, reason) pairs for the kernels that cannot serve this
+    call's inputs (say, a form of an argument they do not implement): "auto"
+    passes them over, and asking for one raises with the reason.
+    """
+    return getattr(_PICKED, _pick(op, backend, device.type, dtype, unserved))
 
 
-def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) -> str:
+def _pick(
+    op: str, backend: str, device_type: str, dtype: torch.dtype | None, unserved: tuple[tuple[str, str], ...]
+) -> str:
     kernels = _KERNELS[op]
+    refused = dict(unserved)
     if backend == "auto":
         chosen = "reference"
         for candidate in AUTO_ORDER.get(device_type, ()):
-            if dtype == torch.float64 and candidate not in FLOAT64_BACKENDS:
+            if (dtype == torch.float64 and candidate not in FLOAT64_BACKENDS) or candidate in refused:
                 continue
             if candidate in kernels and not _probe(candidate) and _serves_device(candidate, device_type):
                 chosen = candidate
@@ -179,6 +193,8 @@ def _pick(op: str, backend: str, device_type: str, dtype: torch.dtype | None) ->
                 f"{op}: backend {backend!r} cannot run on {device_type} tensors; "
                 "move the tensors or pick another backend"
             )
+        if backend in refused:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot serve this call: {refused[backend]}")
         chosen = backend
     key = f"{op}:{chosen}"
     if not hasattr(_PICKED, key):

@@ -34,12 +34,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lnlm_ssm::selective_scan_fwd")
     def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoint_every):
         batch, dim, seqlen = u.shape
-        dstate = A.shape[1]
+        state = A.shape[1:]  # (dstate,), or (2, dstate) for complex A
         nchunks = -(-seqlen // checkpoint_every) if checkpoint_every > 0 else 0
         return (
             torch.empty_like(u),
-            A.new_empty(batch, dim, dstate),
-            A.new_empty(batch, dim, nchunks, dstate),
+            A.new_empty(batch, dim, *state),
+            A.new_empty(batch, dim, nchunks, *state),
         )
 
     @torch.library.register_fake("lnlm_ssm::selective_scan_bwd")
@@ -56,7 +56,7 @@ def _register_fakes() -> None:
             A.new_empty(dim if D is not None else 0),
             torch.empty_like(z) if z is not None else u.new_empty(0),
             A.new_empty(dim if delta_bias is not None else 0),
-            A.new_empty(batch, dim, A.shape[1]),
+            A.new_empty(batch, dim, *A.shape[1:]),
         )
 
     # Causal conv1d: outputs contiguous in x's dtype, gradients of weight, bias and

@@ -68,6 +68,18 @@ def test_backend_on_wrong_device_says_so():
         resolve_new("on-meta", "cpu", torch.device("meta"), kernels)
 
 
+def test_unserved_inputs_are_passed_over_by_auto_and_refused_when_asked_for():
+    register("partial-cpu", {"reference": lambda: "ref", "cpu": lambda: "cpu"})
+    unserved = (("cpu", "the cpu kernel has no complex form"),)
+    cpu = torch.device("cpu")
+    assert resolve("partial-cpu", "auto", cpu, unserved=unserved)() == "ref"
+    if "cpu" in available_backends():
+        assert resolve("partial-cpu", "auto", cpu)() == "cpu"
+        expected = "partial-cpu: backend 'cpu' cannot serve this call: the cpu kernel has no complex form"
+        with pytest.raises(BackendUnavailableError, match=expected):
+            resolve("partial-cpu", "cpu", cpu, unserved=unserved)
+
+
 def test_explicit_reference_matches_auto():
     u = torch.randn(1, 2, 3)
     args = (u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))

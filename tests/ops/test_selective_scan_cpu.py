@@ -6,13 +6,14 @@ import torch
 import lnlm_ssm.ops.selective_scan.cpu as scan_cpu_module
 from lnlm_ssm.ops import available_backends, selective_scan_fn, selective_scan_ref
 from lnlm_ssm.utils.testing import assert_close, assert_close_to_ref
-from scan_cases import make_inputs, run
+from scan_cases import as_real, make_inputs, run
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="the C++ extension lnlm_ssm._C is not built")
 
 
 def to64(t):
-    return {k: (None if v is None else v.double()) for k, v in t.items()}
+    """Float64 (complex128 for complex tensors) copies of the inputs."""
+    return {k: None if v is None else v.to(torch.complex128 if v.is_complex() else torch.float64) for k, v in t.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -38,6 +39,32 @@ def test_matches_reference(dtype, shape):
         assert_close(grads[name], grads_ref[name], dtype, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("complex_A", [False, True])
+@pytest.mark.parametrize(
+    "time_invariant,shape",
+    [
+        ("B", dict()),
+        ("C", dict(dim=6, ngroups=3, dstate=9, seqlen=150)),  # grouped B, several checkpoints, dstate padded
+        ("BC", dict(batch=1, seqlen=1, dstate=1)),
+        ("", dict(dim=3, seqlen=130, dstate=16, ngroups=1)),
+    ],
+)
+def test_time_invariant_B_C_and_complex_A(dtype, complex_A, time_invariant, shape):
+    """mamba_ssm's other forms of B and C, and complex A, against the reference: outputs, state, every gradient."""
+    t = make_inputs(dtype=dtype, time_invariant=time_invariant, complex_A=complex_A, **shape)
+    y, last, grads = run(t, "cpu")
+    y_ref, last_ref, grads_ref = run(t, "reference")
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and last.dtype == (state_dtype.to_complex() if complex_A else state_dtype)
+    assert_close(y, y_ref, dtype)
+    assert_close(as_real(last), as_real(last_ref), dtype)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert grads[name].shape == t[name].shape and grads[name].dtype == grads_ref[name].dtype, name
+        assert_close(as_real(grads[name]), as_real(grads_ref[name]), dtype, msg=name)
+
+
 @pytest.mark.parametrize("optional", [True, False])
 @pytest.mark.parametrize("softplus", [True, False])
 def test_optional_inputs(optional, softplus):
@@ -52,43 +79,49 @@ def test_optional_inputs(optional, softplus):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+@pytest.mark.parametrize("time_invariant,complex_A", [("", False), ("BC", False), ("B", True)])
+def test_low_precision(dtype, time_invariant, complex_A):
     """Error against the float64 reference at most twice that of the reference run on the same low-precision inputs."""
-    t = make_inputs(dim=8, seqlen=64, dstate=16, dtype=dtype)
+    t = make_inputs(dim=8, seqlen=64, dstate=16, dtype=dtype, time_invariant=time_invariant, complex_A=complex_A)
     y, last, grads = run(t, "cpu")
     y_lowp, last_lowp, grads_lowp = run(t, "reference")
     y64, last64, grads64 = run(to64(t), "reference")
     assert y.dtype == dtype
     assert_close_to_ref(y, y64, y_lowp, msg="y")
-    assert_close_to_ref(last, last64, last_lowp, msg="last_state")
+    assert_close_to_ref(as_real(last), as_real(last64), as_real(last_lowp), msg="last_state")
     for name in grads64:
-        assert_close_to_ref(grads[name], grads64[name], grads_lowp[name], msg=name)
+        assert_close_to_ref(as_real(grads[name]), as_real(grads64[name]), as_real(grads_lowp[name]), msg=name)
 
 
-def test_noncontiguous_inputs():
-    t = make_inputs(dtype=torch.float64, ngroups=1, noncontiguous=True)
-    assert not t["u"].is_contiguous()
+@pytest.mark.parametrize("time_invariant,complex_A", [("", False), ("B", False), ("C", True)])
+def test_noncontiguous_inputs(time_invariant, complex_A):
+    t = make_inputs(dtype=torch.float64, ngroups=1, noncontiguous=True, time_invariant=time_invariant,
+                    complex_A=complex_A)
+    assert not t["u"].is_contiguous() and not t["B"].is_contiguous()
     y, last, grads = run(t, "cpu")
     y_ref, last_ref, grads_ref = run(t, "reference")
     assert_close(y, y_ref)
     for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], msg=name)
+        assert_close(as_real(grads[name]), as_real(grads_ref[name]), torch.float64, msg=name)
 
 
 @pytest.mark.parametrize("every", [128, 1024])
-def test_checkpoint_interval_changes_nothing(every, monkeypatch):
+@pytest.mark.parametrize("complex_A", [False, True])
+def test_checkpoint_interval_changes_nothing(every, complex_A, monkeypatch):
     """Chunk boundaries of the backward's recomputation inside the sequence leave every result as it was."""
-    t = make_inputs(dtype=torch.float64, seqlen=150)
+    t = make_inputs(dtype=torch.float64, seqlen=150, complex_A=complex_A)
     expected = run(t, "cpu")
     monkeypatch.setattr(scan_cpu_module, "CHECKPOINT_EVERY", every)
     y, last, grads = run(t, "cpu")
     assert_close(y, expected[0])
+    assert_close(as_real(last), as_real(expected[1]), torch.float64)
     for name in grads:
-        assert_close(grads[name], expected[2][name], msg=name)
+        assert_close(as_real(grads[name]), as_real(expected[2][name]), torch.float64, msg=name)
 
 
-def test_threads_agree():
-    t = make_inputs(dim=16, seqlen=200, dstate=16)
+@pytest.mark.parametrize("time_invariant,complex_A", [("", False), ("BC", False), ("C", True)])
+def test_threads_agree(time_invariant, complex_A):
+    t = make_inputs(dim=16, seqlen=200, dstate=16, time_invariant=time_invariant, complex_A=complex_A)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -99,7 +132,7 @@ def test_threads_agree():
         torch.set_num_threads(before)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     for name in one[2]:
-        assert_close(one[2][name], two[2][name], msg=name)
+        assert_close(as_real(one[2][name]), as_real(two[2][name]), torch.float32, msg=name)
 
 
 def test_grad_through_last_state_only():
@@ -121,14 +154,15 @@ def test_no_grad_forward_matches():
     assert_close(y, selective_scan_ref(**t, delta_softplus=True))
 
 
-def test_torch_compile_fullgraph():
-    t = make_inputs(dim=4, seqlen=16, dstate=4)
+@pytest.mark.parametrize("time_invariant,complex_A", [("", False), ("C", True)])
+def test_torch_compile_fullgraph(time_invariant, complex_A):
+    t = make_inputs(dim=4, seqlen=16, dstate=4, time_invariant=time_invariant, complex_A=complex_A)
 
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
         y, last = selective_scan_fn(
             u, delta, A, B, C, D, z, delta_bias, True, True, initial_state=initial_state, backend="cpu"
         )
-        return y.sum() + last.sum()
+        return y.sum() + as_real(last).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     leaves = [v.clone().requires_grad_(True) for v in t.values()]

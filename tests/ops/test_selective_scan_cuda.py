@@ -100,6 +100,42 @@ def test_optional_inputs(scan, optional, softplus):
     assert grads.keys() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "time_invariant,shape",
+    [
+        ("B", dict(dim=300, dstate=16, seqlen=70)),  # several channel blocks, the last one partial
+        ("C", dict(dim=12, ngroups=3, dstate=9)),  # grouped B
+        ("BC", dict(dim=256, dstate=16, seqlen=600)),  # several chunks, a partial last one
+        ("BC", dict(batch=1, dim=5, dstate=1, seqlen=4)),
+        ("B", dict(dim=6, dstate=64, seqlen=97)),
+    ],
+)
+def test_time_invariant_B_C(scan, dtype, time_invariant, shape):
+    """(dim, dstate) B and / or C, read per channel; their gradients summed over batch and steps."""
+    check_against_reference(scan, make_inputs(dtype=dtype, time_invariant=time_invariant, **shape))
+
+
+def test_noncontiguous_time_invariant_B_C(scan):
+    t = make_inputs(time_invariant="BC", dstate=8, seqlen=90)
+    t["B"] = t["B"].t().contiguous().t()
+    t["C"] = torch.randn(12, 16, device="cuda")[:, ::2]
+    check_against_reference(scan, t)
+
+
+def test_complex_A_goes_elsewhere():
+    """The CUDA kernels have no complex form: "auto" passes them over and asking for them says why."""
+    from lnlm_ssm.ops import BackendUnavailableError, selective_scan_fn
+
+    t = make_inputs(dim=4, seqlen=10, dstate=3, time_invariant="B", complex_A=True)
+    with pytest.raises(BackendUnavailableError, match="complex A is served by the 'reference', 'cpu', 'triton'"):
+        selective_scan_fn(**t, backend="cuda")
+    y, last = selective_scan_fn(**t, delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
+    assert_close(y, y_ref, torch.float32)
+    assert_close(torch.view_as_real(last), torch.view_as_real(last_ref), torch.float32)
+
+
 def test_noncontiguous_inputs(scan):
     t = make_inputs(ngroups=2, noncontiguous=True, seqlen=90)
     assert not t["u"].is_contiguous() and not t["B"].is_contiguous()

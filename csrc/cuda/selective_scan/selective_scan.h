@@ -5,7 +5,10 @@
 // d / (dim / ngroups)), math as in lnlm_ssm/ops/selective_scan/reference.py:
 //   u, delta, z, out                  (b, d, l)     input type T (float, __half or __nv_bfloat16)
 //   A                                 (d, n)        float32
-//   B, C                              (b, g, n, l)  float32
+//   B, C                              (b, g, n, l)  float32, time-varying; or (d, n) float32,
+//                                     time-invariant (B_time_invariant, C_time_invariant),
+//                                     each independently. g counts the groups of the
+//                                     time-varying ones (1 when both are time-invariant).
 //   D, delta_bias                     (d,)          float32, optional (nullptr)
 //   initial_state, last_state         (b, d, n)     float32 (initial_state optional)
 //   checkpoints                       (b, d, ceil(l / K), n) float32: the state entering
@@ -13,8 +16,9 @@
 // Backward, in addition:
 //   grad_out, du, ddelta, dz          (b, d, l)     T
 //   grad_last_state                   (b, d, n)     float32, optional
-//   dA, dB, dC, dD, ddelta_bias       like A, B, C, D, delta_bias, float32, ZEROED by
-//                                     the caller: the kernel adds into them atomically
+//   dA, dB, dC, dD, ddelta_bias       like A, B, C, D, delta_bias (a time-invariant B or C:
+//                                     (d, n), summed over batch and steps), float32, ZEROED
+//                                     by the caller: the kernel adds into them atomically
 //   dinitial_state                    (b, d, n)     float32, written
 // Any strides are allowed (fastest along l is the fast path for the (b, d, l) and
 // (b, g, n, l) tensors). Every offset is computed in 64 bits.
@@ -46,6 +50,8 @@ struct SelectiveScanParams {
 
   ScalarKind input_kind = ScalarKind::kFloat32;  // u, delta, z, out and their gradients
   bool delta_softplus = false;
+  bool B_time_invariant = false;  // B is (d, n): read with B_dim_stride and B_dstate_stride
+  bool C_time_invariant = false;
 
   const void* u = nullptr;
   const void* delta = nullptr;
@@ -80,8 +86,8 @@ struct SelectiveScanParams {
   int64_t z_batch_stride = 0, z_dim_stride = 0, z_seq_stride = 0;
   int64_t out_batch_stride = 0, out_dim_stride = 0, out_seq_stride = 0;
   int64_t A_dim_stride = 0, A_dstate_stride = 0;
-  int64_t B_batch_stride = 0, B_group_stride = 0, B_dstate_stride = 0, B_seq_stride = 0;
-  int64_t C_batch_stride = 0, C_group_stride = 0, C_dstate_stride = 0, C_seq_stride = 0;
+  int64_t B_batch_stride = 0, B_group_stride = 0, B_dim_stride = 0, B_dstate_stride = 0, B_seq_stride = 0;
+  int64_t C_batch_stride = 0, C_group_stride = 0, C_dim_stride = 0, C_dstate_stride = 0, C_seq_stride = 0;
   int64_t D_stride = 0, delta_bias_stride = 0;
   int64_t initial_state_batch_stride = 0, initial_state_dim_stride = 0, initial_state_dstate_stride = 0;
   int64_t last_state_batch_stride = 0, last_state_dim_stride = 0, last_state_dstate_stride = 0;
@@ -94,8 +100,8 @@ struct SelectiveScanParams {
   int64_t ddelta_batch_stride = 0, ddelta_dim_stride = 0, ddelta_seq_stride = 0;
   int64_t dz_batch_stride = 0, dz_dim_stride = 0, dz_seq_stride = 0;
   int64_t dA_dim_stride = 0, dA_dstate_stride = 0;
-  int64_t dB_batch_stride = 0, dB_group_stride = 0, dB_dstate_stride = 0, dB_seq_stride = 0;
-  int64_t dC_batch_stride = 0, dC_group_stride = 0, dC_dstate_stride = 0, dC_seq_stride = 0;
+  int64_t dB_batch_stride = 0, dB_group_stride = 0, dB_dim_stride = 0, dB_dstate_stride = 0, dB_seq_stride = 0;
+  int64_t dC_batch_stride = 0, dC_group_stride = 0, dC_dim_stride = 0, dC_dstate_stride = 0, dC_seq_stride = 0;
   int64_t dD_stride = 0, ddelta_bias_stride = 0;
   int64_t dinitial_state_batch_stride = 0, dinitial_state_dim_stride = 0, dinitial_state_dstate_stride = 0;
 };

@@ -42,6 +42,9 @@
 // dB, dC sum over the channels of a group and dA, dD, ddelta_bias over the
 // batch: each block sums its own channels in shared memory and adds the result
 // to the (zeroed) global tensors with atomics.
+// A time-invariant B or C ((d, n), one row per channel) is not staged: each lane
+// reads its channel's row from global memory where it is used; its gradient sums
+// each channel's steps of a tile in shared memory and adds them to the row.
 //
 // Chunking: the forward saves the state entering every K = checkpoint_every
 // steps. The backward walks the chunks in reverse; for each it first walks the
@@ -202,6 +205,41 @@ __device__ __forceinline__ void store_row(float* dst_s, const float (&v)[kNPer])
   }
 }
 
+// Where a lane reads the kNPer values of B or C for its states at a step: the
+// staged tile of a time-varying one, or the channel's row of a time-invariant
+// one, read from global memory at each use (through the read-only cache) rather
+// than held in registers, which the time-varying case would then pay for too.
+template <int kNPer>
+struct ProjectionSource {
+  bool varying;
+  const float* fixed;  // the lane's first state of a time-invariant one; nullptr for a lane without a channel
+  int64_t stride;      // between states of that row
+  int nvalid;          // how many of the lane's states exist
+
+  __device__ __forceinline__ void row(const float* tile_row_s, float (&v)[kNPer]) const {
+    if (varying) {
+      load_row<kNPer>(tile_row_s, v);
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < kNPer; ++k) {
+      v[k] = fixed != nullptr && k < nvalid ? __ldg(fixed + k * stride) : 0.f;
+    }
+  }
+};
+
+template <int kNPer>
+__device__ __forceinline__ ProjectionSource<kNPer> projection_source(bool time_invariant, const float* M,
+                                                                     int64_t dim_stride, int64_t dstate_stride,
+                                                                     bool active, int64_t d, int n0, int nvalid) {
+  ProjectionSource<kNPer> src;
+  src.varying = !time_invariant;
+  src.fixed = time_invariant && active ? M + d * dim_stride + n0 * dstate_stride : nullptr;
+  src.stride = dstate_stride;
+  src.nvalid = nvalid;
+  return src;
+}
+
 // Sum over the kSplit lanes of a channel; every lane gets the sum.
 template <int kSplit>
 __device__ __forceinline__ float channel_sum(float v) {
@@ -218,19 +256,21 @@ __device__ __forceinline__ float channel_sum(float v) {
 // reaches the shuffles.
 template <typename Cfg, bool kWithY>
 __device__ __forceinline__ void walk_tile(float (&h)[Cfg::kNPer], const float (&A2)[Cfg::kNPer], const float* u_row,
-                                          const float* dt_row, const float* B_s, const float* C_s, int valid,
-                                          int n0, int lane_in_channel, float D_val, float* y_row) {
+                                          const float* dt_row, const float* B_s, const float* C_s,
+                                          const ProjectionSource<Cfg::kNPer>& B_src,
+                                          const ProjectionSource<Cfg::kNPer>& C_src, int valid, int n0,
+                                          int lane_in_channel, float D_val, float* y_row) {
   constexpr int kNPer = Cfg::kNPer;
   for (int t = 0; t < valid; ++t) {
     const float uv = u_row[t];
     const float dv = dt_row[t];
     const float drive = dv * uv;
     float Bv[kNPer];
-    load_row<kNPer>(B_s + t * Cfg::kNPad + n0, Bv);
+    B_src.row(B_s + t * Cfg::kNPad + n0, Bv);
     float y = 0.f;
     if constexpr (kWithY) {
       float Cv[kNPer];
-      load_row<kNPer>(C_s + t * Cfg::kNPad + n0, Cv);
+      C_src.row(C_s + t * Cfg::kNPad + n0, Cv);
 #pragma unroll
       for (int k = 0; k < kNPer; ++k) {
         h[k] = exp2f(dv * A2[k]) * h[k] + drive * Bv[k];
@@ -300,15 +340,23 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Sele
   const float D_val = lane.active && p.D != nullptr ? p.D[lane.d * p.D_stride] : 0.f;
   const T* const z = static_cast<const T*>(p.z);
   T* const out = static_cast<T*>(p.out);
+  const ProjectionSource<kNPer> B_src = projection_source<kNPer>(
+      p.B_time_invariant, p.B, p.B_dim_stride, p.B_dstate_stride, lane.active, lane.d, lane.n0, lane.nvalid);
+  const ProjectionSource<kNPer> C_src = projection_source<kNPer>(
+      p.C_time_invariant, p.C, p.C_dim_stride, p.C_dstate_stride, lane.active, lane.d, lane.n0, lane.nvalid);
 
   for (int64_t t0 = 0; t0 < p.seqlen; t0 += kTile) {
     const int valid = static_cast<int>(p.seqlen - t0 < kTile ? p.seqlen - t0 : kTile);
     __syncthreads();  // the previous tile's epilogue has read y_s
     load_seq_tiles<T, kC, kTile>(p, place, t0, valid, u_s, dt_s);
-    load_bc_tile<Cfg::kNPad, kTile>(p, place, t0, valid, p.B, p.B_batch_stride, p.B_group_stride,
-                                    p.B_dstate_stride, p.B_seq_stride, B_s);
-    load_bc_tile<Cfg::kNPad, kTile>(p, place, t0, valid, p.C, p.C_batch_stride, p.C_group_stride,
-                                    p.C_dstate_stride, p.C_seq_stride, C_s);
+    if (!p.B_time_invariant) {
+      load_bc_tile<Cfg::kNPad, kTile>(p, place, t0, valid, p.B, p.B_batch_stride, p.B_group_stride,
+                                      p.B_dstate_stride, p.B_seq_stride, B_s);
+    }
+    if (!p.C_time_invariant) {
+      load_bc_tile<Cfg::kNPad, kTile>(p, place, t0, valid, p.C, p.C_batch_stride, p.C_group_stride,
+                                      p.C_dstate_stride, p.C_seq_stride, C_s);
+    }
     __syncthreads();
 
     if (p.checkpoint_every > 0 && t0 % p.checkpoint_every == 0 && lane.active) {
@@ -320,8 +368,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const Sele
       }
     }
 
-    walk_tile<Cfg, true>(h, A2, u_s + lane.c * kRow, dt_s + lane.c * kRow, B_s, C_s, valid, lane.n0,
-                                lane.s, D_val, y_s + lane.c * kRow);
+    walk_tile<Cfg, true>(h, A2, u_s + lane.c * kRow, dt_s + lane.c * kRow, B_s, C_s, B_src, C_src, valid,
+                         lane.n0, lane.s, D_val, y_s + lane.c * kRow);
     __syncthreads();
 
     // Step 3's gate, and the store, with consecutive lanes on consecutive steps.
@@ -413,6 +461,10 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   }
   const float D_val = lane.active && p.D != nullptr ? p.D[lane.d * p.D_stride] : 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;
+  const ProjectionSource<kNPer> B_src = projection_source<kNPer>(
+      p.B_time_invariant, p.B, p.B_dim_stride, p.B_dstate_stride, lane.active, lane.d, lane.n0, lane.nvalid);
+  const ProjectionSource<kNPer> C_src = projection_source<kNPer>(
+      p.C_time_invariant, p.C, p.C_dim_stride, p.C_dstate_stride, lane.active, lane.d, lane.n0, lane.nvalid);
 
   const int64_t K = p.checkpoint_every;
   const int64_t nchunks = (p.seqlen + K - 1) / K;
@@ -436,11 +488,13 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       const int64_t t0 = c0 + static_cast<int64_t>(j) * kTile;
       __syncthreads();
       load_seq_tiles<T, kC, kTile>(p, place, t0, kTile, u_s, dt_s);
-      load_bc_tile<kNPad, kTile>(p, place, t0, kTile, p.B, p.B_batch_stride, p.B_group_stride,
-                                 p.B_dstate_stride, p.B_seq_stride, B_s);
+      if (!p.B_time_invariant) {
+        load_bc_tile<kNPad, kTile>(p, place, t0, kTile, p.B, p.B_batch_stride, p.B_group_stride,
+                                   p.B_dstate_stride, p.B_seq_stride, B_s);
+      }
       __syncthreads();
-      walk_tile<Cfg, false>(h, A2, u_s + lane.c * kRow, dt_s + lane.c * kRow, B_s, C_s, kTile, lane.n0,
-                                   lane.s, D_val, nullptr);
+      walk_tile<Cfg, false>(h, A2, u_s + lane.c * kRow, dt_s + lane.c * kRow, B_s, C_s, B_src, C_src, kTile,
+                            lane.n0, lane.s, D_val, nullptr);
 #pragma unroll
       for (int k = 0; k < kNPer; ++k) starts[j + 1][k] = h[k];
     }
@@ -450,10 +504,14 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       const int valid = static_cast<int>(p.seqlen - t0 < kTile ? p.seqlen - t0 : kTile);
       __syncthreads();
       load_seq_tiles<T, kC, kTile>(p, place, t0, valid, u_s, dt_s);
-      load_bc_tile<kNPad, kTile>(p, place, t0, valid, p.B, p.B_batch_stride, p.B_group_stride,
-                                 p.B_dstate_stride, p.B_seq_stride, B_s);
-      load_bc_tile<kNPad, kTile>(p, place, t0, valid, p.C, p.C_batch_stride, p.C_group_stride,
-                                 p.C_dstate_stride, p.C_seq_stride, C_s);
+      if (!p.B_time_invariant) {
+        load_bc_tile<kNPad, kTile>(p, place, t0, valid, p.B, p.B_batch_stride, p.B_group_stride,
+                                   p.B_dstate_stride, p.B_seq_stride, B_s);
+      }
+      if (!p.C_time_invariant) {
+        load_bc_tile<kNPad, kTile>(p, place, t0, valid, p.C, p.C_batch_stride, p.C_group_stride,
+                                   p.C_dstate_stride, p.C_seq_stride, C_s);
+      }
       // Step 3 backwards, the parts that need no state: gy = dout silu(z) and
       // dz's factor dout silu'(z), silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z))).
       for (int i = threadIdx.x; i < kC * kTile; i += kThreads) {
@@ -493,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           const float uv = u_row[t];
           const float dv = dt_row[t];
           float Bv[kNPer];
-          load_row<kNPer>(B_s + t * kNPad + lane.n0, Bv);
+          B_src.row(B_s + t * kNPad + lane.n0, Bv);
 #pragma unroll
           for (int k = 0; k < kNPer; ++k) {
             h[k] = exp2f(dv * A2[k]) * h[k] + dv * uv * Bv[k];
@@ -501,7 +559,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           }
           if (has_z) {
             float Cv[kNPer];
-            load_row<kNPer>(C_s + t * kNPad + lane.n0, Cv);
+            C_src.row(C_s + t * kNPad + lane.n0, Cv);
             float y = 0.f;
 #pragma unroll
             for (int k = 0; k < kNPer; ++k) y += Cv[k] * h[k];
@@ -519,8 +577,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           const float dv = dt_row[t];
           const float gy = gy_row[t];
           float Bv[kNPer], Cv[kNPer], dBv[kNPer], dCv[kNPer];
-          load_row<kNPer>(B_s + t * kNPad + lane.n0, Bv);
-          load_row<kNPer>(C_s + t * kNPad + lane.n0, Cv);
+          B_src.row(B_s + t * kNPad + lane.n0, Bv);
+          C_src.row(C_s + t * kNPad + lane.n0, Cv);
           float ddelta = 0.f, du = 0.f;
 #pragma unroll
           for (int k = 0; k < kNPer; ++k) {
@@ -570,23 +628,46 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           }
         }
       }
-      // dB, dC: this block's channels summed, then added to the group's.
-      for (int i = threadIdx.x; i < kNPad * kTile; i += kThreads) {
-        const int n = i / kTile;
-        const int t = i % kTile;
-        if (n < p.dstate && t < valid) {
-          float sb = 0.f, sc = 0.f;
-          for (int c = 0; c < kC; ++c) {
-            sb += dB_terms[t * Smem::kTermStep + c * kNPad + n];
-            sc += dC_terms[t * Smem::kTermStep + c * kNPad + n];
+      // dB, dC, time-varying: this block's channels summed per step, then added to the group's.
+      if (!p.B_time_invariant || !p.C_time_invariant) {
+        for (int i = threadIdx.x; i < kNPad * kTile; i += kThreads) {
+          const int n = i / kTile;
+          const int t = i % kTile;
+          if (n < p.dstate && t < valid) {
+            float sb = 0.f, sc = 0.f;
+            for (int c = 0; c < kC; ++c) {
+              sb += dB_terms[t * Smem::kTermStep + c * kNPad + n];
+              sc += dC_terms[t * Smem::kTermStep + c * kNPad + n];
+            }
+            const int64_t l = t0 + t;
+            if (!p.B_time_invariant) {
+              atomicAdd(p.dB + place.b * p.dB_batch_stride + place.g * p.dB_group_stride + n * p.dB_dstate_stride +
+                            l * p.dB_seq_stride,
+                        sb);
+            }
+            if (!p.C_time_invariant) {
+              atomicAdd(p.dC + place.b * p.dC_batch_stride + place.g * p.dC_group_stride + n * p.dC_dstate_stride +
+                            l * p.dC_seq_stride,
+                        sc);
+            }
           }
-          const int64_t l = t0 + t;
-          atomicAdd(p.dB + place.b * p.dB_batch_stride + place.g * p.dB_group_stride + n * p.dB_dstate_stride +
-                        l * p.dB_seq_stride,
-                    sb);
-          atomicAdd(p.dC + place.b * p.dC_batch_stride + place.g * p.dC_group_stride + n * p.dC_dstate_stride +
-                        l * p.dC_seq_stride,
-                    sc);
+        }
+      }
+      // Time-invariant: each channel's steps summed, then added to its (d, n) row (over the batch, too).
+      if (p.B_time_invariant || p.C_time_invariant) {
+        for (int i = threadIdx.x; i < kC * kNPad; i += kThreads) {
+          const int c = i / kNPad;
+          const int n = i % kNPad;
+          if (c < place.nchannels && n < p.dstate) {
+            float sb = 0.f, sc = 0.f;
+            for (int t = 0; t < valid; ++t) {
+              sb += dB_terms[t * Smem::kTermStep + c * kNPad + n];
+              sc += dC_terms[t * Smem::kTermStep + c * kNPad + n];
+            }
+            const int64_t d = place.d0 + c;
+            if (p.B_time_invariant) atomicAdd(p.dB + d * p.dB_dim_stride + n * p.dB_dstate_stride, sb);
+            if (p.C_time_invariant) atomicAdd(p.dC + d * p.dC_dim_stride + n * p.dC_dstate_stride, sc);
+          }
         }
       }
     }

@@ -1,8 +1,10 @@
 """Mamba-1 selective scan on the GPU: the CUDA kernels of ``csrc/cuda/selective_scan/``.
 
-Same signature as ``selective_scan_ref``. u, delta and z keep their dtype
-(float32, float16 or bfloat16) and strides; A, B, C, D, delta_bias and the states
-go to the kernel in float32, B and C as ``(batch, ngroups, dstate, seqlen)``.
+Same signature as ``selective_scan_ref`` (real A only: the interface sends
+complex A elsewhere). u, delta and z keep their dtype (float32, float16 or
+bfloat16) and strides; A, B, C, D, delta_bias and the states go to the kernel in
+float32, a time-varying B or C as ``(batch, ngroups, dstate, seqlen)``, a
+time-invariant one as it is, ``(dim, dstate)``.
 Autograd is the Function shared with the cpu backend (``extension.py``). The
 forward saves the state entering every ``CHECKPOINT_EVERY`` steps, (batch,
 dim, ceil(seqlen / CHECKPOINT_EVERY), dstate) in float32.
@@ -32,8 +34,11 @@ def _f32(t):
 
 
 def _grouped(t: torch.Tensor) -> torch.Tensor:
-    """(batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen) -> float32 (batch, ngroups, dstate, seqlen)."""
-    return (t if t.ndim == 4 else t.unsqueeze(1)).to(torch.float32)
+    """(batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen) -> float32 (batch, ngroups, dstate, seqlen).
+
+    A time-invariant (dim, dstate) one stays 2-D.
+    """
+    return (t if t.ndim != 3 else t.unsqueeze(1)).to(torch.float32)
 
 
 def selective_scan_cuda(
