@@ -77,6 +77,41 @@ def test_mamba_inner_fn_gradients_match_the_reference():
         assert_close(got, expected, msg=name)
 
 
+def test_mamba_inner_fn_time_invariant_B_C_and_proj_biases():
+    mixer = hf_mamba_mixer()
+    hidden = torch.randn(1, 6, 12)
+    xz, conv_w, conv_b, x_proj, dt_proj, out_proj, out_bias, A = inner_args(mixer, hidden)
+    B, C = torch.randn(24, 5), torch.randn(24, 5)
+    B_bias, C_bias = torch.randn(5), torch.randn(5)
+    with torch.no_grad():
+        # B given: x_proj holds only Δ and C, and C gets its bias.
+        got = mamba_inner_fn(xz, conv_w, conv_b, torch.cat([x_proj[:3], x_proj[8:]]), dt_proj, out_proj, out_bias, A, B, None, C_proj_bias=C_bias)
+        expected = mamba_inner_ref(xz, conv_w, conv_b, torch.cat([x_proj[:3], x_proj[8:]]), dt_proj, out_proj, out_bias, A, B, None, C_proj_bias=C_bias)
+        both = mamba_inner_fn(xz, conv_w, conv_b, x_proj[:3], dt_proj, out_proj, out_bias, A, B, C, B_proj_bias=B_bias)
+        with_biases = mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, out_bias, A, B_proj_bias=B_bias, C_proj_bias=C_bias)
+        without = mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_proj, out_bias, A)
+    assert_close(got, expected)
+    assert both.shape == (1, 6, 12)
+    assert not torch.allclose(with_biases, without)
+
+
+def test_mamba_inner_fn_complex_A():
+    """S4D-style complex A: x_proj gives B and C as (re, im) pairs, the scan returns 2 Re(y)."""
+    gen = torch.Generator().manual_seed(1)
+    dim, dstate, dt_rank = 8, 3, 2
+    xz = torch.randn(2, 2 * dim, 5, generator=gen)
+    conv_w, conv_b = torch.randn(dim, 1, 4, generator=gen), torch.randn(dim, generator=gen)
+    x_proj = torch.randn(dt_rank + 4 * dstate, dim, generator=gen) * 0.3
+    dt_proj, out_proj = torch.randn(dim, dt_rank, generator=gen), torch.randn(6, dim, generator=gen)
+    A = torch.complex(-torch.rand(dim, dstate, generator=gen), torch.randn(dim, dstate, generator=gen))
+    args = (xz, conv_w, conv_b, x_proj, dt_proj, out_proj, None, A)
+    with torch.no_grad():
+        expected = mamba_inner_ref(*args)
+        for backend in CPU_BACKENDS:
+            assert_close(mamba_inner_fn(*args, backend=backend), expected, msg=backend)
+    assert expected.shape == (2, 5, 6) and not expected.is_complex()
+
+
 def test_mamba_inner_fn_rms_norms_of_B_C_and_delta():
     """b/c/dt_rms_weight: RMSNorm of B and C over dstate and of Δ over dim, before the scan."""
     mixer = hf_mamba_mixer()

@@ -7,6 +7,8 @@ and autograd differentiates through all of them.
 
 from __future__ import annotations
 
+import torch
+
 from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.ops._checks import Shapes
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn
@@ -26,8 +28,10 @@ def _validate(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weig
     shapes.bind("delta_proj_weight", delta_proj_weight, (dim, "dt_rank"))
     shapes.bind("x_proj_weight", x_proj_weight, ("x_proj rows", dim))
     shapes.bind("out_proj_weight", out_proj_weight, ("d_model", dim))
-    shapes.bind("A", A, (dim, "dstate"))
-    pairs = 2 if A.is_complex() else 1
+    complex_A = isinstance(A, torch.Tensor) and A.is_complex()
+    # Only A's shape matters here; selective_scan_fn checks its dtype (real or complex).
+    shapes.bind("A", A.real if complex_A else A, (dim, "dstate"))
+    pairs = 2 if complex_A else 1
     taken = sum(pairs * shapes["dstate"] for given in (B, C) if given is None)
     if shapes["x_proj rows"] != shapes["dt_rank"] + taken:
         raise ValueError(
