@@ -38,6 +38,9 @@ TORCH_LIBRARY(lnlm_ssm, m) {
 
   // x (m, k) @ weight (n, k)^T (+ bias) for m <= 16 rows: a decode step's projections (csrc/cpu/linear.cpp).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The same for weight-only quantised weights: int8 weight (n, k) with an fp32 scale (n,) per row, or
+  // bf16 weight (n, k) and no scale; x, bias and the result fp32.
+  m.def("weight_only_linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor");
 
   // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
   // silu to the output.

@@ -10,7 +10,8 @@ from lnlm_ssm.ops.conv1d.reference import (
     causal_conv1d_update_ref,
     causal_conv1d_varlen_states_ref,
 )
-from lnlm_ssm.ops.linear.interface import decode_linear
+from lnlm_ssm.ops.linear.interface import decode_linear, weight_only_linear
+from lnlm_ssm.ops.linear.reference import dequantize_weight, quantize_weight, weight_only_linear_ref
 from lnlm_ssm.ops.mamba_inner.interface import mamba_inner_fn
 from lnlm_ssm.ops.mamba_inner.reference import mamba_inner_ref
 from lnlm_ssm.ops.norm.interface import layer_norm_fn, layernorm_fn, rms_norm_fn, rmsnorm_fn
@@ -35,6 +36,7 @@ __all__ = [
     "causal_conv1d_varlen_states",
     "causal_conv1d_varlen_states_ref",
     "decode_linear",
+    "dequantize_weight",
     "layer_norm_fn",
     "layer_norm_gated_ref",
     "layer_norm_ref",
@@ -45,6 +47,7 @@ __all__ = [
     "mamba_inner_ref",
     "mamba_split_conv1d_scan_combined",
     "mamba_split_conv1d_scan_ref",
+    "quantize_weight",
     "rms_norm_fn",
     "rms_norm_gated_ref",
     "rms_norm_ref",
@@ -54,4 +57,6 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
     "ssd_recurrent_ref",
+    "weight_only_linear",
+    "weight_only_linear_ref",
 ]

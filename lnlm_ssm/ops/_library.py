@@ -79,6 +79,10 @@ def _register_fakes() -> None:
     def _decode_linear_fake(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("lnlm_ssm::weight_only_linear")
+    def _weight_only_linear_fake(x, weight, scale, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("lnlm_ssm::causal_conv1d_update")
     def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
         return x.new_empty(x.shape)
