@@ -34,6 +34,10 @@ TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 MODEL_TYPE = "lnlm_ssm"
 ARCHITECTURE_KEY = "architecture"
 VERSION_KEY = "lnlm_ssm_version"
+# Present only for a model quantised by lnlm_ssm.quantize_: "int8" or "bf16", the format of the
+# weights stored. Versions that do not know it refuse the checkpoint (an unknown config field)
+# rather than load int8 values as if they were floats.
+QUANTIZATION_KEY = "quantization"
 
 # Errors the readers raise on a truncated or garbled file.
 _READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)

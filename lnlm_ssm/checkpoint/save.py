@@ -3,7 +3,9 @@ in our layout.
 
 ``save_pretrained`` takes any model of the registry (``models.base.PretrainedModel``):
 it needs ``model.architecture``, ``model.config.to_dict()`` and ``model.tied_weights()``.
-A tied weight is stored once, under the name it is tied to.
+A tied weight is stored once, under the name it is tied to. A model quantised by
+``lnlm_ssm.quantize_`` is stored as it is (int8 weights with their fp32 scales, or
+bf16 weights), and config.json records ``model.quantization``.
 
 The model card is a README.md as the Hugging Face Hub shows one: the
 architecture, the parameter count, the config and, when the caller gives them
@@ -37,6 +39,7 @@ from lnlm_ssm.checkpoint.load import (
     ARCHITECTURE_KEY,
     CONFIG_NAME,
     MODEL_TYPE,
+    QUANTIZATION_KEY,
     VERSION_KEY,
     WEIGHTS_NAME,
     CheckpointError,
@@ -80,6 +83,9 @@ def save_pretrained(
     tensors = _tensors_to_save(model.state_dict(), model.tied_weights())
     fields = {**config.to_dict(), "model_type": MODEL_TYPE, ARCHITECTURE_KEY: model.architecture,
               VERSION_KEY: __version__}
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        fields[QUANTIZATION_KEY] = quantization
     config_text = json.dumps(_encode_special_floats(fields), indent=2, allow_nan=False) + "\n"
     card_path = directory / CARD_NAME
     card_is_ours = not card_path.exists() or CARD_MARKER in card_path.read_text(errors="replace")
@@ -104,6 +110,8 @@ def save_pretrained(
 def _model_card(model: torch.nn.Module, config_text: str, card: Optional[Mapping[str, Any]]) -> str:
     # parameters() yields a tied weight once, so it counts once.
     count = sum(p.numel() for p in model.parameters())
+    quantization = getattr(model, "quantization", None)
+    weights = "" if quantization is None else f", its weights quantised to {quantization} (weight-only)"
     lines = [
         # The Hub reads this front matter; without it, it flags the card as missing its metadata.
         "---",
@@ -113,7 +121,7 @@ def _model_card(model: torch.nn.Module, config_text: str, card: Optional[Mapping
         "",
         f"# {model.architecture}",
         "",
-        f"A {model.architecture} with {count:,} parameters, saved by lnlm_ssm {__version__}. Load it with "
+        f"A {model.architecture} with {count:,} parameters{weights}, saved by lnlm_ssm {__version__}. Load it with "
         "`lnlm_ssm.from_pretrained(path)`.",
         "",
         f"## Config ({CONFIG_NAME})",

@@ -13,6 +13,7 @@ from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
+from lnlm_ssm.layers.quantized import QuantizedEmbedding, QuantizedLinear, quantize_
 
 __all__ = [
     "Attention",
@@ -25,7 +26,10 @@ __all__ = [
     "Mamba2Cache",
     "MambaCache",
     "Mixer",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
     "RMSNorm",
     "TokenEmbedding",
     "declared_parameter_names",
+    "quantize_",
 ]

@@ -31,7 +31,7 @@ from torch import nn
 
 from lnlm_ssm.layers.base import Mixer
 from lnlm_ssm.layers.cache import AttentionCache
-from lnlm_ssm.ops import decode_linear
+from lnlm_ssm.layers.quantized import compute_dtype, project
 from lnlm_ssm.ops._backends import check_backend
 from lnlm_ssm.utils.checks import check_positive_int
 from lnlm_ssm.utils.dtypes import math_dtype
@@ -87,7 +87,7 @@ class Attention(Mixer):
         sliding_window: each query sees at most this many most recent keys, itself included.
         d_conv: mamba_ssm's optional short conv on qkv; only 0 (none) is supported.
         use_flash_attn: use flash-attn where it serves the call exactly (see the module docstring).
-        backend: for the projections (``decode_linear``);
+        backend: for the projections (``decode_linear``, or ``weight_only_linear`` once quantised);
             ``scaled_dot_product_attention`` picks its kernel itself.
 
     The cache path is for inference: it writes k and v into the cache in place.
@@ -174,7 +174,7 @@ class Attention(Mixer):
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_seqlen", max_seqlen)
         device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        dtype = compute_dtype(self.out_proj) if dtype is None else dtype
         shape = (batch_size, max_seqlen, self.num_heads_kv, self.head_dim)
         return AttentionCache(
             k=torch.zeros(shape, device=device, dtype=dtype),
@@ -208,7 +208,7 @@ class Attention(Mixer):
         if position_ids is not None:
             self._check_position_ids(position_ids, batch, seqlen, device)
 
-        q, k, v = decode_linear(hidden_states, self.in_proj.weight, self.in_proj.bias, backend=self.backend).split(
+        q, k, v = project(self.in_proj, hidden_states, self.backend).split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim, self.num_heads_kv * self.head_dim],
             dim=-1,
         )
@@ -230,7 +230,7 @@ class Attention(Mixer):
             v = cache.v[:, :total].to(q.dtype)
 
         out = self._attend(q, k, v, past, mask)
-        return decode_linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias, backend=self.backend)
+        return project(self.out_proj, out.flatten(-2), self.backend)
 
     def _attend(self, q, k, v, past: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T * scale + masks) v over ``(batch, seqlen|total, heads, head_dim)`` inputs."""

@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import MambaCache
+from lnlm_ssm.layers.quantized import compute_dtype, dense_weight, project
 from lnlm_ssm.layers.ssm import SSMMixer, conv_weight, conv_with_cache, inverse_softplus_dt, weight_bmm
 from lnlm_ssm.ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
 from lnlm_ssm.ops._backends import check_backend
@@ -105,7 +105,7 @@ class Mamba(SSMMixer):
         """Zero states for ``batch_size`` rows; ``max_seqlen`` is unused (the state does not grow)."""
         check_positive_int("batch_size", batch_size)
         device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        dtype = compute_dtype(self.out_proj) if dtype is None else dtype
         return MambaCache(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
             ssm_state=torch.zeros(
@@ -114,7 +114,7 @@ class Mamba(SSMMixer):
         )
 
     def _scan(self, hidden_states, cache: Optional[MambaCache], keep: Optional[torch.Tensor]) -> torch.Tensor:
-        xz = weight_bmm(self.in_proj.weight, hidden_states.transpose(1, 2))  # (batch, 2 * d_inner, seqlen)
+        xz = weight_bmm(dense_weight(self.in_proj), hidden_states.transpose(1, 2))  # (batch, 2 * d_inner, seqlen)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         x, z = xz.chunk(2, dim=1)
@@ -127,9 +127,9 @@ class Mamba(SSMMixer):
         if keep is not None:
             x = x * keep[:, None, :]
 
-        x_dbl = weight_bmm(self.x_proj.weight, x)  # (batch, dt_rank + 2 * d_state, seqlen)
+        x_dbl = weight_bmm(dense_weight(self.x_proj), x)  # (batch, dt_rank + 2 * d_state, seqlen)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = weight_bmm(self.dt_proj.weight, dt)  # the bias goes to the scan
+        delta = weight_bmm(dense_weight(self.dt_proj), dt)  # the bias goes to the scan
         result = selective_scan_fn(
             x,
             delta,
@@ -164,7 +164,7 @@ class Mamba(SSMMixer):
         y = selective_state_update(
             cache.ssm_state,
             x,
-            F.linear(dt, self.dt_proj.weight),
+            project(self.dt_proj, dt, self.backend, bias=False),
             -torch.exp(to_math_dtype(self.A_log)),
             B,
             C,

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lnlm_ssm.layers.cache import Mamba2Cache
+from lnlm_ssm.layers.quantized import compute_dtype
 from lnlm_ssm.layers.ssm import SSMMixer, conv_weight, conv_with_cache, inverse_softplus_dt
 from lnlm_ssm.ops import (
     causal_conv1d_fn,
@@ -145,7 +146,7 @@ class Mamba2(SSMMixer):
         """Zero states for ``batch_size`` rows; ``max_seqlen`` is unused (the state does not grow)."""
         check_positive_int("batch_size", batch_size)
         device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        dtype = compute_dtype(self.out_proj) if dtype is None else dtype
         return Mamba2Cache(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype),
             ssm_state=torch.zeros(

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from lnlm_ssm.layers.base import Mixer
-from lnlm_ssm.ops import causal_conv1d_fn, decode_linear
+from lnlm_ssm.layers.quantized import project
+from lnlm_ssm.ops import causal_conv1d_fn
 
 
 def inverse_softplus_dt(size: int, dt_min: float, dt_max: float, dt_init_floor: float, **factory) -> torch.Tensor:
@@ -106,9 +107,9 @@ class SSMMixer(Mixer):
     d_model: int
     backend: str
 
-    def _project(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``linear(x)``, through ``decode_linear`` (faster for the few rows of a decode step)."""
-        return decode_linear(x, linear.weight, linear.bias, backend=self.backend)
+    def _project(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)`` (float or quantised), through the kernels for the few rows of a decode step."""
+        return project(linear, x, self.backend)
 
     def forward(
         self,

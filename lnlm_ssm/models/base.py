@@ -25,6 +25,8 @@ class PretrainedModel(nn.Module):
 
     architecture: ClassVar[str]
     main_weight: ClassVar[str]
+    # "int8" or "bf16" once lnlm_ssm.quantize_ has quantised the model's weights (saved with them).
+    quantization: Optional[str] = None
 
     @classmethod
     def from_pretrained(

@@ -4,6 +4,10 @@ Parameter names are mamba_ssm's ``MambaLMHeadModel``'s, so its checkpoints load 
 
     backbone.*                                  see models.backbone
     lm_head.weight                              the embedding's tensor when tie_embeddings
+
+Quantised by ``lnlm_ssm.quantize_``, every projection's and the embedding's
+``weight`` is int8 (beside its fp32 ``weight_scale``) or bf16; the head shares the
+embedding's tensors when tied.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from lnlm_ssm.checkpoint.convert import hf_llama, hf_mamba, hf_mamba2, mamba_ssm
 from lnlm_ssm.generation.decode import generate as _generate
 from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.layers.cache import InferenceCache
+from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
 from lnlm_ssm.models.base import PretrainedModel
@@ -78,7 +83,12 @@ class MambaLM(PretrainedModel):
         return cls(preset(name, **overrides), device=device, dtype=dtype, backend=backend)
 
     def tied_weights(self) -> dict[str, str]:
-        return {"lm_head.weight": "backbone.embedding.weight"} if self.config.tie_embeddings else {}
+        if not self.config.tie_embeddings:
+            return {}
+        tied = {"lm_head.weight": "backbone.embedding.weight"}
+        if quantization_of(self) == "int8":
+            tied["lm_head.weight_scale"] = "backbone.embedding.weight_scale"
+        return tied
 
     def _init_weights(self) -> None:
         """The incumbent's initialisation (GPT-2 style, from the Mamba paper's code description).
@@ -111,9 +121,9 @@ class MambaLM(PretrainedModel):
         """
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_seqlen", max_seqlen)
-        weight = self.backbone.embedding.weight
-        device = weight.device if device is None else torch.device(device)
-        dtype = weight.dtype if dtype is None else dtype
+        embedding = self.backbone.embedding
+        device = embedding.weight.device if device is None else torch.device(device)
+        dtype = compute_dtype(embedding) if dtype is None else dtype
         layers = [
             block.mixer.allocate_cache(batch_size, max_seqlen, device=device, dtype=dtype)
             for block in self.backbone.layers
@@ -218,7 +228,7 @@ class MambaLM(PretrainedModel):
             )
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden_states, self.lm_head.weight, self.config.vocab_size, self.backend)
+        return lm_logits(hidden_states, self.lm_head, self.config.vocab_size, self.backend)
 
     # -- generation ----------------------------------------------------------------------------
 

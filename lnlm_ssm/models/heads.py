@@ -1,7 +1,8 @@
 """Heads: from the backbone's hidden states to a task's outputs, and each head's loss.
 
 - the LM head: logits over the vocabulary, through ``decode_linear`` (the few
-  rows of a decode step are its fast case), and the next-token loss.
+  rows of a decode step are its fast case; ``weight_only_linear`` for a
+  quantised head), and the next-token loss.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from lnlm_ssm.ops import decode_linear
+from lnlm_ssm.layers.quantized import project
 from lnlm_ssm.utils.dtypes import math_dtype
 
 IGNORE_INDEX = -100
 
 
-def lm_logits(hidden_states: torch.Tensor, weight: torch.Tensor, vocab_size: int, backend: str) -> torch.Tensor:
-    """Logits (..., vocab_size) of ``hidden_states`` (..., d_model) under the head ``weight`` (padded_vocab, d_model)."""
+def lm_logits(hidden_states: torch.Tensor, head: nn.Module, vocab_size: int, backend: str) -> torch.Tensor:
+    """Logits (..., vocab_size) of ``hidden_states`` (..., d_model) under ``head`` (d_model -> padded_vocab, no bias).
+
+    ``head``: an ``nn.Linear`` or its quantised ``QuantizedLinear``.
+    """
     # The padded vocab rows are never a token: skip them in the matmul rather than slice afterwards.
-    return decode_linear(hidden_states, weight[:vocab_size], backend=backend)
+    return project(head, hidden_states, backend, out_features=vocab_size)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -19,7 +19,15 @@ from typing import Optional, Union
 import torch
 
 from lnlm_ssm.checkpoint.convert import Converter
-from lnlm_ssm.checkpoint.load import ARCHITECTURE_KEY, MODEL_TYPE, VERSION_KEY, CheckpointError, read_checkpoint
+from lnlm_ssm.checkpoint.load import (
+    ARCHITECTURE_KEY,
+    MODEL_TYPE,
+    QUANTIZATION_KEY,
+    VERSION_KEY,
+    CheckpointError,
+    read_checkpoint,
+)
+from lnlm_ssm.layers.quantized import QUANTIZATION_MODES, quantize_
 from lnlm_ssm.models.config import ConfigError
 
 # What checkpoints written before the registry hold (they name no architecture).
@@ -68,11 +76,27 @@ def from_pretrained(
     checkpoint must be used; with ``strict=False`` missing weights keep their
     initial values and extra ones are ignored. Shapes must always match.
     ``expect``: a model class the checkpoint's must be (or subclass).
+
+    A checkpoint of a quantised model (config.json's ``quantization``) comes back
+    quantised as it was saved (``lnlm_ssm.quantize_``), in float32.
     """
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None; got {dtype!r}")
     raw, state = read_checkpoint(path_or_repo_id)
     entry, layout, fields, state = _interpret(raw, state)
+    quantization = raw.get(QUANTIZATION_KEY) if layout == MODEL_TYPE else None
+    if quantization is not None:
+        if quantization not in QUANTIZATION_MODES:
+            raise CheckpointError(
+                f"config.json records the quantization {quantization!r}, which this version of lnlm_ssm does not "
+                f"know; it knows {list(QUANTIZATION_MODES)}"
+            )
+        if dtype not in (None, torch.float32):
+            raise CheckpointError(
+                f"{str(path_or_repo_id)!r} holds a model quantised to {quantization}, which computes in float32; "
+                f"got dtype={dtype}"
+            )
+        dtype = torch.float32
     if expect is not None and not issubclass(entry.model_class, expect):
         raise CheckpointError(
             f"{str(path_or_repo_id)!r} holds a {entry.name}, not a {expect.__name__}: load it with "
@@ -91,6 +115,8 @@ def from_pretrained(
         raise CheckpointError(
             f"the config of {str(path_or_repo_id)!r} describes no model lnlm_ssm can build: {exc}"
         ) from exc
+    if quantization is not None:
+        quantize_(model, quantization)  # the quantised layout; the stored weights replace its values
     _load_state(model, state, strict)
     return model
 
@@ -104,7 +130,9 @@ def _interpret(raw: dict, state: dict) -> tuple[Architecture, str, dict, dict]:
                 f"config.json names the architecture {name!r}, which this version of lnlm_ssm does not have; "
                 f"it has {sorted(_ARCHITECTURES)}"
             )
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", ARCHITECTURE_KEY, VERSION_KEY)}
+        fields = {
+            k: v for k, v in raw.items() if k not in ("model_type", ARCHITECTURE_KEY, VERSION_KEY, QUANTIZATION_KEY)
+        }
         return _ARCHITECTURES[name], MODEL_TYPE, fields, state
     for entry in _ARCHITECTURES.values():
         for converter in entry.converters:
@@ -120,6 +148,10 @@ def _interpret(raw: dict, state: dict) -> tuple[Architecture, str, dict, dict]:
     )
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
     state = dict(state)
     expected = model.state_dict()
@@ -132,6 +164,19 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: 
             raise CheckpointError(f"the config ties {copy} to {source} but the checkpoint's {copy} differs from it")
         if copy in expected:
             state[copy] = state[source]
+    # Checked first, as the cause of the key mismatches that come with it: load_state_dict
+    # would convert int8 values to floats (or floats to int8) without a word.
+    kinds = [
+        f"{key}: the model holds {_dtype_name(expected[key])}, the checkpoint {_dtype_name(t)}"
+        for key, t in state.items()
+        if key in expected and t.is_floating_point() != expected[key].is_floating_point()
+    ]
+    if kinds:
+        more = f"; and {len(kinds) - 3} more" if len(kinds) > 3 else ""
+        raise CheckpointError(
+            "the checkpoint's weights are not stored as its config.json describes (a quantised model's config.json "
+            f"records its '{QUANTIZATION_KEY}'): " + "; ".join(kinds[:3]) + more
+        )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
