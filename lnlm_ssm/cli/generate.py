@@ -7,6 +7,7 @@ import sys
 import torch
 
 from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
+from lnlm_ssm.layers.quantized import QUANTIZATION_MODES, quantize_
 from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import PRESETS
 
@@ -35,6 +36,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the random init (presets) and of sampling")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter dtype (default float32)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATION_MODES,
+        default=None,
+        help="quantise the weights before generating (weight-only: int8 with per-channel scales, or bf16; "
+        "activations and math stay float32): faster decoding on CPU, which reads every weight once per token",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -70,10 +78,16 @@ def _load(args, device: torch.device, dtype: torch.dtype):
 def _generate(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    if args.quantize is not None and args.dtype != "float32":
+        raise ValueError(
+            f"--quantize {args.quantize} quantises a float32 model (its math stays float32); got --dtype {args.dtype}"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = _load(args, device, _DTYPES[args.dtype])
+    if args.quantize is not None:
+        quantize_(model, args.quantize)
     model.eval()
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:

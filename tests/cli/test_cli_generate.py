@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lnlm_ssm.cli import main
+from lnlm_ssm.layers import quantize_
 from lnlm_ssm.models import MambaLM, MambaLMConfig
 from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -73,6 +74,37 @@ def test_generate_on_a_checkpoint_streams_the_greedy_text(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert out == tok.decode(expected[0, 3:].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_generate_quantized_streams_the_quantised_models_greedy_text(tmp_path, capsys, mode):
+    torch.manual_seed(0)
+    model = MambaLM(MambaLMConfig(d_model=32, n_layer=2, vocab_size=257, ssm_cfg={"d_state": 8}))
+    model.save_pretrained(tmp_path)
+    tok = ByteTokenizer()
+    expected = quantize_(model, mode).generate(torch.tensor([tok.encode("abc")]), max_new_tokens=6, temperature=0)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0",
+            "--quantize", mode]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == tok.decode(expected[0, 3:].tolist()) + "\n"
+    # A checkpoint saved quantised generates the same without the flag; with it, it is quantised twice.
+    model.save_pretrained(tmp_path / "quantized")
+    argv[2] = str(tmp_path / "quantized")
+    assert main(argv[:-2]) == 0
+    assert capsys.readouterr().out == out
+    assert main(argv) == 2
+    assert f"quantised already ({mode})" in capsys.readouterr().err
+
+
+def test_generate_quantized_errors(capsys):
+    argv = ["generate", "--model", "mamba-tiny", "--prompt", "x", "--max-new-tokens", "1", "--quantize", "int8"]
+    assert main(argv) == 0
+    assert main(argv + ["--dtype", "bfloat16"]) == 2
+    assert "--quantize int8 quantises a float32 model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["int4"])
 
 
 def test_generate_errors(tmp_path, capsys):
