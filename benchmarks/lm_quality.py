@@ -6,6 +6,7 @@ Usage::
     python benchmarks/lm_quality.py --quick                # ~4M params each, 819k tokens each, ~15 min on 2 cores
     python benchmarks/lm_quality.py                        # the same models, 4x the tokens (~1 h)
     python benchmarks/lm_quality.py --families mamba,attention --steps 200
+    python benchmarks/lm_quality.py --quick --families mamba,hybrid   # the trained models quantised, too
 
 The question
 ------------
@@ -61,6 +62,12 @@ Reading the numbers
   first tens of steps before they learn to look at the previous bytes; the
   SSM layers' short convolution sees them from the start. At tiny budgets this
   dominates the attention row.
+- ``int8 bpb`` and ``bf16 bpb``: the held-out bits per byte of the same trained
+  model with its weights quantised by ``lnlm_ssm.quantize_`` (weight-only: int8
+  with a scale per output channel, or bf16; activations and math in fp32), on
+  the same windows, each with its relative change from the fp32 model
+  evaluated the same way (``fp32 bpb``, which repeats ``val bpb``). ``--quantize``
+  picks the modes (none: no quantised evaluation).
 - ``tok/s``: training throughput, the median of the per-step rates after the
   first 10% of the steps (warm-up; the median also passes over the steps an
   evaluation slowed), ``wall s``: the whole run including evaluations. These depend on the machine and on what else runs on it;
@@ -102,9 +109,12 @@ except ModuleNotFoundError as _exc:  # a checkout that was never `pip install`ed
         raise
     sys.path.insert(0, str(REPO_ROOT))
 
+from lnlm_ssm import quantize_  # noqa: E402
+from lnlm_ssm.layers.quantized import QUANTIZATION_MODES  # noqa: E402
 from lnlm_ssm.models import MambaLM, preset  # noqa: E402
+from lnlm_ssm.objectives import CausalLMObjective  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
-from lnlm_ssm.data import default_corpus_dir, prepare_corpus  # noqa: E402
+from lnlm_ssm.data import WindowSampler, default_corpus_dir, prepare_corpus  # noqa: E402
 from lnlm_ssm.training.loop import train  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import median, torch_threads  # noqa: E402
@@ -233,7 +243,28 @@ def _tail_mean(values: list[float], fraction: float = 0.1) -> float:
     return sum(tail) / len(tail)
 
 
-def run_family(family: Family, d_model: int, n_layer: int, args, corpus_dir: Path, out: Path) -> dict[str, Any]:
+@torch.no_grad()
+def quantized_bpb(model_dir: Path, corpus, args) -> dict[str, float]:
+    """Held-out bits per byte of the saved model in fp32 and quantised to each ``--quantize`` mode.
+
+    The windows are those of the training loop's evaluations (``eval_batches``
+    depends only on the corpus and the shapes), and the loss is the objective's.
+    """
+    batches = WindowSampler(
+        corpus, "val", seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed
+    ).eval_batches(args.eval_batches)
+    objective = CausalLMObjective()
+    bpb = {}
+    for weights in ["fp32", *args.quantize]:
+        model = MambaLM.from_pretrained(model_dir).eval()
+        if weights != "fp32":
+            quantize_(model, weights)
+        loss = torch.stack([objective(model, batch).loss.float() for batch in batches]).mean().item()
+        bpb[weights] = objective.eval_metrics(loss, corpus.bytes_per_token("val"))["eval_bpb"]
+    return bpb
+
+
+def run_family(family: Family, d_model: int, n_layer: int, args, corpus, out: Path) -> dict[str, Any]:
     config = TrainConfig(
         preset=family.preset,
         model=family.fields(d_model, n_layer),
@@ -258,10 +289,11 @@ def run_family(family: Family, d_model: int, n_layer: int, args, corpus_dir: Pat
     )
     # The loop tokenises into out/data; point it at the copy every family shares (same fingerprint: reused).
     out.mkdir(parents=True)
-    (out / "data").symlink_to(corpus_dir.resolve(), target_is_directory=True)
+    (out / "data").symlink_to(Path(corpus.directory).resolve(), target_is_directory=True)
     start = time.perf_counter()
     final = train(config)
     wall = time.perf_counter() - start
+    bpb = quantized_bpb(out / "model", corpus, args) if args.quantize else {}
     # Keep the final model; the training checkpoint (weights + AdamW moments) only serves --resume.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "data").unlink()
@@ -280,6 +312,7 @@ def run_family(family: Family, d_model: int, n_layer: int, args, corpus_dir: Pat
                           preset(family.preset, **family.fields(d_model, n_layer)).layer_types()),
         "val_bpb": final["eval_bpb"],
         "val_loss": final["eval_loss"],
+        "quantized_bpb": bpb,
         "train_loss": _tail_mean([r["loss"] for r in train_rows]),
         "tokens_per_s": median([r["tokens_per_s"] for r in warm]),
         "tokens": final["tokens"],
@@ -345,6 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=_positive, default=8, help="held-out batches per evaluation (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--quantize", nargs="*", choices=QUANTIZATION_MODES, default=list(QUANTIZATION_MODES),
+                   help="evaluate the trained models quantised to these modes too (default: int8 bf16; none: skip)")
     p.add_argument("--out", type=Path, help="default benchmarks/out/lm_quality-<timestamp>/")
     args = p.parse_args(argv)
     if not args.lr > 0:
@@ -385,7 +420,7 @@ def main(argv=None) -> int:
     with torch_threads(args.threads):
         for family, d, n, _ in plan:
             print(f"training {family.name} ...", flush=True)
-            results.append(run_family(family, d, n, args, corpus_dir, args.out / family.name))
+            results.append(run_family(family, d, n, args, corpus, args.out / family.name))
 
     header = (f"{'model':<10} {'params':>10} {'layers':<14} {'val bpb':>8} {'val loss':>8} {'train loss':>10} "
               f"{'tok/s':>8} {'wall s':>7}")
@@ -395,6 +430,12 @@ def main(argv=None) -> int:
             f"{r['model']:<10} {r['params']:>10,} {r['layers']:<14} {r['val_bpb']:>8.4f} {r['val_loss']:>8.4f} "
             f"{r['train_loss']:>10.4f} {r['tokens_per_s']:>8.0f} {r['wall_s']:>7.1f}"
         )
+    if args.quantize:
+        print("\n" + f"{'model':<10} {'fp32 bpb':>8}" + "".join(f" {m + ' bpb':>8} {'change':>8}" for m in args.quantize))
+        for r in results:
+            bpb = r["quantized_bpb"]
+            print(f"{r['model']:<10} {bpb['fp32']:>8.4f}"
+                  + "".join(f" {bpb[m]:>8.4f} {bpb[m] / bpb['fp32'] - 1:>+8.3%}" for m in args.quantize))
     title = (f"{args.params / 1e6:g}M params, {tokens:,} tokens, lr {args.lr:g}, seed {args.seed} "
              f"({platform.machine()}, {args.threads} threads)")
     shutil.rmtree(corpus_dir)  # the tokenised corpus: rebuilt in a second from the source

@@ -6,6 +6,7 @@ Usage::
     python benchmarks/model_speed.py              # mamba-130m, mamba2-130m, hybrid-130m; fp32, 2 threads, CPU
     python benchmarks/model_speed.py --presets mamba-130m --repeats 5
     python benchmarks/model_speed.py --quick      # tiny models, a few tokens (the CI test)
+    python benchmarks/model_speed.py --presets mamba-130m --decode-batch 1 --quantize int8 bf16
 
 For each preset it measures, each a median over ``--repeats`` runs after a warm-up:
 
@@ -14,7 +15,11 @@ For each preset it measures, each a median over ``--repeats`` runs after a warm-
   prompt, through each library's ``generate`` and cache; the time of a
   1-new-token generate (prefill and first sample) is subtracted -> new tokens/s;
 - training: forward + backward with the LM loss on a ``--train-batch`` x
-  ``--train-seqlen`` batch (no optimizer step) -> tokens/s.
+  ``--train-seqlen`` batch (no optimizer step) -> tokens/s;
+- for the presets of ``--quantize-presets`` (default mamba-130m), decode again
+  with the model's weights quantised (``lnlm_ssm.quantize_``) to each mode of
+  ``--quantize`` (default int8 and bf16), beside HF's fp32 decode and the
+  quantised model's own bound (its weight bytes are fewer).
 
 The HF twin is built from the preset's config (``MambaForCausalLM`` for Mamba-1,
 ``Mamba2ForCausalLM`` for Mamba-2; HF has no class for the hybrid layout), saved,
@@ -33,6 +38,7 @@ measure as a fraction of its roofline) in ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import platform
@@ -44,7 +50,8 @@ from typing import Callable, Optional
 
 import torch
 
-from lnlm_ssm import MambaLM
+from lnlm_ssm import MambaLM, quantize_
+from lnlm_ssm.layers.quantized import QUANTIZATION_MODES
 from lnlm_ssm.models import preset
 from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, measure_matmul_peak, median, torch_threads
 
@@ -130,14 +137,16 @@ def check_same_logits(ours: MambaLM, hf: torch.nn.Module, vocab: int) -> float:
     return err
 
 
-def measure(model, is_ours: bool, args, vocab: int) -> dict[str, dict]:
+def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -> dict[str, dict]:
+    """Tokens/s of each measure; ``decode_only``: the decode measures alone (a quantised model does not train)."""
     gen = torch.Generator().manual_seed(2)
     out = {}
     ids = torch.randint(0, vocab, (1, args.prefill), generator=gen)
     model.eval()
     with torch.no_grad():
-        t, n = timed(lambda: model(ids), args.repeats, args.slow_s)
-        out["prefill"] = {"tok_s": args.prefill / t, "runs": n}
+        if not decode_only:
+            t, n = timed(lambda: model(ids), args.repeats, args.slow_s)
+            out["prefill"] = {"tok_s": args.prefill / t, "runs": n}
         for batch in args.decode_batch:
             prompt = torch.randint(0, vocab, (batch, PROMPT), generator=gen)
 
@@ -150,6 +159,8 @@ def measure(model, is_ours: bool, args, vocab: int) -> dict[str, dict]:
             t_all, n = timed(lambda: generate(1 + args.new_tokens), args.repeats, args.slow_s)
             t_first, _ = timed(lambda: generate(1), args.repeats, args.slow_s)
             out[f"decode_b{batch}"] = {"tok_s": batch * args.new_tokens / max(t_all - t_first, 1e-9), "runs": n}
+    if decode_only:
+        return out
     ids = torch.randint(0, vocab, (args.train_batch, args.train_seqlen), generator=gen)
     model.train()
 
@@ -166,6 +177,7 @@ def measure(model, is_ours: bool, args, vocab: int) -> dict[str, dict]:
 
 def bounds(model: MambaLM, args, bandwidth_gbps: float, peak_gflops: float) -> dict[str, float]:
     n_params = sum(p.numel() for p in model.parameters())
+    # A quantised model's int8 or bf16 weights and fp32 scales are parameters too: its own bytes.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"prefill": peak_gflops * 1e9 / (2 * n_params), "train": peak_gflops * 1e9 / (6 * n_params)}
     for batch in args.decode_batch:
@@ -186,8 +198,9 @@ def write_plot(path: Path, rows: list[dict], title: str) -> Optional[str]:
     xs = range(len(rows))
     axes.bar([x - 0.2 for x in xs], [r["ours_tok_s"] / r["bound_tok_s"] for r in rows], 0.4, label="lnlm_ssm")
     axes.bar([x + 0.2 for x in xs], [(r["hf_tok_s"] or 0) / r["bound_tok_s"] for r in rows], 0.4,
-             label="HF transformers (none for the hybrid)")
-    axes.set_xticks(list(xs), [f"{r['preset'].removesuffix('-130m')}\n{r['measure']}" for r in rows], fontsize=7)
+             label="HF transformers, fp32 (none for the hybrid)")
+    labels = [f"{r['preset'].removesuffix('-130m')} {r['weights']}\n{r['measure']}" for r in rows]
+    axes.set_xticks(list(xs), labels, fontsize=7)
     axes.set_ylabel("fraction of the roofline")
     axes.set_title(title, fontsize=9)
     axes.grid(axis="y", alpha=0.3)
@@ -210,6 +223,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--quantize", nargs="*", choices=QUANTIZATION_MODES, default=list(QUANTIZATION_MODES),
+                   help="weight-only modes to decode with as well (default: int8 bf16; none: no quantised rows)")
+    p.add_argument("--quantize-presets", nargs="+", default=["mamba-130m"],
+                   help="the presets decoded quantised too (default: mamba-130m)")
     p.add_argument("--quick", action="store_true", help="tiny models and sizes (CI)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -225,15 +242,16 @@ def parse_args(argv):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'preset':<12} {'measure':<10} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
+    """One line per measure; "HF tok/s" is always HF's fp32 model (the quantised rows' target is its speed)."""
+    print(f"{'preset':<12} {'weights':<7} {'measure':<10} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
           f"{'bound tok/s':>12} {'of bound':>9}")
     for r in rows:
         if r["hf_tok_s"]:
             hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x"
         else:
             hf = f"{'-':>10} {'-':>7}"
-        print(f"{r['preset']:<12} {r['measure']:<10} {r['ours_tok_s']:>15.1f} {hf} {r['bound_tok_s']:>12.1f} "
-              f"{r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
+        print(f"{r['preset']:<12} {r['weights']:<7} {r['measure']:<10} {r['ours_tok_s']:>15.1f} {hf} "
+              f"{r['bound_tok_s']:>12.1f} {r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
 
 
 def main(argv=None) -> int:
@@ -241,7 +259,7 @@ def main(argv=None) -> int:
     overrides = QUICK if args.quick else {}
     rows, notes = [], []
     with torch_threads(args.threads):
-        print(f"# fp32, {args.threads} threads, torch {torch.__version__}; prefill 1x{args.prefill}, decode "
+        print(f"# fp32 activations, {args.threads} threads, torch {torch.__version__}; prefill 1x{args.prefill}, decode "
               f"{args.new_tokens} tokens at batch {', '.join(map(str, args.decode_batch))}, training "
               f"{args.train_batch}x{args.train_seqlen}", flush=True)
         for name in args.presets:
@@ -261,19 +279,25 @@ def main(argv=None) -> int:
             print(f"# {name}: copy {bandwidth:.1f} GB/s, matmul {peak:.1f} GFLOP/s", flush=True)
             mine = measure(ours, True, args, vocab)
             theirs = measure(hf, False, args, vocab) if hf is not None else {}
-            roof = bounds(ours, args, bandwidth, peak)
-            for key, value in mine.items():
-                rows.append({
-                    "preset": name, "measure": key, "ours_tok_s": value["tok_s"], "ours_runs": value["runs"],
-                    "hf_tok_s": theirs[key]["tok_s"] if theirs else None,
-                    "hf_runs": theirs[key]["runs"] if theirs else None,
-                    "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
-                })
+            runs = [("fp32", ours, mine)]
+            for mode in args.quantize if name in args.quantize_presets else []:
+                quantized = quantize_(copy.deepcopy(ours), mode)
+                runs.append((mode, quantized, measure(quantized, True, args, vocab, decode_only=True)))
+            for weights, model, measured in runs:
+                roof = bounds(model, args, bandwidth, peak)
+                for key, value in measured.items():
+                    rows.append({
+                        "preset": name, "weights": weights, "measure": key, "ours_tok_s": value["tok_s"],
+                        "ours_runs": value["runs"],
+                        "hf_tok_s": theirs[key]["tok_s"] if theirs else None,
+                        "hf_runs": theirs[key]["runs"] if theirs else None,
+                        "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
+                    })
             print_table([r for r in rows if r["preset"] == name])
             print(flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     skipped = write_plot(args.out / "model_speed.png", rows,
-                         f"{platform.machine()}, fp32, {args.threads} threads, torch {torch.__version__}")
+                         f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     notes += [skipped] if skipped else []
     for note in notes:
         print(f"note: {note}")

@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/step_ops_speed.py            # CPU, 2 threads, fp32, the sizes of a 130M model
     python benchmarks/step_ops_speed.py --quick    # tiny sizes (CI)
+    python benchmarks/step_ops_speed.py --only weight-only decode_linear   # the projections alone
 
 Rows (each on the same inputs, median of --repeats after --warmup calls):
 
@@ -26,6 +27,14 @@ Rows (each on the same inputs, median of --repeats after --warmup calls):
   These rows also give the bytes moved (weights, x and y) per second, and that
   over the copy bandwidth measured in the same run (the better of a measure
   before and one after the timings): "x copy bw".
+- weight-only linear, the same projections and rows with the weights stored in
+  fewer bytes: ``cpu int8`` and ``cpu bf16`` (``weight_only_linear``'s kernel,
+  called directly; int8 with a scale per output row), beside ``aten int8pack_mm``
+  (``torch.ops.aten._weight_int8pack_mm``, torch's int8 weight-only product, on
+  the same int8 weight and scales), ``torchao int8wo`` (torchao's
+  ``Int8WeightOnlyConfig`` on an ``nn.Linear``, when torchao is installed),
+  ``torch F.linear bf16`` (x and weight in bf16: bf16 math, not ours) and
+  ``torch F.linear`` (fp32). Bytes moved count each row's own weight format.
 
 "x fastest torch" is the fastest torch composition's time over the row's.
 Results go to ``results.json`` in ``--out``.
@@ -44,11 +53,15 @@ import torch
 import torch.nn.functional as F
 
 from lnlm_ssm import ops
-from lnlm_ssm.ops.linear.cpu import decode_linear_cpu
+from lnlm_ssm.ops.linear.cpu import decode_linear_cpu, weight_only_linear_cpu
 from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, median, tensor_bytes, time_fn, torch_threads
 
 HERE = Path(__file__).resolve().parent
-TORCH_ROWS = ("reference", "torch F.conv1d", "torch roll", "torch F.linear")
+TORCH_ROWS = (
+    "reference", "torch F.conv1d", "torch roll", "torch F.linear", "torch F.linear bf16", "aten int8pack_mm",
+    "torchao int8wo",
+)
+ROWS = (1, 2, 3, 4, 8, 16)
 
 
 def conv_cases(args):
@@ -140,7 +153,7 @@ def linear_cases(args):
     cases = []
     for name, out, inner, layers in args.projections:
         weights = [torch.randn(out, inner, generator=gen) / inner**0.5 for _ in range(layers)]
-        for rows in (1, 2, 3, 4, 8, 16):
+        for rows in ROWS:
             x = torch.randn(rows, inner, generator=gen)
             moved = sum(tensor_bytes(w, x) + rows * out * x.element_size() for w in weights)
             label = f"decode_linear {name} ({layers} x {out}x{inner}, rows {rows})"
@@ -153,6 +166,61 @@ def linear_cases(args):
     return cases
 
 
+def torchao_int8_linears(weights):
+    """``nn.Linear`` modules of ``weights`` quantised by torchao's int8 weight-only config, or (None, why not)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        return None, f"torchao int8wo rows skipped: torchao is not importable ({exc})"
+    linears = []
+    for w in weights:
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        holder = torch.nn.Sequential(linear)  # torchao swaps the weights of the modules below the one it is given
+        quantize_(holder, Int8WeightOnlyConfig())
+        linears.append(holder[0])
+    return linears, None
+
+
+def weight_only_cases(args, notes):
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for name, out, inner, layers in args.projections:
+        weights = [torch.randn(out, inner, generator=gen) / inner**0.5 for _ in range(layers)]
+        int8 = [ops.quantize_weight(w, "int8") for w in weights]
+        bf16 = [w.to(torch.bfloat16) for w in weights]
+        ao, why_not = torchao_int8_linears(weights)
+        if why_not and why_not not in notes:
+            notes.append(why_not)
+        for rows in ROWS:
+            x = torch.randn(rows, inner, generator=gen)
+            xb = x.to(torch.bfloat16)
+            io = rows * (inner + out) * x.element_size()  # x in, y out, fp32
+            impls = [
+                ("cpu int8", lambda x=x: [weight_only_linear_cpu(x, q, s, None) for q, s in int8],
+                 sum(tensor_bytes(q, s) for q, s in int8)),
+                ("aten int8pack_mm", lambda x=x: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in int8],
+                 sum(tensor_bytes(q, s) for q, s in int8)),
+                ("cpu bf16", lambda x=x: [weight_only_linear_cpu(x, w, None, None) for w in bf16],
+                 sum(tensor_bytes(w) for w in bf16)),
+                ("torch F.linear bf16", lambda xb=xb: [F.linear(xb, w) for w in bf16], sum(tensor_bytes(w) for w in bf16)),
+                ("torch F.linear", lambda x=x: [F.linear(x, w) for w in weights], sum(tensor_bytes(w) for w in weights)),
+            ]
+            if ao is not None:
+                impls.append(("torchao int8wo", lambda x=x: [linear(x) for linear in ao],
+                              sum(tensor_bytes(q, s) for q, s in int8)))
+            label = f"weight-only {name} ({layers} x {out}x{inner}, rows {rows})"
+            for impl, fn, weight_bytes in impls:
+
+                def project(fn=fn):
+                    with torch.no_grad():
+                        return fn()
+
+                cases.append((label, impl, project, weight_bytes + layers * io))
+    return cases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI)")
@@ -160,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--out", type=Path, help="default benchmarks/out/step_ops-cpu-<timestamp>/")
+    p.add_argument("--only", nargs="+", metavar="PREFIX",
+                   help="time only the cases whose name starts with one of these (e.g. weight-only decode_linear)")
     args = p.parse_args(argv)
     # mamba-130m: d_inner 1536 (conv over d_inner), dstate 16; mamba2-130m: 24 heads of 64, dstate 128.
     sizes = dict(batch=2, conv_dim=1536, seqlen=2048, decode_batch=1, dim=1536, dstate=16, nheads=24, headdim=64, dstate2=128,
@@ -175,11 +245,16 @@ def main(argv=None) -> int:
     if args.out is None:
         args.out = HERE / "out" / f"step_ops-cpu-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
-    rows = []
+    rows, notes = [], []
     copy_nbytes = (16 << 20) if args.quick else None
     with torch_threads(args.threads):
         copy_before = measure_copy_bandwidth("cpu", nbytes=copy_nbytes)
-        for label, impl, fn, moved in conv_cases(args) + state_update_cases(args) + linear_cases(args):
+        cases = conv_cases(args) + state_update_cases(args) + linear_cases(args) + weight_only_cases(args, notes)
+        if args.only:
+            cases = [case for case in cases if case[0].startswith(tuple(args.only))]
+            if not cases:
+                p.error(f"--only {' '.join(args.only)} matches no case")
+        for label, impl, fn, moved in cases:
             times = time_fn(fn, warmup=args.warmup, repeats=args.repeats, device="cpu")
             row = {"case": label, "impl": impl, "median_us": median(times) * 1e6, "times_s": times}
             if moved is not None:
@@ -201,20 +276,22 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: order.index(r["case"]))
 
     width = max(len(r["case"]) for r in rows)
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, fp32")
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}, fp32 activations")
     print(f"# copy bandwidth {copy_bw:.1f} GB/s (before the timings {copy_before:.1f}, after {copy_after:.1f})")
-    print(f"{'case':<{width}}  {'impl':<15}  {'median us':>11}  {'x fastest torch':>15}  {'GB/s':>6}  {'x copy bw':>9}")
+    print(f"{'case':<{width}}  {'impl':<19}  {'median us':>11}  {'x fastest torch':>15}  {'GB/s':>6}  {'x copy bw':>9}")
     for r in rows:
-        line = f"{r['case']:<{width}}  {r['impl']:<15}  {r['median_us']:>11.1f}  {r['x_fastest_torch']:>15.2f}"
+        line = f"{r['case']:<{width}}  {r['impl']:<19}  {r['median_us']:>11.1f}  {r['x_fastest_torch']:>15.2f}"
         if "gb_per_s" in r:
             line += f"  {r['gb_per_s']:>6.1f}  {r['x_copy_bw']:>9.2f}"
         print(line)
+    for note in notes:
+        print(f"note: {note}")
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "results.json", "w") as f:
         json.dump({"benchmark": "step_ops_speed", "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                    "torch": torch.__version__, "threads": args.threads, "sizes": sizes,
                    "copy_bandwidth_gb_per_s": {"before": copy_before, "after": copy_after, "used": copy_bw},
-                   "rows": rows}, f, indent=2)
+                   "rows": rows, "notes": notes}, f, indent=2)
     print(f"\nwrote {args.out / 'results.json'}")
     return 0
 

@@ -67,12 +67,28 @@ def test_tiny_run_trains_every_family(lm_quality, tmp_path, capsys):
         assert r["tokens"] == 3 * 2 * 32 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
         assert r["params"] == sum(p.numel() for p in MambaLM.from_pretrained(tmp_path / name / "model").parameters())
         assert 0 < r["train_loss"] < 10
+        # The trained model again, in fp32 and quantised, on the same held-out windows.
+        bpb = r["quantized_bpb"]
+        assert list(bpb) == ["fp32", "int8", "bf16"]
+        assert bpb["fp32"] == pytest.approx(r["val_bpb"], rel=1e-5)
+        assert bpb["int8"] != bpb["fp32"] and bpb["int8"] == pytest.approx(bpb["fp32"], rel=0.05)
+        assert bpb["bf16"] == pytest.approx(bpb["fp32"], rel=0.05)
     out = capsys.readouterr().out
+    assert "int8 bpb" in out and "bf16 bpb" in out
     if importlib.util.find_spec("matplotlib") is not None:  # optional
         assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert not (tmp_path / "loss_curves.png").exists() and "matplotlib not installed" in out
     assert all(f"\n{name} " in out for name in FAMILIES)
+
+
+def test_no_quantized_evaluation_when_asked_for_none(lm_quality, tmp_path, capsys):
+    argv = ["--params", "150000", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+            "--max-bytes", "60000", "--threads", "1", "--families", "mamba", "--quantize", "--out", str(tmp_path)]
+    assert lm_quality.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["quantized_bpb"] == {}
+    assert "int8 bpb" not in capsys.readouterr().out
 
 
 def test_bad_arguments_are_named(lm_quality, tmp_path, capsys):

@@ -26,7 +26,11 @@ def test_quick_run(model_speed, tmp_path):
     assert model_speed.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
-    assert [(r["preset"], r["measure"]) for r in rows] == [(p, m) for p in model_speed.PRESETS for m in MEASURES]
+    # Every measure in fp32; the decode measures again quantised, for mamba-130m (the default --quantize-presets).
+    quantized = [("mamba-130m", w, m) for w in ("int8", "bf16") for m in MEASURES if m.startswith("decode")]
+    expected = [(p, "fp32", m) for p in model_speed.PRESETS for m in MEASURES]
+    expected[len(MEASURES):len(MEASURES)] = quantized
+    assert [(r["preset"], r["weights"], r["measure"]) for r in rows] == expected
     for r in rows:
         assert r["ours_tok_s"] > 0 and r["bound_tok_s"] > 0
         # HF has Mamba-1 and Mamba-2 models but no class for our hybrid layout.
@@ -39,6 +43,19 @@ def test_quick_run(model_speed, tmp_path):
         assert any("matplotlib not installed" in n for n in results["notes"])
     b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
     assert b8 == pytest.approx(8 * b1)
+    # A quantised model's bound is its own: fewer weight bytes, a higher bound, measured against HF's fp32.
+    bound = {r["weights"]: r["bound_tok_s"] for r in rows if r["preset"] == "mamba-130m" and r["measure"] == "decode_b1"}
+    assert bound["fp32"] < bound["bf16"] < bound["int8"]
+    hf = {r["weights"]: r["hf_tok_s"] for r in rows if r["preset"] == "mamba-130m" and r["measure"] == "decode_b1"}
+    assert hf["int8"] == hf["bf16"] == hf["fp32"]
+
+
+def test_no_quantized_rows_when_asked_for_none(model_speed, tmp_path):
+    argv = ["--quick", "--threads", "1", "--no-hf", "--presets", "mamba-130m", "--decode-batch", "1", "--quantize",
+            "--out", str(tmp_path)]
+    assert model_speed.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["weights"] for r in rows} == {"fp32"}
 
 
 def test_bad_arguments_are_named(model_speed, capsys):
