@@ -117,11 +117,13 @@ def project(
     ``out_features`` keeps only the first that many outputs (the LM head's real
     vocabulary), without computing the others.
     """
-    rows = slice(None) if out_features is None else slice(0, out_features)
-    weight = linear.weight[rows]
-    b = linear.bias[rows] if bias and linear.bias is not None else None
+    weight, b = linear.weight, linear.bias if bias else None
+    scale = linear.weight_scale if isinstance(linear, QuantizedLinear) else None
+    if out_features is not None:
+        weight = weight[:out_features]
+        b = None if b is None else b[:out_features]
+        scale = None if scale is None else scale[:out_features]
     if isinstance(linear, QuantizedLinear):
-        scale = None if linear.weight_scale is None else linear.weight_scale[rows]
         return weight_only_linear(x, weight, scale, b, backend=backend)
     return decode_linear(x, weight, b, backend=backend)
 
