@@ -39,6 +39,25 @@ TORCH_LIBRARY(lnlm_ssm, m) {
   // x (m, k) @ weight (n, k)^T (+ bias) for m <= 16 rows: a decode step's projections (csrc/cpu/linear.cpp).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // One decode step of a whole block (csrc/cpu/block_step.cpp has the layout): the norm
+  // of hidden_states + residual, then the mixer or MLP, states updated in place.
+  // Returns (out, new_residual), both (batch, d_model).
+  m.def(
+      "mamba_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
+      "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor conv_weight, "
+      "Tensor? conv_bias, Tensor(a!) conv_state, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_proj_bias, "
+      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor out_proj_weight, Tensor? out_proj_bias) -> (Tensor, Tensor)");
+  m.def(
+      "mamba2_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
+      "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor conv_weight, "
+      "Tensor? conv_bias, Tensor(a!) conv_state, Tensor dt_bias, Tensor A, Tensor D, Tensor(b!) ssm_state, "
+      "float dt_min, float dt_max, Tensor? gate_norm_weight, float gate_norm_eps, int gate_norm_group_size, "
+      "bool norm_before_gate, Tensor out_proj_weight, Tensor? out_proj_bias) -> (Tensor, Tensor)");
+  m.def(
+      "mlp_block_step(Tensor hidden_states, Tensor residual, Tensor norm_weight, Tensor? norm_bias, "
+      "float norm_eps, bool rms_norm, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias) "
+      "-> (Tensor, Tensor)");
+
   // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
   // silu to the output.
   m.def(

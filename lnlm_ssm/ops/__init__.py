@@ -4,6 +4,8 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 """
 
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
+from lnlm_ssm.ops.block_step.interface import mamba2_block_step, mamba_block_step, mlp_block_step, prepare_block_step
+from lnlm_ssm.ops.block_step.reference import mamba2_block_step_ref, mamba_block_step_ref, mlp_block_step_ref
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from lnlm_ssm.ops.conv1d.reference import (
     causal_conv1d_ref,
@@ -39,12 +41,19 @@ __all__ = [
     "layer_norm_gated_ref",
     "layer_norm_ref",
     "layernorm_fn",
+    "mamba2_block_step",
+    "mamba2_block_step_ref",
+    "mamba_block_step",
+    "mamba_block_step_ref",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
     "mamba_inner_fn",
     "mamba_inner_ref",
     "mamba_split_conv1d_scan_combined",
     "mamba_split_conv1d_scan_ref",
+    "mlp_block_step",
+    "mlp_block_step_ref",
+    "prepare_block_step",
     "rms_norm_fn",
     "rms_norm_gated_ref",
     "rms_norm_ref",

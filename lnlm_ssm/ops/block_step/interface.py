@@ -1,0 +1,259 @@
+"""Decode steps of whole blocks, one call each: ``mamba_block_step``, ``mamba2_block_step``, ``mlp_block_step``.
+
+A decode step of a block is some twenty small ops (the norm, four projections,
+the conv update, the state update and the glue between them). Called one by one
+from Python, each pays its interpreter, argument checks and dispatch on top of its
+work: for a 130M Mamba on two cores that added up to about a third of a token's
+time. These ops do a block's whole step in one call; the CPU kernel
+(``csrc/cpu/block_step.cpp``) is made of the kernels the unfused step calls, and
+``reference.py`` states what it computes.
+
+Each op comes in two forms:
+
+- the function, e.g. ``mamba_block_step(hidden_states, residual, *params, backend=)``,
+  which checks every argument on every call;
+- ``prepare_block_step(op, params, backend=) -> step``, which checks the parameters
+  and states once and returns ``step(hidden_states, residual) -> (out, new_residual)``
+  that checks only its two inputs: what a decode loop calls once per block per token.
+
+``params`` are the function's arguments after ``residual``, in order (the
+references' signatures). Float32 on the CPU only (the "cpu" kernel; the reference
+runs anywhere); inference only: a call that would need a backward raises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from lnlm_ssm.ops._backends import backend_for, register, resolve
+from lnlm_ssm.ops._checks import Shapes
+from lnlm_ssm.ops.block_step.reference import mamba2_block_step_ref, mamba_block_step_ref, mlp_block_step_ref
+
+register("mamba_block_step", {"reference": mamba_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mamba_block_step_cpu"})
+register(
+    "mamba2_block_step", {"reference": mamba2_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mamba2_block_step_cpu"}
+)
+register("mlp_block_step", {"reference": mlp_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mlp_block_step_cpu"})
+
+NO_BACKWARD = (
+    "the block steps are for inference and have no backward: call them under torch.no_grad() "
+    "(or with tensors that do not require grad)"
+)
+
+Step = Callable[[torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_fp32(named: dict) -> None:
+    for name, t in named.items():
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (the block steps compute in fp32), got {t.dtype}")
+
+
+def _check_norm(shapes: Shapes, norm_weight, norm_bias, norm_eps, rms_norm) -> None:
+    shapes.bind("norm_weight", norm_weight, ("d_model",))
+    shapes.bind_optional("norm_bias", norm_bias, ("d_model",))
+    if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not norm_eps > 0:
+        raise ValueError(f"norm_eps must be a number > 0, got {norm_eps!r}")
+    if not isinstance(rms_norm, bool):
+        raise TypeError(f"rms_norm must be a bool (True: RMSNorm, False: LayerNorm), got {rms_norm!r}")
+
+
+def _check_out(name: str, value: int, rule: str, expected: int) -> None:
+    if value != expected:
+        raise ValueError(f"{name} must have {rule} = {expected} outputs, got {value}")
+
+
+def _check_conv_state(shapes: Shapes, conv_state, channels: str) -> None:
+    shapes.bind("conv_state", conv_state, ("batch", channels, "state_len"))
+    if shapes["state_len"] < shapes["width"] - 1:
+        raise ValueError(
+            f"conv_state must hold at least width - 1 = {shapes['width'] - 1} inputs, got shape {tuple(conv_state.shape)}"
+        )
+
+
+def _check_mamba(
+    norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
+    x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias,
+) -> Shapes:
+    shapes = Shapes()
+    _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
+    shapes.bind("conv_weight", conv_weight, ("d_inner", "width"))
+    shapes.bind_optional("conv_bias", conv_bias, ("d_inner",))
+    _check_conv_state(shapes, conv_state, "d_inner")
+    shapes.bind("ssm_state", ssm_state, ("batch", "d_inner", "d_state"))
+    shapes.bind("x_proj_weight", x_proj_weight, ("x_proj_out", "d_inner"))
+    shapes.bind("dt_proj_weight", dt_proj_weight, ("d_inner", "dt_rank"))
+    shapes.bind("dt_proj_bias", dt_proj_bias, ("d_inner",))
+    shapes.bind("A", A, ("d_inner", "d_state"))
+    shapes.bind("D", D, ("d_inner",))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"))
+    shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
+    d_inner = shapes["d_inner"]
+    _check_out("in_proj_weight", shapes["in_proj_out"], "2 * d_inner", 2 * d_inner)
+    _check_out("x_proj_weight", shapes["x_proj_out"], "dt_rank + 2 * d_state", shapes["dt_rank"] + 2 * shapes["d_state"])
+    _check_fp32(dict(
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
+        conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, x_proj_weight=x_proj_weight,
+        dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state,
+        out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+    ))
+    return shapes
+
+
+def _check_mamba2(
+    norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
+    dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps, gate_norm_group_size,
+    norm_before_gate, out_proj_weight, out_proj_bias,
+) -> Shapes:
+    shapes = Shapes()
+    _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
+    shapes.bind("conv_weight", conv_weight, ("conv_dim", "width"))
+    shapes.bind_optional("conv_bias", conv_bias, ("conv_dim",))
+    _check_conv_state(shapes, conv_state, "conv_dim")
+    shapes.bind("ssm_state", ssm_state, ("batch", "nheads", "headdim", "d_state"))
+    shapes.bind("dt_bias", dt_bias, ("nheads",))
+    shapes.bind("A", A, ("nheads",))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"))
+    shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
+    nheads, d_inner, d_state = shapes["nheads"], shapes["d_inner"], shapes["d_state"]
+    if d_inner != nheads * shapes["headdim"]:
+        raise ValueError(
+            f"out_proj_weight must read d_inner = nheads * headdim = {nheads * shapes['headdim']} channels "
+            f"(from ssm_state), got {d_inner}"
+        )
+    # D per head, or per channel (mamba_ssm's D_has_hdim).
+    per_head = isinstance(D, torch.Tensor) and D.ndim == 1 and D.shape[0] == nheads
+    shapes.bind("D", D, ("nheads",) if per_head else ("d_inner",))
+    group_width = shapes["conv_dim"] - d_inner
+    ngroups = group_width // (2 * d_state)
+    if group_width <= 0 or group_width != 2 * ngroups * d_state or nheads % ngroups:
+        raise ValueError(
+            f"conv_weight must have d_inner + 2 * ngroups * d_state channels with ngroups dividing nheads = {nheads} "
+            f"(d_inner = {d_inner}, d_state = {d_state}), got {shapes['conv_dim']}"
+        )
+    _check_out("in_proj_weight", shapes["in_proj_out"], "d_inner + conv_dim + nheads", d_inner + shapes["conv_dim"] + nheads)
+    if not 0 <= dt_min <= dt_max:
+        raise ValueError(f"dt_min and dt_max must satisfy 0 <= dt_min <= dt_max ((0, inf): none), got {dt_min}, {dt_max}")
+    if gate_norm_weight is not None:
+        shapes.bind("gate_norm_weight", gate_norm_weight, ("d_inner",))
+        if isinstance(gate_norm_group_size, bool) or not isinstance(gate_norm_group_size, int) or (
+            gate_norm_group_size <= 0 or d_inner % gate_norm_group_size
+        ):
+            raise ValueError(f"gate_norm_group_size must divide d_inner = {d_inner}, got {gate_norm_group_size!r}")
+        if not gate_norm_eps > 0:
+            raise ValueError(f"gate_norm_eps must be > 0, got {gate_norm_eps!r}")
+    _check_fp32(dict(
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
+        conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, dt_bias=dt_bias, A=A, D=D,
+        ssm_state=ssm_state, gate_norm_weight=gate_norm_weight, out_proj_weight=out_proj_weight,
+        out_proj_bias=out_proj_bias,
+    ))
+    return shapes
+
+
+def _check_mlp(norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> Shapes:
+    shapes = Shapes()
+    _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
+    shapes.bind("fc1_weight", fc1_weight, ("fc1_out", "d_model"))
+    shapes.bind_optional("fc1_bias", fc1_bias, ("fc1_out",))
+    shapes.bind("fc2_weight", fc2_weight, ("d_model", "hidden"))
+    shapes.bind_optional("fc2_bias", fc2_bias, ("d_model",))
+    _check_out("fc1_weight", shapes["fc1_out"], "2 * hidden (value and gate)", 2 * shapes["hidden"])
+    _check_fp32(dict(
+        norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    ))
+    return shapes
+
+
+_CHECKS = {"mamba_block_step": _check_mamba, "mamba2_block_step": _check_mamba2, "mlp_block_step": _check_mlp}
+
+
+def prepare_block_step(op: str, params: tuple, *, backend: str = "auto") -> Step:
+    """``op``'s step with ``params`` bound, checked once: ``step(hidden_states, residual) -> (out, new_residual)``.
+
+    ``op`` is "mamba_block_step", "mamba2_block_step" or "mlp_block_step"; ``params``
+    its arguments after ``residual``, in order. The step updates the states among
+    ``params`` in place, and checks only the shapes and dtypes of its two inputs
+    (hidden_states (batch, d_model) float32, residual the same or None; the MLP's
+    residual is required).
+    """
+    if op not in _CHECKS:
+        raise ValueError(f"op must be one of {tuple(_CHECKS)}, got {op!r}")
+    shapes = _CHECKS[op](*params)
+    batch = shapes["batch"] if "batch" in shapes.sizes else None
+    d_model = shapes["d_model"]
+    kernel = resolve(op, backend_for(op, backend), shapes.device, dtype=torch.float32)
+    params_need_grad = any(isinstance(p, torch.Tensor) and p.requires_grad for p in params)
+    residual_required = op == "mlp_block_step"
+
+    def step(hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):
+        for name, t in (("hidden_states", hidden_states), ("residual", residual)):
+            if t is None and (name == "hidden_states" or residual_required):
+                raise TypeError(f"{op}: {name} must be a tensor (batch, d_model), got None")
+            if t is not None and (
+                t.dtype != torch.float32 or t.ndim != 2 or t.shape[1] != d_model or (batch is not None and t.shape[0] != batch)
+            ):
+                rows = "batch" if batch is None else batch
+                raise ValueError(
+                    f"{op}: {name} must be float32 of shape ({rows}, d_model={d_model}), "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+        if torch.is_grad_enabled() and (
+            params_need_grad or hidden_states.requires_grad or (residual is not None and residual.requires_grad)
+        ):
+            raise RuntimeError(f"{op}: {NO_BACKWARD}")
+        return kernel(hidden_states, residual, *params)
+
+    return step
+
+
+def mamba_block_step(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
+    conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight,
+    out_proj_bias, *, backend: str = "auto",
+):
+    """One decode step of a norm + Mamba-1 block: returns (out, new_residual), updates the states in place.
+
+    Arguments and semantics: ``reference.py`` (the glossary there).
+    """
+    params = (
+        norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
+        x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias,
+    )
+    return prepare_block_step("mamba_block_step", params, backend=backend)(hidden_states, residual)
+
+
+def mamba2_block_step(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
+    conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps,
+    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias, *, backend: str = "auto",
+):
+    """One decode step of a norm + Mamba-2 block: returns (out, new_residual), updates the states in place.
+
+    Arguments and semantics: ``reference.py``; (dt_min, dt_max) = (0, inf) is no dt limit.
+    """
+    params = (
+        norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
+        dt_bias, A, D, ssm_state, float(dt_min), float(dt_max), gate_norm_weight, gate_norm_eps,
+        gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias,
+    )
+    return prepare_block_step("mamba2_block_step", params, backend=backend)(hidden_states, residual)
+
+
+def mlp_block_step(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+    *, backend: str = "auto",
+):
+    """One step of a norm2 + GatedMLP (silu) block: returns (out, new_residual).
+
+    Arguments and semantics: ``reference.py``.
+    """
+    params = (norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return prepare_block_step("mlp_block_step", params, backend=backend)(hidden_states, residual)

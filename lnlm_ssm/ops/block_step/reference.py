@@ -1,0 +1,127 @@
+"""Reference decode steps of whole blocks: the specification of ``mamba_block_step``,
+``mamba2_block_step`` and ``mlp_block_step``.
+
+A block is ``norm -> mixer`` (or ``norm2 -> mlp``) on the residual stream (see
+``lnlm_ssm.models.backbone``). One decode step of a block, for one new position:
+
+1. h <- hidden_states + residual (hidden_states alone for the first block, residual None);
+   n <- norm(h) ⊙ norm_weight (+ norm_bias): RMSNorm when ``rms_norm``, else LayerNorm.
+2. the mixer's (or MLP's) step on n, its states updated in place:
+
+   - Mamba-1 (``layers.mamba``): [x | z] <- in_proj(n); x <- silu(conv update of x);
+     [δ | B | C] <- x_proj(x); Δ <- dt_proj(δ) (its bias is the state update's dt_bias);
+     y <- state update (softplus(Δ + dt_bias), A, B, C, D, gate silu(z)); out <- out_proj(y).
+   - Mamba-2 (``layers.mamba2``): [z | xBC | Δ] <- in_proj(n); xBC <- silu(conv update of xBC);
+     [x | B | C] <- xBC (x in heads of headdim, B and C in ngroups groups); Δ <- softplus(Δ + dt_bias),
+     clamped to [dt_min, dt_max] when that is not (0, inf); y <- state update (A per head, D);
+     y <- RMSNormGated(y, z) when ``gate_norm_weight`` is given (else the state update gates
+     by silu(z)); out <- out_proj(y).
+   - MLP (``layers.mlp.GatedMLP``, silu): [v | g] <- fc1(n); out <- fc2(v ⊙ silu(g)).
+
+3. returns (out, h): out (batch, d_model) is the block's output, h the residual
+   stream the next block adds it to.
+
+Glossary (b = batch; everything float32):
+
+=====================  ======================================  ==============================================
+argument               shape                                   meaning
+=====================  ======================================  ==============================================
+hidden_states          (b, d_model)                            the previous block's output (or the embedding)
+residual               (b, d_model) or None                    the residual stream so far
+norm_weight, norm_bias (d_model,), (d_model,) or None          the block norm (bias: LayerNorm only)
+in_proj_weight/_bias   (out, d_model), (out,) or None          Mamba-1: out = 2 d_inner;
+                                                               Mamba-2: out = 2 d_inner + 2 ngroups d_state + nheads
+conv_weight/_bias      (conv_dim, width), (conv_dim,) or None  depthwise causal conv (conv_dim: Mamba-1 d_inner,
+                                                               Mamba-2 d_inner + 2 ngroups d_state)
+conv_state             (b, conv_dim, width)                    the last ``width`` conv inputs, newest last
+x_proj_weight          (dt_rank + 2 d_state, d_inner)          Mamba-1: x -> [δ | B | C]
+dt_proj_weight/_bias   (d_inner, dt_rank), (d_inner,)          Mamba-1: δ -> Δ, and Δ's bias
+A                      (d_inner, d_state) / (nheads,)          -exp(A_log): Mamba-1 / Mamba-2
+D                      (d_inner,) / (nheads,) or (d_inner,)    skip connection: Mamba-1 / Mamba-2
+dt_bias                (nheads,)                               Mamba-2: Δ's bias
+ssm_state              (b, d_inner, d_state) /                 Mamba-1 / Mamba-2, in place
+                       (b, nheads, headdim, d_state)
+gate_norm_*            weight (d_inner,) or None, eps,         Mamba-2's RMSNormGated: groups of group_size
+                       group_size, norm_before_gate            channels (d_inner // ngroups)
+out_proj_weight/_bias  (d_model, d_inner), (d_model,) or None
+fc1_*, fc2_*           (2 hidden, d_model), (d_model, hidden)  MLP
+=====================  ======================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+
+from lnlm_ssm.ops.conv1d.reference import causal_conv1d_update_ref
+from lnlm_ssm.ops.norm.reference import layer_norm_ref, rms_norm_gated_ref, rms_norm_ref
+from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
+
+
+def add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm):
+    """Step 1: (norm(h), h) with h = hidden_states + residual."""
+    norm = rms_norm_ref if rms_norm else layer_norm_ref
+    return norm(hidden_states, norm_weight, norm_bias, residual=residual, eps=norm_eps, prenorm=True, upcast=True)
+
+
+def mamba_block_step_ref(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
+    conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight,
+    out_proj_bias,
+):
+    """A norm + Mamba-1 block's decode step; see the module docstring."""
+    n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
+    x, z = F.linear(n, in_proj_weight, in_proj_bias).chunk(2, dim=-1)
+    x = causal_conv1d_update_ref(x, conv_state, conv_weight, conv_bias, activation="silu")
+    dt_rank, d_state = dt_proj_weight.shape[1], A.shape[1]
+    delta, B, C = F.linear(x, x_proj_weight).split([dt_rank, d_state, d_state], dim=-1)
+    y = selective_state_update_ref(
+        ssm_state, x, F.linear(delta, dt_proj_weight), A, B, C, D, z, dt_bias=dt_proj_bias, dt_softplus=True
+    )
+    return F.linear(y, out_proj_weight, out_proj_bias), h
+
+
+def mamba2_block_step_ref(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
+    conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps,
+    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias,
+):
+    """A norm + Mamba-2 block's decode step; see the module docstring."""
+    n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
+    batch, nheads, headdim, d_state = ssm_state.shape
+    d_inner, conv_dim = nheads * headdim, conv_state.shape[1]
+    group_width = (conv_dim - d_inner) // 2
+    z, xBC, dt = F.linear(n, in_proj_weight, in_proj_bias).split([d_inner, conv_dim, nheads], dim=-1)
+    xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, activation="silu")
+    x, B, C = xBC.split([d_inner, group_width, group_width], dim=-1)
+    dt_softplus = True
+    if (dt_min, dt_max) != (0.0, math.inf):
+        dt = F.softplus(dt + dt_bias).clamp(dt_min, dt_max)
+        dt_bias, dt_softplus = None, False
+    gated = gate_norm_weight is not None
+    y = selective_state_update_ref(
+        ssm_state,
+        x.view(batch, nheads, headdim),
+        dt[..., None].expand(batch, nheads, headdim),
+        A[:, None, None].expand(nheads, headdim, d_state),
+        B.view(batch, -1, d_state),
+        C.view(batch, -1, d_state),
+        D.view(nheads, -1).expand(nheads, headdim),
+        None if gated else z.view(batch, nheads, headdim),
+        dt_bias=None if dt_bias is None else dt_bias[:, None].expand(nheads, headdim),
+        dt_softplus=dt_softplus,
+    ).reshape(batch, d_inner)
+    if gated:
+        y = rms_norm_gated_ref(y, gate_norm_weight, None, z, gate_norm_eps, gate_norm_group_size, norm_before_gate)
+    return F.linear(y, out_proj_weight, out_proj_bias), h
+
+
+def mlp_block_step_ref(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+):
+    """A norm2 + GatedMLP (silu) block's step; see the module docstring."""
+    n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
+    value, gate = F.linear(n, fc1_weight, fc1_bias).chunk(2, dim=-1)
+    return F.linear(value * F.silu(gate), fc2_weight, fc2_bias), h
+
