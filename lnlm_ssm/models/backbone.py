@@ -17,9 +17,13 @@ Parameter names are mamba_ssm's::
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 
 from lnlm_ssm.layers.attention import Attention
+from lnlm_ssm.layers.block_step import mixer_step, mlp_step
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
@@ -73,6 +77,22 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
+    def fused_step(self, cache) -> Callable:
+        """This block's decode step in one or two calls (``layers.block_step``) on its ``cache``:
+        ``step(hidden_states, residual) -> (hidden_states, residual)``, on (batch, d_model) rows.
+
+        Raises ``FusedStepUnsupported`` for a block without one (attention).
+        """
+        mixer = mixer_step(self.mixer, self.norm, cache)
+        if self.mlp is None:
+            return mixer
+        mlp = mlp_step(self.mlp, self.norm2)
+
+        def step(hidden_states, residual):
+            return mlp(*mixer(hidden_states, residual))
+
+        return step
+
 
 class Backbone(nn.Module):
     """Embedding, blocks and final norm: input ids (batch, seqlen) -> hidden states (batch, seqlen, d_model)."""
@@ -94,3 +114,19 @@ class Backbone(nn.Module):
                 hidden_states, residual, None if caches is None else caches[i], mask, position_ids
             )
         return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
+
+    def fused_step(self, caches: list) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode step with one call per block (``Block.fused_step``) on the layer ``caches``:
+        ``step(input_ids (batch,)) -> hidden states (batch, d_model)`` after the final norm.
+
+        Raises ``FusedStepUnsupported`` when a block has no fused step.
+        """
+        steps = [layer.fused_step(cache) for layer, cache in zip(self.layers, caches)]
+
+        def step(input_ids: torch.Tensor) -> torch.Tensor:
+            hidden_states, residual = self.embedding(input_ids), None
+            for block_step in steps:
+                hidden_states, residual = block_step(hidden_states, residual)
+            return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
+
+        return step
