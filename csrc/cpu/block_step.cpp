@@ -4,11 +4,16 @@
 // A decode step is ~20 small ops per block. Called one by one from Python, each
 // costs its interpreter, argument-checking and dispatch time on top of its work,
 // which for a 130M model on two cores added up to a third of a token's time.
-// Here the step is one call per block, made of the same kernels the unfused path
-// calls (decode_linear, causal_conv1d_update, selective_state_update), reached at
-// their CPU implementations through the dispatcher (no autograd, no Python), and
-// a little glue of its own: the residual add and norm, the MLP's gate, Mamba-2's
-// dt limit and gated norm.
+// Here the step is one call per block. Its projections are decode_linear's kernel
+// (the BLAS where decode_linear would take it), reached through the dispatcher (no
+// autograd, no Python); Mamba-2's conv and state updates are the ops' kernels too.
+// Mamba-1's conv update, dt_proj and state update are done here, in two passes
+// over the channels (before and after x_proj): as separate kernels they took four
+// times their share of the bytes (~100 us a layer against ~25 us of reads on two
+// EPYC cores), each a short latency-bound walk over small arrays (dt_proj's
+// weight, A, the states) with its own launch; here each channel's rows are read
+// once, in order, in one parallel pass. Plus a little glue: the residual add and
+// norm, the MLP's gate, Mamba-2's dt limit and gated norm.
 //
 // Layouts (b = batch rows; everything float32, CPU):
 //   hidden_states, residual (b, d_model): residual is the block's input stream (None for
@@ -19,24 +24,34 @@
 //   conv_weight (channels, width), conv_bias (channels,), conv_state (b, channels, width):
 //     causal_conv1d_update's layout, updated in place.
 //   Mamba-1: A (d_inner, d_state) = -exp(A_log), D and dt_proj_bias (d_inner,),
-//     ssm_state (b, d_inner, d_state) updated in place.
+//     ssm_state (b, d_inner, d_state) updated in place; conv_state, ssm_state and the
+//     conv, x_proj, dt_proj and A tensors contiguous.
 //   Mamba-2: A (nheads,) = -exp(A_log), dt_bias (nheads,), D (nheads,) or (d_inner,),
 //     ssm_state (b, nheads, headdim, d_state) updated in place.
 //
 // The projections all go through project(): the one place a projection with
 // another weight format (weight-only quantised) plugs in.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <torch/custom_class.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -209,6 +224,76 @@ Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& weight, do
   return out;
 }
 
+// Mamba-1's passes over the channels: (rows * d_inner) channels, a few hundred per task.
+constexpr int64_t kChannelGrain = 256;
+
+// out = silu(causal conv of the channel's history and x), and x joins the history:
+// causal_conv1d_update with silu, on a contiguous fp32 conv_state (b, d, state_len)
+// whose newest input is last. x (b, d) with row stride x_row; out (b, d) contiguous.
+void mamba_conv_step(const float* x, int64_t x_row, float* conv_state, int64_t state_len, const float* weight,
+                     int64_t width, const float* bias, int64_t rows, int64_t d, float* out) {
+  at::parallel_for(0, rows * d, kChannelGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / d, c = i % d;
+      float* s = conv_state + i * state_len;
+      const float* w = weight + c * width;
+      const float xi = x[r * x_row + c];
+      // The newest width - 1 inputs of the history, then x.
+      float acc = bias ? bias[c] : 0.0f;
+      for (int64_t k = 0; k < width - 1; ++k) {
+        acc += w[k] * s[state_len - width + 1 + k];
+      }
+      acc += w[width - 1] * xi;
+      for (int64_t k = 0; k + 1 < state_len; ++k) {
+        s[k] = s[k + 1];
+      }
+      s[state_len - 1] = xi;
+      out[i] = acc;
+    }
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] *= sigmoid_vec(out[i]);
+    }
+  });
+}
+
+// For each channel: dt = softplus(dt_proj row . delta + dt_bias), then
+// selective_state_update's steps (reference.py of ops/state_update) with one channel
+// per head: state = exp(dt A) state + dt x B; y = (state . C + D x) silu(z).
+// x_dbl (b, dt_rank + 2 N) holds [delta | B | C]; z (b, d) with row stride z_row; y (b, d).
+void mamba_state_step(const float* x, const float* x_dbl, int64_t dt_rank, const float* z, int64_t z_row,
+                      const float* dt_weight, const float* dt_bias, const float* A, const float* D, float* state,
+                      int64_t rows, int64_t d, int64_t N, float* y) {
+  const int64_t x_dbl_row = dt_rank + 2 * N;
+  at::parallel_for(0, rows * d, kChannelGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / d, c = i % d;
+      const float* delta = x_dbl + r * x_dbl_row;
+      const float* B = delta + dt_rank;
+      const float* C = B + N;
+      const float* w = dt_weight + c * dt_rank;
+      float dt = 0.0f;
+#pragma omp simd reduction(+ : dt)
+      for (int64_t k = 0; k < dt_rank; ++k) {
+        dt += w[k] * delta[k];
+      }
+      dt = softplus_vec(dt + dt_bias[c]);
+      const float xi = x[i], dtx = dt * xi;
+      const float* a = A + c * N;
+      float* s = state + i * N;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t n = 0; n < N; ++n) {
+        const float next = exp_vec(dt * a[n]) * s[n] + dtx * B[n];
+        s[n] = next;
+        sum += next * C[n];
+      }
+      const float g = z[r * z_row + c];
+      y[i] = (sum + D[c] * xi) * (g * sigmoid_vec(g));
+    }
+  });
+}
+
 // ---------------------------------------------------------------- the blocks
 
 // norm -> in_proj -> conv update -> x_proj -> dt_proj -> state update (with D and the
@@ -238,18 +323,34 @@ Step mamba_block_step(const Tensor& hidden_states, const OptTensor& residual, co
               ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
   check_tensor(kOp, "A", A, {d_inner, d_state});
   check_tensor(kOp, "D", D, {d_inner});
+  TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == d_inner, kOp,
+              ": conv_weight must be (d_inner = ", d_inner, ", width); got shape ", conv_weight.sizes());
+  const int64_t width = conv_weight.size(1);
+  check_tensor(kOp, "conv_weight", conv_weight, {d_inner, width});
+  check_optional(kOp, "conv_bias", conv_bias, {d_inner});
+  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(2) >= width - 1, kOp, ": conv_state must be (batch, d_inner, ",
+              "state_len >= width - 1 = ", width - 1, "); got shape ", conv_state.sizes());
+  check_tensor(kOp, "conv_state", conv_state, {rows, d_inner, conv_state.size(2)});
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"conv_state", &conv_state}, {"ssm_state", &ssm_state},
+                                {"conv_weight", &conv_weight}, {"x_proj_weight", &x_proj_weight},
+                                {"dt_proj_weight", &dt_proj_weight}, {"A", &A}, {"D", &D}, {"dt_proj_bias", &dt_proj_bias}}) {
+    TORCH_CHECK(t->is_contiguous(), kOp, ": ", name, " must be contiguous; got strides ", t->strides());
+  }
+  TORCH_CHECK(!conv_bias.has_value() || conv_bias->is_contiguous(), kOp, ": conv_bias must be contiguous");
 
-  const Tensor xz = project(normed, in_proj_weight, in_proj_bias);
-  const Tensor x = conv_update(xz.narrow(1, 0, d_inner), conv_state, conv_weight, conv_bias);
-  const Tensor x_dbl = project(x, x_proj_weight, std::nullopt);
-  const Tensor dt = project(x_dbl.narrow(1, 0, dt_rank), dt_proj_weight, std::nullopt);  // the bias goes below
-  // Mamba-1 is the canonical layout with one channel per head (headdim 1) and one group.
-  const Tensor y = state_update(ssm_state.unsqueeze(2), x.unsqueeze(2), dt.unsqueeze(2), A.unsqueeze(1),
-                                x_dbl.narrow(1, dt_rank, d_state).unsqueeze(1),
-                                x_dbl.narrow(1, dt_rank + d_state, d_state).unsqueeze(1), D.unsqueeze(1),
-                                xz.narrow(1, d_inner, d_inner).unsqueeze(2), dt_proj_bias.unsqueeze(1),
-                                /*dt_softplus=*/true);
-  return {project(y.view({rows, d_inner}), out_proj_weight, out_proj_bias), new_residual};
+  const Tensor xz = project(normed, in_proj_weight, in_proj_bias);  // [x | z] rows
+  Tensor x = at::empty({rows, d_inner}, normed.options());
+  mamba_conv_step(xz.const_data_ptr<float>(), xz.stride(0), conv_state.mutable_data_ptr<float>(), conv_state.size(2),
+                  conv_weight.const_data_ptr<float>(), width,
+                  conv_bias.has_value() ? conv_bias->const_data_ptr<float>() : nullptr, rows, d_inner,
+                  x.mutable_data_ptr<float>());
+  const Tensor x_dbl = project(x, x_proj_weight, std::nullopt).contiguous();
+  Tensor y = at::empty({rows, d_inner}, normed.options());
+  mamba_state_step(x.const_data_ptr<float>(), x_dbl.const_data_ptr<float>(), dt_rank,
+                   xz.const_data_ptr<float>() + d_inner, xz.stride(0), dt_proj_weight.const_data_ptr<float>(),
+                   dt_proj_bias.const_data_ptr<float>(), A.const_data_ptr<float>(), D.const_data_ptr<float>(),
+                   ssm_state.mutable_data_ptr<float>(), rows, d_inner, d_state, y.mutable_data_ptr<float>());
+  return {project(y, out_proj_weight, out_proj_bias), new_residual};
 }
 
 // norm -> in_proj -> conv update of x, B, C -> dt (limited) -> state update -> gated norm
@@ -355,12 +456,145 @@ Step mlp_block_step(const Tensor& hidden_states, const Tensor& residual, const T
   return {project(act, fc2_weight, fc2_bias), new_residual};
 }
 
+// ---------------------------------------------------------------- a whole step in one call
+
+// The token embedding, a stack of block steps and the final norm, bound once and
+// called once per decode step: from Python that is one call per token instead of
+// one per block (each ~25 us of argument passing at ~20 arguments) plus the
+// embedding's and final norm's small ops. Blocks are added in order with the
+// arguments of their op after `residual`; their tensors are held, not copied.
+class DecodeStep : public torch::CustomClassHolder {
+ public:
+  // embedding (padded_vocab, d_model), ids in [0, vocab_size); the final norm as a block's.
+  DecodeStep(Tensor embedding, int64_t vocab_size, Tensor norm_weight, std::optional<Tensor> norm_bias,
+             double norm_eps, bool rms_norm)
+      : embedding_(std::move(embedding)),
+        vocab_size_(vocab_size),
+        norm_weight_(std::move(norm_weight)),
+        norm_bias_(std::move(norm_bias)),
+        norm_eps_(norm_eps),
+        rms_norm_(rms_norm) {
+    constexpr const char* kOp = "DecodeStep (cpu)";
+    TORCH_CHECK(embedding_.dim() == 2 && embedding_.is_contiguous(), kOp,
+                ": embedding must be a contiguous (padded_vocab_size, d_model) tensor; got shape ", embedding_.sizes());
+    check_tensor(kOp, "embedding", embedding_, embedding_.sizes());
+    TORCH_CHECK(0 < vocab_size_ && vocab_size_ <= embedding_.size(0), kOp, ": vocab_size must be in [1, ",
+                embedding_.size(0), "]; got ", vocab_size_);
+  }
+
+  void add_mamba_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
+                       Tensor in_proj_weight, std::optional<Tensor> in_proj_bias, Tensor conv_weight,
+                       std::optional<Tensor> conv_bias, Tensor conv_state, Tensor x_proj_weight,
+                       Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A, Tensor D, Tensor ssm_state,
+                       Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) mutable {
+      return mamba_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
+                              conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                              ssm_state, out_proj_weight, out_proj_bias);
+    });
+  }
+
+  void add_mamba2_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
+                        Tensor in_proj_weight, std::optional<Tensor> in_proj_bias, Tensor conv_weight,
+                        std::optional<Tensor> conv_bias, Tensor conv_state, Tensor dt_bias, Tensor A, Tensor D,
+                        Tensor ssm_state, double dt_min, double dt_max, std::optional<Tensor> gate_norm_weight,
+                        double gate_norm_eps, int64_t gate_norm_group_size, bool norm_before_gate,
+                        Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) mutable {
+      return mamba2_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
+                               conv_weight, conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max,
+                               gate_norm_weight, gate_norm_eps, gate_norm_group_size, norm_before_gate,
+                               out_proj_weight, out_proj_bias);
+    });
+  }
+
+  void add_mlp_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
+                     Tensor fc1_weight, std::optional<Tensor> fc1_bias, Tensor fc2_weight,
+                     std::optional<Tensor> fc2_bias) {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) {
+      TORCH_CHECK(residual.has_value(), "DecodeStep (cpu): an MLP block cannot come first (it needs a residual)");
+      return mlp_block_step(h, *residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias,
+                            fc2_weight, fc2_bias);
+    });
+  }
+
+  // input_ids (batch,) int64 or int32 -> the final norm's output (batch, d_model).
+  Tensor step(const Tensor& input_ids) {
+    return run(input_ids, nullptr);
+  }
+
+  // step, and the seconds each part took (float64): the embedding, each block, the final
+  // norm. For benchmarks/model_speed.py's breakdown of a step.
+  std::tuple<Tensor, Tensor> timed_step(const Tensor& input_ids) {
+    Tensor seconds = at::zeros({static_cast<int64_t>(blocks_.size()) + 2}, at::TensorOptions(at::kDouble));
+    Tensor out = run(input_ids, seconds.mutable_data_ptr<double>());
+    return {out, seconds};
+  }
+
+ private:
+  Tensor run(const Tensor& input_ids, double* seconds) {
+    constexpr const char* kOp = "DecodeStep (cpu)";
+    using Clock = std::chrono::steady_clock;
+    auto mark = Clock::now();
+    const auto lap = [&](int64_t part) {
+      if (seconds != nullptr) {
+        const auto now = Clock::now();
+        seconds[part] = std::chrono::duration<double>(now - mark).count();
+        mark = now;
+      }
+    };
+    TORCH_CHECK(!blocks_.empty(), kOp, ": add blocks before stepping");
+    TORCH_CHECK(input_ids.dim() == 1 && input_ids.device().is_cpu() &&
+                    (input_ids.scalar_type() == at::kLong || input_ids.scalar_type() == at::kInt),
+                kOp, ": input_ids must be a CPU int64/int32 tensor (batch,); got ", input_ids.scalar_type(),
+                " of shape ", input_ids.sizes());
+    const int64_t rows = input_ids.size(0), d_model = embedding_.size(1);
+    Tensor hidden = at::empty({rows, d_model}, embedding_.options());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t id = input_ids.scalar_type() == at::kLong ? input_ids.const_data_ptr<int64_t>()[r * input_ids.stride(0)]
+                                                               : input_ids.const_data_ptr<int32_t>()[r * input_ids.stride(0)];
+      TORCH_CHECK(0 <= id && id < vocab_size_, kOp, ": input_ids must lie in [0, vocab_size=", vocab_size_,
+                  "); got the id ", id);
+      std::copy_n(embedding_.const_data_ptr<float>() + id * d_model, d_model,
+                  hidden.mutable_data_ptr<float>() + r * d_model);
+    }
+    lap(0);
+    OptTensor residual;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      std::tie(hidden, residual) = blocks_[i](hidden, residual);
+      lap(static_cast<int64_t>(i) + 1);
+    }
+    Tensor out = std::get<0>(add_norm(kOp, hidden, residual, norm_weight_, norm_bias_, norm_eps_, rms_norm_));
+    lap(static_cast<int64_t>(blocks_.size()) + 1);
+    return out;
+  }
+
+  Tensor embedding_;
+  int64_t vocab_size_;
+  Tensor norm_weight_;
+  OptTensor norm_bias_;
+  double norm_eps_;
+  bool rms_norm_;
+  std::vector<std::function<Step(const Tensor&, const OptTensor&)>> blocks_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lnlm_ssm, CPU, m) {
   m.impl("mamba_block_step", &mamba_block_step);
   m.impl("mamba2_block_step", &mamba2_block_step);
   m.impl("mlp_block_step", &mlp_block_step);
+}
+
+// A class is defined with its code (registration.cpp holds the op schemas).
+TORCH_LIBRARY_FRAGMENT(lnlm_ssm, m) {
+  m.class_<DecodeStep>("DecodeStep")
+      .def(torch::init<Tensor, int64_t, Tensor, std::optional<Tensor>, double, bool>())
+      .def("add_mamba_block", &DecodeStep::add_mamba_block)
+      .def("add_mamba2_block", &DecodeStep::add_mamba2_block)
+      .def("add_mlp_block", &DecodeStep::add_mlp_block)
+      .def("step", &DecodeStep::step)
+      .def("timed_step", &DecodeStep::timed_step);
 }
 
 }  // namespace lnlm_ssm

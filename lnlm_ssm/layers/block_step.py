@@ -1,35 +1,39 @@
-"""A block's decode step as one call: the ``ops.block_step`` kernels bound to the layers' parameters and cache.
+"""A decode step as one call: the ``ops.block_step`` kernels bound to the layers' parameters and caches.
 
 The model's ``Block`` is ``norm -> mixer (-> norm2 -> mlp)``; its decode step is
 one ``mamba_block_step`` or ``mamba2_block_step`` (norm and mixer) and, with an
-MLP, one ``mlp_block_step``. :func:`mixer_step` and :func:`mlp_step` check the
-parameters and states once and return ``step(hidden_states, residual) -> (out,
-new_residual)`` on ``(batch, d_model)`` rows; the decode loop calls that once per
-block per token (``models.causal_lm.MambaLM.fused_decoder``).
+MLP, one ``mlp_block_step``. :func:`mixer_step_params` and :func:`mlp_step_params`
+give each its (op, params); :func:`decode_step` binds a token embedding, those
+blocks and a final norm into ``step(input_ids (batch,)) -> (batch, d_model)``, one
+C++ call per token (``ops.prepare_decode_step``), which the model's decode loop
+calls (``models.causal_lm.MambaLM.fused_decoder``).
 
 The steps run the CPU kernels, in float32, for inference: they read the
 parameters as they are when called, except ``A = -exp(A_log)``, which is taken
 once here (parameters do not change during a decode loop). Layers without a
 step (attention, an MLP with another activation, projections of another kind)
-raise :class:`FusedStepUnsupported`, saying why; their model decodes unfused.
+raise :class:`FusedStepUnsupported`, saying why; their model decodes op by op.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lnlm_ssm.layers.cache import Mamba2Cache, MambaCache
+from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
 from lnlm_ssm.layers.ssm import conv_weight
 from lnlm_ssm.ops._backends import BackendUnavailableError
-from lnlm_ssm.ops.block_step.interface import Step, prepare_block_step
+from lnlm_ssm.ops.block_step.interface import prepare_decode_step
+
+StepParams = tuple[str, tuple]  # (op name, its arguments after residual)
 
 
 class FusedStepUnsupported(ValueError):
@@ -41,7 +45,7 @@ def _norm_params(norm: nn.Module) -> tuple:
         return norm.weight, None, norm.eps, True
     if isinstance(norm, LayerNorm):
         return norm.weight, norm.bias, norm.eps, False
-    raise FusedStepUnsupported(f"the block norm {type(norm).__name__} has no fused step (RMSNorm and LayerNorm have)")
+    raise FusedStepUnsupported(f"the norm {type(norm).__name__} has no fused step (RMSNorm and LayerNorm have)")
 
 
 def projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -91,30 +95,38 @@ def _mamba2_params(mixer: Mamba2, cache: Mamba2Cache) -> tuple:
     )
 
 
-def _prepare(op: str, params: tuple) -> Step:
-    try:
-        return prepare_block_step(op, params, backend="cpu")
-    except BackendUnavailableError as err:
-        raise FusedStepUnsupported(str(err)) from err
-
-
 _MIXERS = {Mamba: ("mamba_block_step", _mamba_params), Mamba2: ("mamba2_block_step", _mamba2_params)}
 
 
-def mixer_step(mixer: nn.Module, norm: nn.Module, cache) -> Step:
-    """``norm -> mixer`` as one decode step on ``cache`` (the mixer's own, from ``allocate_cache``)."""
+def mixer_step_params(mixer: nn.Module, norm: nn.Module, cache) -> StepParams:
+    """``norm -> mixer`` as a block step on ``cache`` (the mixer's own, from ``allocate_cache``)."""
     if type(mixer) not in _MIXERS:
         raise FusedStepUnsupported(f"{type(mixer).__name__} layers have no fused step (Mamba and Mamba2 have)")
     _check_float32(mixer)
     _check_float32(norm)
     op, params = _MIXERS[type(mixer)]
-    return _prepare(op, _norm_params(norm) + params(mixer, cache))
+    return op, _norm_params(norm) + params(mixer, cache)
 
 
-def mlp_step(mlp: nn.Module, norm: nn.Module) -> Step:
-    """``norm -> mlp`` as one step (a GatedMLP with its default silu)."""
+def mlp_step_params(mlp: nn.Module, norm: nn.Module) -> StepParams:
+    """``norm -> mlp`` as a block step (a GatedMLP with its default silu)."""
     if type(mlp) is not GatedMLP or mlp.activation is not F.silu:
         raise FusedStepUnsupported("only a GatedMLP with the silu activation has a fused step")
     _check_float32(mlp)
     _check_float32(norm)
-    return _prepare("mlp_block_step", _norm_params(norm) + projection(mlp.fc1) + projection(mlp.fc2))
+    return "mlp_block_step", _norm_params(norm) + projection(mlp.fc1) + projection(mlp.fc2)
+
+
+def decode_step(embedding: nn.Module, blocks: list[StepParams], final_norm: nn.Module, *, timed: bool = False) -> Callable:
+    """``step(input_ids (batch,)) -> (batch, d_model)``: ``embedding``, the ``blocks`` and ``final_norm``
+    in one call per token, on the CPU kernels (``timed``: see ``ops.prepare_decode_step``)."""
+    if type(embedding) is not TokenEmbedding:
+        raise FusedStepUnsupported(f"a {type(embedding).__name__} embedding has no fused step (TokenEmbedding has)")
+    _check_float32(embedding)
+    _check_float32(final_norm)
+    try:
+        return prepare_decode_step(
+            embedding.weight, embedding.vocab_size, blocks, _norm_params(final_norm), backend="cpu", timed=timed
+        )
+    except BackendUnavailableError as err:
+        raise FusedStepUnsupported(str(err)) from err

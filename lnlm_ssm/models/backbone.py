@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lnlm_ssm.layers.attention import Attention
-from lnlm_ssm.layers.block_step import mixer_step, mlp_step
+from lnlm_ssm.layers.block_step import decode_step, mixer_step_params, mlp_step_params
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
@@ -77,21 +77,15 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
-    def fused_step(self, cache) -> Callable:
-        """This block's decode step in one or two calls (``layers.block_step``) on its ``cache``:
-        ``step(hidden_states, residual) -> (hidden_states, residual)``, on (batch, d_model) rows.
+    def step_params(self, cache) -> list:
+        """This block's decode step on its ``cache`` as block steps (``layers.block_step``): (op, params) pairs.
 
         Raises ``FusedStepUnsupported`` for a block without one (attention).
         """
-        mixer = mixer_step(self.mixer, self.norm, cache)
-        if self.mlp is None:
-            return mixer
-        mlp = mlp_step(self.mlp, self.norm2)
-
-        def step(hidden_states, residual):
-            return mlp(*mixer(hidden_states, residual))
-
-        return step
+        steps = [mixer_step_params(self.mixer, self.norm, cache)]
+        if self.mlp is not None:
+            steps.append(mlp_step_params(self.mlp, self.norm2))
+        return steps
 
 
 class Backbone(nn.Module):
@@ -116,17 +110,10 @@ class Backbone(nn.Module):
         return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
     def fused_step(self, caches: list) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The decode step with one call per block (``Block.fused_step``) on the layer ``caches``:
+        """The decode step as one C++ call (``layers.block_step.decode_step``) on the layer ``caches``:
         ``step(input_ids (batch,)) -> hidden states (batch, d_model)`` after the final norm.
 
         Raises ``FusedStepUnsupported`` when a block has no fused step.
         """
-        steps = [layer.fused_step(cache) for layer, cache in zip(self.layers, caches)]
-
-        def step(input_ids: torch.Tensor) -> torch.Tensor:
-            hidden_states, residual = self.embedding(input_ids), None
-            for block_step in steps:
-                hidden_states, residual = block_step(hidden_states, residual)
-            return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
-
-        return step
+        blocks = [step for layer, cache in zip(self.layers, caches) for step in layer.step_params(cache)]
+        return decode_step(self.embedding, blocks, self.norm_f)

@@ -4,8 +4,19 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 """
 
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
-from lnlm_ssm.ops.block_step.interface import mamba2_block_step, mamba_block_step, mlp_block_step, prepare_block_step
-from lnlm_ssm.ops.block_step.reference import mamba2_block_step_ref, mamba_block_step_ref, mlp_block_step_ref
+from lnlm_ssm.ops.block_step.interface import (
+    mamba2_block_step,
+    mamba_block_step,
+    mlp_block_step,
+    prepare_block_step,
+    prepare_decode_step,
+)
+from lnlm_ssm.ops.block_step.reference import (
+    decode_step_ref,
+    mamba2_block_step_ref,
+    mamba_block_step_ref,
+    mlp_block_step_ref,
+)
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from lnlm_ssm.ops.conv1d.reference import (
     causal_conv1d_ref,
@@ -37,6 +48,7 @@ __all__ = [
     "causal_conv1d_varlen_states",
     "causal_conv1d_varlen_states_ref",
     "decode_linear",
+    "decode_step_ref",
     "layer_norm_fn",
     "layer_norm_gated_ref",
     "layer_norm_ref",
@@ -54,6 +66,7 @@ __all__ = [
     "mlp_block_step",
     "mlp_block_step_ref",
     "prepare_block_step",
+    "prepare_decode_step",
     "rms_norm_fn",
     "rms_norm_gated_ref",
     "rms_norm_ref",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lnlm_ssm.ops import (
+    decode_step_ref,
     mamba2_block_step,
     mamba2_block_step_ref,
     mamba_block_step,
@@ -19,6 +20,7 @@ from lnlm_ssm.ops import (
     mlp_block_step,
     mlp_block_step_ref,
     prepare_block_step,
+    prepare_decode_step,
 )
 from lnlm_ssm.ops.block_step.cpu import mamba_block_step_cpu
 from lnlm_ssm.ops.block_step.interface import NO_BACKWARD
@@ -234,3 +236,72 @@ def test_compiles_with_fullgraph():
     for a, b in zip(got + params, expected + twin):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+
+
+def stack(batch, d_model=64, padded_vocab=40):
+    """An embedding, a Mamba-1 block, a Mamba-2 block with its MLP, and a final LayerNorm."""
+    blocks = [
+        ("mamba_block_step", mamba_params(batch, d_model, 128)),
+        ("mamba2_block_step", mamba2_params(batch, d_model)),
+        ("mlp_block_step", mlp_params(d_model, 96)),
+    ]
+    return rand(padded_vocab, d_model, scale=1.0), blocks, norm_params(d_model, rms_norm=False)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_matches_reference(batch):
+    embedding, blocks, final_norm = stack(batch)
+    twin = [(op, clone(params)) for op, params in blocks]
+    step = prepare_decode_step(embedding, 37, blocks, final_norm, backend="cpu")
+
+    def reference(ids):
+        return decode_step_ref(ids, embedding, 37, twin, final_norm)
+
+    with torch.no_grad():
+        for t in range(3):
+            ids = torch.randint(0, 37, (batch,))
+            assert_close(step(ids), reference(ids), msg=f"step {t}")
+            for (_, ours), (_, theirs) in zip(blocks, twin):
+                for a, b in zip(ours, theirs):
+                    if isinstance(a, torch.Tensor):
+                        assert_close(a, b, msg=f"states after step {t}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_timed_decode_step_gives_the_seconds_of_each_part(backend):
+    embedding, blocks, final_norm = stack(2)
+    twin = [(op, clone(params)) for op, params in blocks]
+    timed = prepare_decode_step(embedding, 37, blocks, final_norm, backend=backend, timed=True)
+    plain = prepare_decode_step(embedding, 37, twin, final_norm, backend=backend)
+    ids = torch.tensor([3, 36])
+    with torch.no_grad():
+        out, seconds = timed(ids)
+        assert torch.equal(out, plain(ids))
+    assert seconds.dtype == torch.float64 and seconds.shape == (2 + len(blocks),)
+    assert (seconds >= 0).all() and (seconds[1:-1] > 0).all()
+
+
+def test_decode_step_checks():
+    embedding, blocks, final_norm = stack(2)
+    with pytest.raises(ValueError, match="must not start with an MLP block"):
+        prepare_decode_step(embedding, 37, blocks[2:], final_norm)
+    with pytest.raises(ValueError, match=r"blocks\[1\] \(mamba2_block_step\) has batch = 3, the blocks before it 2"):
+        prepare_decode_step(embedding, 37, [blocks[0], ("mamba2_block_step", mamba2_params(3, 64))], final_norm)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, padded_vocab_size=40\]"):
+        prepare_decode_step(embedding, 41, blocks, final_norm)
+    with pytest.raises(ValueError, match="op must be one of"):
+        prepare_decode_step(embedding, 37, [("attention_block_step", ())], final_norm)
+    step = prepare_decode_step(embedding, 37, blocks, final_norm, backend="cpu")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, vocab_size=37\); got the id 37"):
+        step(torch.tensor([0, 37]))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"ssm_state must have shape \[3, 128, 16\]"):
+        step(torch.tensor([0, 1, 2]))
+
+
+def test_mamba_states_must_be_contiguous():
+    params = list(mamba_params(2, 64, 128))
+    params[14] = rand(2, 16, 128).transpose(1, 2)  # ssm_state (batch, d_inner, d_state), strided
+    with torch.no_grad(), pytest.raises(ValueError, match="ssm_state must be contiguous"):
+        mamba_block_step(rand(2, 64), None, *params, backend="cpu")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ssm_state must be contiguous"):
+        mamba_block_step_cpu(rand(2, 64), None, *params)

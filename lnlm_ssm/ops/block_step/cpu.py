@@ -1,10 +1,12 @@
 """The block steps on the CPU: the C++ kernels in ``csrc/cpu/block_step.cpp`` (launchers only).
 
-The OpOverloads themselves: a decode loop calls them once per block per token, so
-the launch is the op call and nothing more.
+The OpOverloads themselves, so that the launch is the op call and nothing more;
+and the whole decode step, built once as a ``torch.classes.lnlm_ssm.DecodeStep``.
 """
 
 from __future__ import annotations
+
+import torch
 
 from lnlm_ssm.ops import _library
 
@@ -13,3 +15,12 @@ _ops = _library.load()
 mamba_block_step_cpu = _ops.mamba_block_step.default
 mamba2_block_step_cpu = _ops.mamba2_block_step.default
 mlp_block_step_cpu = _ops.mlp_block_step.default
+
+
+def bind_decode_step_cpu(embedding, vocab_size, blocks, final_norm, timed):
+    """``step(input_ids (batch,)) -> (batch, d_model)``: the whole step, one C++ call (``timed``: also the
+    seconds of each part)."""
+    decoder = torch.classes.lnlm_ssm.DecodeStep(embedding, vocab_size, *final_norm)
+    for op, params in blocks:
+        getattr(decoder, "add_" + op.removesuffix("_step"))(*params)
+    return decoder.timed_step if timed else decoder.step

@@ -14,7 +14,12 @@ Each op comes in two forms:
   which checks every argument on every call;
 - ``prepare_block_step(op, params, backend=) -> step``, which checks the parameters
   and states once and returns ``step(hidden_states, residual) -> (out, new_residual)``
-  that checks only its two inputs: what a decode loop calls once per block per token.
+  that checks only its two inputs.
+
+and ``prepare_decode_step(embedding, vocab_size, blocks, final_norm) -> step`` binds a
+whole decode step: the token embedding, the blocks in turn and the final norm,
+``step(input_ids (batch,)) -> (batch, d_model)``, on the CPU in one C++ call (what a
+decode loop calls once per token: from Python, one call per block cost ~25 us each).
 
 ``params`` are the function's arguments after ``residual``, in order (the
 references' signatures). Float32 on the CPU only (the "cpu" kernel; the reference
@@ -23,19 +28,53 @@ runs anywhere); inference only: a call that would need a backward raises.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import torch
 
 from lnlm_ssm.ops._backends import backend_for, register, resolve
 from lnlm_ssm.ops._checks import Shapes
-from lnlm_ssm.ops.block_step.reference import mamba2_block_step_ref, mamba_block_step_ref, mlp_block_step_ref
+from lnlm_ssm.ops.block_step.reference import (
+    BLOCK_STEPS,
+    add_norm_ref,
+    decode_step_ref,
+    embed_ref,
+    mamba2_block_step_ref,
+    mamba_block_step_ref,
+    mlp_block_step_ref,
+)
 
 register("mamba_block_step", {"reference": mamba_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mamba_block_step_cpu"})
 register(
     "mamba2_block_step", {"reference": mamba2_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mamba2_block_step_cpu"}
 )
 register("mlp_block_step", {"reference": mlp_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mlp_block_step_cpu"})
+
+
+def _bind_decode_step_ref(embedding, vocab_size, blocks, final_norm, timed):
+    if not timed:
+        return lambda input_ids: decode_step_ref(input_ids, embedding, vocab_size, blocks, final_norm)
+
+    def timed_step(input_ids):
+        # decode_step_ref, part by part, each timed.
+        t0 = time.perf_counter()
+        hidden, residual = embed_ref(input_ids, embedding, vocab_size), None
+        seconds = [time.perf_counter() - t0]
+        for op, params in blocks:
+            t0 = time.perf_counter()
+            hidden, residual = BLOCK_STEPS[op](hidden, residual, *params)
+            seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = add_norm_ref(hidden, residual, *final_norm)[0]
+        seconds.append(time.perf_counter() - t0)
+        return out, torch.tensor(seconds, dtype=torch.float64)
+
+    return timed_step
+
+
+# Its kernels bind: (embedding, vocab_size, blocks, final_norm, timed) -> step(input_ids).
+register("decode_step", {"reference": _bind_decode_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:bind_decode_step_cpu"})
 
 NO_BACKWARD = (
     "the block steps are for inference and have no backward: call them under torch.no_grad() "
@@ -101,6 +140,12 @@ def _check_mamba(
         dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state,
         out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
     ))
+    # The kernel walks these channel by channel as flat arrays (the caches of allocate_cache are).
+    contiguous = dict(conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, x_proj_weight=x_proj_weight,
+                      dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state)
+    for name, t in contiguous.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
     return shapes
 
 
@@ -257,3 +302,41 @@ def mlp_block_step(
     """
     params = (norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return prepare_block_step("mlp_block_step", params, backend=backend)(hidden_states, residual)
+
+
+def prepare_decode_step(
+    embedding: torch.Tensor, vocab_size: int, blocks: list, final_norm: tuple, *, backend: str = "auto",
+    timed: bool = False,
+) -> Callable:
+    """A whole decode step, checked once: ``step(input_ids (batch,)) -> (batch, d_model)``.
+
+    The token embedding ``embedding`` (padded_vocab_size, d_model) of ids in
+    ``[0, vocab_size)``; ``blocks``, (op, params) pairs as ``prepare_block_step`` takes
+    them, in order (the first not an MLP: it needs the residual of a block before it),
+    their states updated in place; ``final_norm`` (weight, bias, eps, rms_norm) of the
+    last block's output plus its residual. See ``decode_step_ref``. With ``timed`` the
+    step returns ``(out, seconds)``, seconds (2 + len(blocks),) float64: the time of the
+    embedding, of each block, and of the final norm (for benchmarks).
+    """
+    shapes = Shapes()
+    shapes.bind("embedding", embedding, ("padded_vocab_size", "d_model"))
+    _check_fp32(dict(embedding=embedding))
+    if not embedding.is_contiguous():
+        raise ValueError(f"embedding must be contiguous, got strides {embedding.stride()}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= embedding.shape[0]:
+        raise ValueError(f"vocab_size must be an int in [1, padded_vocab_size={embedding.shape[0]}], got {vocab_size!r}")
+    if not blocks:
+        raise ValueError("blocks must hold at least one (op, params) pair")
+    if blocks[0][0] == "mlp_block_step":
+        raise ValueError("blocks must not start with an MLP block: it needs the residual of a block before it")
+    for i, (op, params) in enumerate(blocks):
+        if op not in _CHECKS:
+            raise ValueError(f"blocks[{i}]: op must be one of {tuple(_CHECKS)}, got {op!r}")
+        block = _CHECKS[op](*params)
+        for name in ("d_model", "batch"):
+            if name in block.sizes and shapes.sizes.setdefault(name, block[name]) != block[name]:
+                raise ValueError(f"blocks[{i}] ({op}) has {name} = {block[name]}, the blocks before it {shapes[name]}")
+    _check_norm(shapes, *final_norm)
+    _check_fp32(dict(zip(("final norm weight", "final norm bias"), final_norm[:2])))
+    bind = resolve("decode_step", backend_for("decode_step", backend), shapes.device, dtype=torch.float32)
+    return bind(embedding, vocab_size, blocks, final_norm, timed)

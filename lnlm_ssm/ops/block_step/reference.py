@@ -21,6 +21,9 @@ A block is ``norm -> mixer`` (or ``norm2 -> mlp``) on the residual stream (see
 3. returns (out, h): out (batch, d_model) is the block's output, h the residual
    stream the next block adds it to.
 
+A whole decode step (``decode_step_ref``) is the token embedding of one id per row,
+the blocks in turn, and the final norm of out + h.
+
 Glossary (b = batch; everything float32):
 
 =====================  ======================================  ==============================================
@@ -125,3 +128,29 @@ def mlp_block_step_ref(
     value, gate = F.linear(n, fc1_weight, fc1_bias).chunk(2, dim=-1)
     return F.linear(value * F.silu(gate), fc2_weight, fc2_bias), h
 
+
+
+BLOCK_STEPS = {
+    "mamba_block_step": mamba_block_step_ref,
+    "mamba2_block_step": mamba2_block_step_ref,
+    "mlp_block_step": mlp_block_step_ref,
+}
+
+
+def embed_ref(input_ids, embedding, vocab_size):
+    """The rows of ``embedding`` (padded_vocab_size, d_model) of ``input_ids`` (batch,) in [0, vocab_size)."""
+    if not bool(((input_ids >= 0) & (input_ids < vocab_size)).all()):
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {input_ids.tolist()}")
+    return F.embedding(input_ids, embedding)
+
+
+def decode_step_ref(input_ids, embedding, vocab_size, blocks, final_norm):
+    """The final norm's output (batch, d_model) for ``input_ids`` (batch,) in [0, vocab_size).
+
+    ``embedding`` (padded_vocab_size, d_model); ``blocks``: (op name, params) pairs, each
+    op's arguments after ``residual``; ``final_norm``: (weight, bias, eps, rms_norm).
+    """
+    hidden, residual = embed_ref(input_ids, embedding, vocab_size), None
+    for op, params in blocks:
+        hidden, residual = BLOCK_STEPS[op](hidden, residual, *params)
+    return add_norm_ref(hidden, residual, *final_norm)[0]
