@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "model_speed.py"
-MEASURES = ["prefill", "decode_b1", "decode_b8", "train"]
+MEASURES = ["prefill", "decode_b1", "decode_b1_unfused", "decode_b8", "decode_b8_unfused", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,18 @@ def test_quick_run(model_speed, tmp_path):
         assert any("matplotlib not installed" in n for n in results["notes"])
     b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
     assert b8 == pytest.approx(8 * b1)
+    # The per-layer breakdown of a fused decode step, for the models that have one (no attention).
+    breakdown = results["breakdown"]
+    assert breakdown["hybrid-130m"] is None
+    for name in ("mamba-130m", "mamba2-130m"):
+        layers = breakdown[name]["layers"]
+        assert [layer["layer"] for layer in layers] == list(range(4))
+        for layer in layers:
+            assert layer["weight_bytes"] > 0 and layer["streamed_s"] > 0
+            assert layer["fused_s"] > 0 and layer["unfused_s"] > 0
+        assert breakdown[name]["lm_head"]["weight_bytes"] == 4 * 64 * 304  # the real vocabulary's rows, fp32
+        parts = sum(layer["fused_s"] for layer in layers) + breakdown[name]["lm_head"]["s"]
+        assert 0 < parts < breakdown[name]["step_s"]
 
 
 def test_bad_arguments_are_named(model_speed, capsys):
