@@ -36,6 +36,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -456,6 +457,125 @@ Step mlp_block_step(const Tensor& hidden_states, const Tensor& residual, const T
   return {project(act, fc2_weight, fc2_bias), new_residual};
 }
 
+// norm -> in_proj -> RoPE on q and k -> k, v into the cache at `past` -> attention of the
+// one query over the keys it may see -> out_proj: Attention.forward's decode step
+// (layers/attention.py). The caches (b, max_seqlen, num_heads_kv, head_dim) are
+// contiguous and written in place; positions (b,) are the rotary positions;
+// key_mask (b, past + 1), where given, says which keys are real (the new one always
+// is); a key s is seen when s > past - sliding_window (0: no window). Heads are split
+// over the threads.
+Step attention_block_step(const Tensor& hidden_states, const OptTensor& residual, const Tensor& norm_weight,
+                          const OptTensor& norm_bias, double norm_eps, bool rms_norm, const Tensor& in_proj_weight,
+                          const OptTensor& in_proj_bias, Tensor& k_cache, Tensor& v_cache, int64_t past,
+                          const Tensor& positions, const OptTensor& key_mask, int64_t num_heads, double softmax_scale,
+                          int64_t sliding_window, int64_t rotary_dim, double rotary_base, bool rotary_interleaved,
+                          const Tensor& out_proj_weight, const OptTensor& out_proj_bias) {
+  constexpr const char* kOp = "attention_block_step (cpu)";
+  auto [normed, new_residual] = add_norm(kOp, hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm);
+  const int64_t rows = normed.size(0), d_model = normed.size(1);
+  TORCH_CHECK(k_cache.dim() == 4, kOp, ": k_cache must be (batch, max_seqlen, num_heads_kv, head_dim); got shape ",
+              k_cache.sizes());
+  const int64_t max_seqlen = k_cache.size(1), heads_kv = k_cache.size(2), head_dim = k_cache.size(3);
+  check_tensor(kOp, "k_cache", k_cache, {rows, max_seqlen, heads_kv, head_dim});
+  check_tensor(kOp, "v_cache", v_cache, k_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), kOp, ": k_cache and v_cache must be contiguous");
+  TORCH_CHECK(0 <= past && past < max_seqlen, kOp, ": past must be in [0, max_seqlen = ", max_seqlen, "); got ", past);
+  TORCH_CHECK(num_heads > 0 && num_heads % heads_kv == 0, kOp, ": num_heads (", num_heads,
+              ") must be a multiple of the caches' num_heads_kv (", heads_kv, ")");
+  TORCH_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, kOp,
+              ": rotary_dim must be even and in [0, head_dim = ", head_dim, "]; got ", rotary_dim);
+  TORCH_CHECK(sliding_window >= 0, kOp, ": sliding_window must be >= 0 (0: none); got ", sliding_window);
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == rows && positions.scalar_type() == at::kLong, kOp,
+              ": positions must be int64 of shape (", rows, ",); got ", positions.scalar_type(), " ", positions.sizes());
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == rows &&
+                    key_mask->size(1) == past + 1,
+                kOp, ": key_mask must be bool of shape (", rows, ", past + 1 = ", past + 1, "); got ",
+                key_mask->scalar_type(), " ", key_mask->sizes());
+  }
+  const int64_t q_width = num_heads * head_dim, kv_width = heads_kv * head_dim;
+  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model) == q_width + 2 * kv_width, kOp,
+              ": in_proj must have (num_heads + 2 * num_heads_kv) * head_dim = ", q_width + 2 * kv_width,
+              " outputs; got ", in_proj_weight.size(0));
+  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, q_width) == d_model, kOp,
+              ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
+
+  Tensor qkv = project(normed, in_proj_weight, in_proj_bias).contiguous();  // rows [q | k | v], head-major
+  float* qkv_data = qkv.mutable_data_ptr<float>();
+  const int64_t qkv_row = q_width + 2 * kv_width;
+  // RoPE as layers/attention.py computes it in fp32: angle = position * base^(-2j / rotary_dim).
+  const int64_t half = rotary_dim / 2;
+  std::vector<float> inv_freq(half);
+  for (int64_t j = 0; j < half; ++j) {
+    inv_freq[j] = std::pow(static_cast<float>(rotary_base), -(static_cast<float>(2 * j) / static_cast<float>(rotary_dim)));
+  }
+  const int64_t step_kv = heads_kv * head_dim;  // floats between consecutive positions of a cache row
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = qkv_data + r * qkv_row;
+    const float position = static_cast<float>(positions.const_data_ptr<int64_t>()[r * positions.stride(0)]);
+    for (int64_t j = 0; j < half; ++j) {
+      const float angle = position * inv_freq[j];
+      const float c = std::cos(angle), s = std::sin(angle);
+      for (int64_t h = 0; h < num_heads + heads_kv; ++h) {  // the q heads, then the k heads
+        float* x = row + h * head_dim;
+        float& x1 = rotary_interleaved ? x[2 * j] : x[j];
+        float& x2 = rotary_interleaved ? x[2 * j + 1] : x[j + half];
+        const float a = x1, b = x2;
+        x1 = a * c - b * s;
+        x2 = a * s + b * c;
+      }
+    }
+    const int64_t slot = (r * max_seqlen + past) * step_kv;
+    std::copy_n(row + q_width, kv_width, k_cache.mutable_data_ptr<float>() + slot);
+    std::copy_n(row + q_width + kv_width, kv_width, v_cache.mutable_data_ptr<float>() + slot);
+  }
+
+  Tensor attended = at::empty({rows, q_width}, normed.options());
+  const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, past - sliding_window + 1) : 0;
+  const int64_t group = num_heads / heads_kv;
+  const float scale = static_cast<float>(softmax_scale);
+  const bool* mask = key_mask.has_value() ? key_mask->const_data_ptr<bool>() : nullptr;
+  const int64_t mask_row = key_mask.has_value() ? key_mask->stride(0) : 0;
+  const int64_t mask_col = key_mask.has_value() ? key_mask->stride(1) : 0;
+  at::parallel_for(0, rows * num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(past + 1 - first);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / num_heads, h = i % num_heads, g = h / group;
+      const float* q = qkv_data + r * qkv_row + h * head_dim;
+      const float* keys = k_cache.const_data_ptr<float>() + r * max_seqlen * step_kv + g * head_dim;
+      const float* values = v_cache.const_data_ptr<float>() + r * max_seqlen * step_kv + g * head_dim;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = first; t <= past; ++t) {
+        const bool seen = mask == nullptr || t == past || mask[r * mask_row + t * mask_col];
+        float dot = 0.0f;
+        const float* k = keys + t * step_kv;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t e = 0; e < head_dim; ++e) {
+          dot += q[e] * k[e];
+        }
+        scores[t - first] = seen ? dot * scale : -std::numeric_limits<float>::infinity();
+        top = std::max(top, scores[t - first]);
+      }
+      float total = 0.0f;
+      for (float& p : scores) {
+        p = std::exp(p - top);
+        total += p;
+      }
+      float* out = attended.mutable_data_ptr<float>() + r * q_width + h * head_dim;
+      std::fill_n(out, head_dim, 0.0f);
+      for (int64_t t = first; t <= past; ++t) {
+        const float p = scores[t - first] / total;
+        const float* v = values + t * step_kv;
+#pragma omp simd
+        for (int64_t e = 0; e < head_dim; ++e) {
+          out[e] += p * v[e];
+        }
+      }
+    }
+  });
+  return {project(attended, out_proj_weight, out_proj_bias), new_residual};
+}
+
 // ---------------------------------------------------------------- a whole step in one call
 
 // The token embedding, a stack of block steps and the final norm, bound once and
@@ -487,7 +607,7 @@ class DecodeStep : public torch::CustomClassHolder {
                        std::optional<Tensor> conv_bias, Tensor conv_state, Tensor x_proj_weight,
                        Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A, Tensor D, Tensor ssm_state,
                        Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
-    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) mutable {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) mutable {
       return mamba_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
                               conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
                               ssm_state, out_proj_weight, out_proj_bias);
@@ -500,7 +620,7 @@ class DecodeStep : public torch::CustomClassHolder {
                         Tensor ssm_state, double dt_min, double dt_max, std::optional<Tensor> gate_norm_weight,
                         double gate_norm_eps, int64_t gate_norm_group_size, bool norm_before_gate,
                         Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
-    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) mutable {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) mutable {
       return mamba2_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
                                conv_weight, conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max,
                                gate_norm_weight, gate_norm_eps, gate_norm_group_size, norm_before_gate,
@@ -511,28 +631,52 @@ class DecodeStep : public torch::CustomClassHolder {
   void add_mlp_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
                      Tensor fc1_weight, std::optional<Tensor> fc1_bias, Tensor fc2_weight,
                      std::optional<Tensor> fc2_bias) {
-    blocks_.push_back([=](const Tensor& h, const OptTensor& residual) {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) {
       TORCH_CHECK(residual.has_value(), "DecodeStep (cpu): an MLP block cannot come first (it needs a residual)");
       return mlp_block_step(h, *residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias,
                             fc2_weight, fc2_bias);
     });
   }
 
-  // input_ids (batch,) int64 or int32 -> the final norm's output (batch, d_model).
-  Tensor step(const Tensor& input_ids) {
-    return run(input_ids, nullptr);
+  void add_attention_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
+                           Tensor in_proj_weight, std::optional<Tensor> in_proj_bias, Tensor k_cache, Tensor v_cache,
+                           int64_t num_heads, double softmax_scale, int64_t sliding_window, int64_t rotary_dim,
+                           double rotary_base, bool rotary_interleaved, Tensor out_proj_weight,
+                           std::optional<Tensor> out_proj_bias) {
+    blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context& context) mutable {
+      return attention_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight,
+                                  in_proj_bias, k_cache, v_cache, context.past, context.positions, context.key_mask,
+                                  num_heads, softmax_scale, sliding_window, rotary_dim, rotary_base,
+                                  rotary_interleaved, out_proj_weight, out_proj_bias);
+    });
+  }
+
+  // input_ids (batch,) int64 or int32 -> the final norm's output (batch, d_model). For
+  // attention blocks: past, the cache slot of the new position; positions (batch,) its
+  // rotary positions (None: past); key_mask (batch, past + 1) the real keys (None: all).
+  Tensor step(const Tensor& input_ids, int64_t past, std::optional<Tensor> positions, std::optional<Tensor> key_mask) {
+    return run(input_ids, past, positions, key_mask, nullptr);
   }
 
   // step, and the seconds each part took (float64): the embedding, each block, the final
   // norm. For benchmarks/model_speed.py's breakdown of a step.
-  std::tuple<Tensor, Tensor> timed_step(const Tensor& input_ids) {
+  std::tuple<Tensor, Tensor> timed_step(const Tensor& input_ids, int64_t past, std::optional<Tensor> positions,
+                                        std::optional<Tensor> key_mask) {
     Tensor seconds = at::zeros({static_cast<int64_t>(blocks_.size()) + 2}, at::TensorOptions(at::kDouble));
-    Tensor out = run(input_ids, seconds.mutable_data_ptr<double>());
+    Tensor out = run(input_ids, past, positions, key_mask, seconds.mutable_data_ptr<double>());
     return {out, seconds};
   }
 
  private:
-  Tensor run(const Tensor& input_ids, double* seconds) {
+  // What attention blocks need of the step beyond their inputs.
+  struct Context {
+    int64_t past;
+    Tensor positions;
+    OptTensor key_mask;
+  };
+
+  Tensor run(const Tensor& input_ids, int64_t past, const OptTensor& positions, const OptTensor& key_mask,
+             double* seconds) {
     constexpr const char* kOp = "DecodeStep (cpu)";
     using Clock = std::chrono::steady_clock;
     auto mark = Clock::now();
@@ -558,10 +702,12 @@ class DecodeStep : public torch::CustomClassHolder {
       std::copy_n(embedding_.const_data_ptr<float>() + id * d_model, d_model,
                   hidden.mutable_data_ptr<float>() + r * d_model);
     }
+    const Context context{past, positions.has_value() ? *positions : at::full({rows}, past, at::TensorOptions(at::kLong)),
+                          key_mask};
     lap(0);
     OptTensor residual;
     for (size_t i = 0; i < blocks_.size(); ++i) {
-      std::tie(hidden, residual) = blocks_[i](hidden, residual);
+      std::tie(hidden, residual) = blocks_[i](hidden, residual, context);
       lap(static_cast<int64_t>(i) + 1);
     }
     Tensor out = std::get<0>(add_norm(kOp, hidden, residual, norm_weight_, norm_bias_, norm_eps_, rms_norm_));
@@ -575,7 +721,7 @@ class DecodeStep : public torch::CustomClassHolder {
   OptTensor norm_bias_;
   double norm_eps_;
   bool rms_norm_;
-  std::vector<std::function<Step(const Tensor&, const OptTensor&)>> blocks_;
+  std::vector<std::function<Step(const Tensor&, const OptTensor&, const Context&)>> blocks_;
 };
 
 }  // namespace
@@ -584,6 +730,7 @@ TORCH_LIBRARY_IMPL(lnlm_ssm, CPU, m) {
   m.impl("mamba_block_step", &mamba_block_step);
   m.impl("mamba2_block_step", &mamba2_block_step);
   m.impl("mlp_block_step", &mlp_block_step);
+  m.impl("attention_block_step", &attention_block_step);
 }
 
 // A class is defined with its code (registration.cpp holds the op schemas).
@@ -593,6 +740,7 @@ TORCH_LIBRARY_FRAGMENT(lnlm_ssm, m) {
       .def("add_mamba_block", &DecodeStep::add_mamba_block)
       .def("add_mamba2_block", &DecodeStep::add_mamba2_block)
       .def("add_mlp_block", &DecodeStep::add_mlp_block)
+      .def("add_attention_block", &DecodeStep::add_attention_block)
       .def("step", &DecodeStep::step)
       .def("timed_step", &DecodeStep::timed_step);
 }

@@ -57,6 +57,14 @@ TORCH_LIBRARY(lnlm_ssm, m) {
       "mlp_block_step(Tensor hidden_states, Tensor residual, Tensor norm_weight, Tensor? norm_bias, "
       "float norm_eps, bool rms_norm, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias) "
       "-> (Tensor, Tensor)");
+  // past: the cache slot of the new position; positions (batch,): its rotary positions;
+  // key_mask (batch, past + 1): the real keys; sliding_window 0: none.
+  m.def(
+      "attention_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
+      "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, int past, Tensor positions, Tensor? key_mask, int num_heads, float softmax_scale, "
+      "int sliding_window, int rotary_dim, float rotary_base, bool rotary_interleaved, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias) -> (Tensor, Tensor)");
 
   // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
   // silu to the output.

@@ -1,8 +1,8 @@
 """A decode step as one call: the ``ops.block_step`` kernels bound to the layers' parameters and caches.
 
 The model's ``Block`` is ``norm -> mixer (-> norm2 -> mlp)``; its decode step is
-one ``mamba_block_step`` or ``mamba2_block_step`` (norm and mixer) and, with an
-MLP, one ``mlp_block_step``. :func:`mixer_step_params` and :func:`mlp_step_params`
+one ``mamba_block_step``, ``mamba2_block_step`` or ``attention_block_step`` (norm and
+mixer) and, with an MLP, one ``mlp_block_step``. :func:`mixer_step_params` and :func:`mlp_step_params`
 give each its (op, params); :func:`decode_step` binds a token embedding, those
 blocks and a final norm into ``step(input_ids (batch,)) -> (batch, d_model)``, one
 C++ call per token (``ops.prepare_decode_step``), which the model's decode loop
@@ -11,7 +11,7 @@ calls (``models.causal_lm.MambaLM.fused_decoder``).
 The steps run the CPU kernels, in float32, for inference: they read the
 parameters as they are when called, except ``A = -exp(A_log)``, which is taken
 once here (parameters do not change during a decode loop). Layers without a
-step (attention, an MLP with another activation, projections of another kind)
+step (another mixer, an MLP with another activation, projections of another kind)
 raise :class:`FusedStepUnsupported`, saying why; their model decodes op by op.
 """
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lnlm_ssm.layers.cache import Mamba2Cache, MambaCache
+from lnlm_ssm.layers.attention import Attention
+from lnlm_ssm.layers.cache import AttentionCache, Mamba2Cache, MambaCache
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
@@ -95,13 +96,26 @@ def _mamba2_params(mixer: Mamba2, cache: Mamba2Cache) -> tuple:
     )
 
 
-_MIXERS = {Mamba: ("mamba_block_step", _mamba_params), Mamba2: ("mamba2_block_step", _mamba2_params)}
+def _attention_params(mixer: Attention, cache: AttentionCache) -> tuple:
+    in_w, in_b = projection(mixer.in_proj)
+    out_w, out_b = projection(mixer.out_proj)
+    return (
+        in_w, in_b, cache.k, cache.v, mixer.num_heads, mixer.softmax_scale, mixer.sliding_window or 0,
+        mixer.rotary_emb_dim, mixer.rotary_emb_base, mixer.rotary_emb_interleaved, out_w, out_b,
+    )
+
+
+_MIXERS = {
+    Mamba: ("mamba_block_step", _mamba_params),
+    Mamba2: ("mamba2_block_step", _mamba2_params),
+    Attention: ("attention_block_step", _attention_params),
+}
 
 
 def mixer_step_params(mixer: nn.Module, norm: nn.Module, cache) -> StepParams:
     """``norm -> mixer`` as a block step on ``cache`` (the mixer's own, from ``allocate_cache``)."""
     if type(mixer) not in _MIXERS:
-        raise FusedStepUnsupported(f"{type(mixer).__name__} layers have no fused step (Mamba and Mamba2 have)")
+        raise FusedStepUnsupported(f"{type(mixer).__name__} layers have no fused step (Mamba, Mamba2, Attention have)")
     _check_float32(mixer)
     _check_float32(norm)
     op, params = _MIXERS[type(mixer)]
@@ -118,8 +132,9 @@ def mlp_step_params(mlp: nn.Module, norm: nn.Module) -> StepParams:
 
 
 def decode_step(embedding: nn.Module, blocks: list[StepParams], final_norm: nn.Module, *, timed: bool = False) -> Callable:
-    """``step(input_ids (batch,)) -> (batch, d_model)``: ``embedding``, the ``blocks`` and ``final_norm``
-    in one call per token, on the CPU kernels (``timed``: see ``ops.prepare_decode_step``)."""
+    """``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``: ``embedding``,
+    the ``blocks`` and ``final_norm`` in one call per token, on the CPU kernels (the arguments after
+    input_ids are the attention blocks'; ``timed``: see ``ops.prepare_decode_step``)."""
     if type(embedding) is not TokenEmbedding:
         raise FusedStepUnsupported(f"a {type(embedding).__name__} embedding has no fused step (TokenEmbedding has)")
     _check_float32(embedding)

@@ -80,7 +80,7 @@ class Block(nn.Module):
     def step_params(self, cache) -> list:
         """This block's decode step on its ``cache`` as block steps (``layers.block_step``): (op, params) pairs.
 
-        Raises ``FusedStepUnsupported`` for a block without one (attention).
+        Raises ``FusedStepUnsupported`` for a block without one.
         """
         steps = [mixer_step_params(self.mixer, self.norm, cache)]
         if self.mlp is not None:
@@ -111,7 +111,8 @@ class Backbone(nn.Module):
 
     def fused_step(self, caches: list) -> Callable[[torch.Tensor], torch.Tensor]:
         """The decode step as one C++ call (``layers.block_step.decode_step``) on the layer ``caches``:
-        ``step(input_ids (batch,)) -> hidden states (batch, d_model)`` after the final norm.
+        ``step(input_ids (batch,), past, positions=None, key_mask=None) -> hidden states (batch, d_model)``
+        after the final norm (past, positions and key_mask: for attention blocks).
 
         Raises ``FusedStepUnsupported`` when a block has no fused step.
         """

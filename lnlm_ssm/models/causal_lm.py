@@ -201,8 +201,8 @@ class MambaLM(PretrainedModel):
         rounding; the new tokens are real (no mask), as in ``generate``'s decode loop.
         It is built for one ``cache`` and reads the parameters as they are, except
         Mamba's ``-exp(A_log)``, taken when it is built. Raises ``FusedStepUnsupported``
-        saying why for a model without one (attention layers; not float32 on the CPU;
-        a backend other than "auto" or "cpu").
+        saying why for a model without one (not float32 on the CPU; a backend other
+        than "auto" or "cpu"; a layer of a kind without a block step).
         """
         if self.backend not in ("auto", "cpu"):
             raise FusedStepUnsupported(f"the fused step runs the cpu kernels; this model's backend is {self.backend!r}")
@@ -219,8 +219,14 @@ class MambaLM(PretrainedModel):
                     f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}"
                 )
             self._check_cache(cache, cache.batch_size, 1)
-            logits = self._logits(hidden(input_ids[:, 0]))
-            cache.set_seqlen(cache.seqlen + 1)
+            past, positions, key_mask = cache.seqlen, None, None
+            if self._has_attention:
+                # As forward: the keys seen so far (if any was padding) and the new one, which is real;
+                # the rotary position counts the real positions before it.
+                key_mask = cache.mask_with(None, 1)
+                positions = None if key_mask is None else key_mask.sum(dim=1) - 1
+            logits = self._logits(hidden(input_ids[:, 0], past, positions, key_mask))
+            cache.set_seqlen(past + 1)
             return logits
 
         return step

@@ -5,6 +5,7 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
 from lnlm_ssm.ops.block_step.interface import (
+    attention_block_step,
     mamba2_block_step,
     mamba_block_step,
     mlp_block_step,
@@ -12,6 +13,7 @@ from lnlm_ssm.ops.block_step.interface import (
     prepare_decode_step,
 )
 from lnlm_ssm.ops.block_step.reference import (
+    attention_block_step_ref,
     decode_step_ref,
     mamba2_block_step_ref,
     mamba_block_step_ref,
@@ -39,6 +41,8 @@ from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
 
 __all__ = [
     "BackendUnavailableError",
+    "attention_block_step",
+    "attention_block_step_ref",
     "available_backends",
     "backend_report",
     "causal_conv1d_fn",

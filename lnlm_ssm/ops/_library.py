@@ -83,7 +83,7 @@ def _register_fakes() -> None:
     def _block_step_fake(hidden_states, *args):
         return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(hidden_states.shape)
 
-    for name in ("mamba_block_step", "mamba2_block_step", "mlp_block_step"):
+    for name in ("mamba_block_step", "mamba2_block_step", "mlp_block_step", "attention_block_step"):
         torch.library.register_fake(f"lnlm_ssm::{name}")(_block_step_fake)
 
     @torch.library.register_fake("lnlm_ssm::causal_conv1d_update")

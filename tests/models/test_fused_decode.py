@@ -23,8 +23,14 @@ FUSED = {
         ssm_cfg={**MAMBA2_CFG, "rmsnorm": False, "dt_limit": (0.01, 0.05), "D_has_hdim": True, "ngroups": 2},
         d_intermediate=40,
     ),
+    "attention-mlp": dict(layer_pattern="A", attn_cfg={"num_heads": 4, "rotary_emb_dim": 8}, d_intermediate=48),
+    # GQA, interleaved RoPE on part of the head, a sliding window shorter than the sequence
+    "hybrid": dict(
+        layer_pattern="MA", ssm_cfg=MAMBA2_CFG,
+        attn_cfg={"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 4, "rotary_emb_interleaved": True,
+                  "sliding_window": 5},
+    ),
 }
-ATTN_CFG = {"num_heads": 4, "rotary_emb_dim": 8}
 
 
 def tiny(kind=None, backend="auto", **fields):
@@ -90,9 +96,15 @@ def test_generate_takes_the_fused_step_by_default(monkeypatch):
     assert len(built) == 1
 
 
+def gelu_mlp():
+    model = tiny("mamba1-mlp-layernorm")
+    model.backbone.layers[1].mlp.activation = torch.nn.functional.gelu
+    return model
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("model, reason", [
-    (lambda: tiny(layer_pattern="MA", ssm_cfg=MAMBA2_CFG, attn_cfg=ATTN_CFG), "Attention layers have no fused step"),
+    (gelu_mlp, "only a GatedMLP with the silu activation"),
     (lambda: tiny("mamba1", backend="reference"), "this model's backend is 'reference'"),
     (lambda: tiny("mamba1").to(torch.bfloat16), "runs float32 on the CPU"),
 ])

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from lnlm_ssm.ops import (
+    attention_block_step,
+    attention_block_step_ref,
     decode_step_ref,
     mamba2_block_step,
     mamba2_block_step_ref,
@@ -170,6 +172,8 @@ def test_prepared_step_equals_the_function_and_checks_its_inputs():
     with torch.no_grad(), pytest.raises(TypeError, match="residual must be a tensor"):
         mlp(hidden, None)
     with pytest.raises(ValueError, match="op must be one of"):
+        prepare_block_step("conv_block_step", params)
+    with pytest.raises(ValueError, match="an attention step takes per-step arguments"):
         prepare_block_step("attention_block_step", params)
 
 
@@ -238,12 +242,91 @@ def test_compiles_with_fullgraph():
             assert torch.equal(a, b)
 
 
+def attention_params(batch, d_model, *, num_heads=4, heads_kv=2, head_dim=16, max_seqlen=12, rotary_dim=8,
+                     interleaved=False, sliding_window=0, rms_norm=True, biases=True):
+    qkv = (num_heads + 2 * heads_kv) * head_dim
+    return norm_params(d_model, rms_norm) + (
+        rand(qkv, d_model, scale=d_model**-0.5),
+        rand(qkv) if biases else None,
+        rand(batch, max_seqlen, heads_kv, head_dim, scale=1.0),  # k_cache: past slots hold earlier keys
+        rand(batch, max_seqlen, heads_kv, head_dim, scale=1.0),
+        num_heads,
+        head_dim**-0.5,
+        sliding_window,
+        rotary_dim,
+        10000.0,
+        interleaved,
+        rand(d_model, num_heads * head_dim, scale=(num_heads * head_dim) ** -0.5),
+        rand(d_model) if biases else None,
+    )
+
+
+def with_context(params, past, positions, key_mask):
+    return params[:8] + (past, positions, key_mask) + params[8:]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("past", [0, 7])
+@pytest.mark.parametrize("heads_kv, rotary_dim, interleaved", [(4, 16, False), (2, 8, True), (1, 0, False)])
+@pytest.mark.parametrize("sliding_window", [0, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_reference(batch, past, heads_kv, rotary_dim, interleaved, sliding_window, masked):
+    params = attention_params(batch, 64, heads_kv=heads_kv, rotary_dim=rotary_dim, interleaved=interleaved,
+                              sliding_window=sliding_window)
+    positions = torch.randint(0, 1000, (batch,))
+    key_mask = torch.rand(batch, past + 1) < 0.6 if masked else None
+    hidden, residual = rand(batch, 64, scale=1.0), rand(batch, 64, scale=1.0)
+    ours, theirs = clone(params), clone(params)
+    with torch.no_grad():
+        got = attention_block_step(hidden, residual, *with_context(ours, past, positions, key_mask), backend="cpu")
+        expected = attention_block_step_ref(hidden, residual, *with_context(theirs, past, positions, key_mask))
+    assert_close(got[0], expected[0], msg="out")
+    assert_close(got[1], expected[1], msg="new residual")
+    for cache in (6, 7):  # the new keys and values went to slot past, and nowhere else
+        assert_close(ours[cache], theirs[cache], msg=f"params[{cache}]")
+        assert torch.equal(ours[cache][:, past + 1 :], params[cache][:, past + 1 :])
+
+
+def test_attention_masks_what_it_must():
+    # A masked key, or one out of the window, changes nothing: replace it by noise and compare.
+    params = attention_params(2, 64, sliding_window=4)
+    positions, past = torch.tensor([5, 9]), 9
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[0, 7] = False
+    noisy = clone(params)
+    noisy[6][0, 7] += 5.0  # masked for row 0
+    noisy[6][:, 2] += 5.0  # outside the window (slots 6-9) for both rows
+    hidden = rand(2, 64, scale=1.0)
+    with torch.no_grad():
+        a = attention_block_step(hidden, None, *with_context(clone(params), past, positions, key_mask), backend="cpu")
+        b = attention_block_step(hidden, None, *with_context(noisy, past, positions, key_mask), backend="cpu")
+        c = attention_block_step(hidden, None, *with_context(clone(params), past, positions, None), backend="cpu")
+    assert torch.equal(a[0], b[0])
+    assert not torch.allclose(a[0][0], c[0][0]) and torch.equal(a[0][1], c[0][1])  # row 0 saw the masked key
+
+
+@pytest.mark.parametrize("changes, context, error, match", [
+    ({8: 3}, (2, None, None), ValueError, r"num_heads \(3\) must be a multiple of the caches' num_heads_kv \(2\)"),
+    ({11: 5}, (2, None, None), ValueError, r"rotary_dim must be even"),
+    ({}, (12, None, None), ValueError, r"past must be an int in \[0, max_seqlen=12\)"),
+    ({}, (2, None, torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_mask has shape \(2, 4\)"),
+    ({}, (2, torch.zeros(3, dtype=torch.long), None), ValueError, r"positions has shape \(3,\)"),
+])
+def test_attention_bad_arguments_are_named(changes, context, error, match):
+    params = list(attention_params(2, 64))
+    for index, value in changes.items():
+        params[index] = value
+    with torch.no_grad(), pytest.raises(error, match=match):
+        attention_block_step(rand(2, 64), None, *with_context(tuple(params), *context), backend="cpu")
+
+
 def stack(batch, d_model=64, padded_vocab=40):
-    """An embedding, a Mamba-1 block, a Mamba-2 block with its MLP, and a final LayerNorm."""
+    """An embedding, a Mamba-1 block, a Mamba-2 block with its MLP, an attention block, and a final LayerNorm."""
     blocks = [
         ("mamba_block_step", mamba_params(batch, d_model, 128)),
         ("mamba2_block_step", mamba2_params(batch, d_model)),
         ("mlp_block_step", mlp_params(d_model, 96)),
+        ("attention_block_step", attention_params(batch, d_model)),
     ]
     return rand(padded_vocab, d_model, scale=1.0), blocks, norm_params(d_model, rms_norm=False)
 
@@ -254,13 +337,17 @@ def test_decode_step_matches_reference(batch):
     twin = [(op, clone(params)) for op, params in blocks]
     step = prepare_decode_step(embedding, 37, blocks, final_norm, backend="cpu")
 
-    def reference(ids):
-        return decode_step_ref(ids, embedding, 37, twin, final_norm)
+    def reference(ids, past, positions, key_mask):
+        return decode_step_ref(ids, embedding, 37, twin, final_norm, past, positions, key_mask)
 
     with torch.no_grad():
         for t in range(3):
             ids = torch.randint(0, 37, (batch,))
-            assert_close(step(ids), reference(ids), msg=f"step {t}")
+            past = 4 + t
+            key_mask = torch.rand(batch, past + 1) < 0.7 if t else None
+            positions = key_mask.sum(1) - 1 if t else None
+            assert_close(step(ids, past, positions, key_mask), reference(ids, past, positions, key_mask),
+                         msg=f"step {t}")
             for (_, ours), (_, theirs) in zip(blocks, twin):
                 for a, b in zip(ours, theirs):
                     if isinstance(a, torch.Tensor):
@@ -275,8 +362,8 @@ def test_timed_decode_step_gives_the_seconds_of_each_part(backend):
     plain = prepare_decode_step(embedding, 37, twin, final_norm, backend=backend)
     ids = torch.tensor([3, 36])
     with torch.no_grad():
-        out, seconds = timed(ids)
-        assert torch.equal(out, plain(ids))
+        out, seconds = timed(ids, 5)
+        assert torch.equal(out, plain(ids, 5))
     assert seconds.dtype == torch.float64 and seconds.shape == (2 + len(blocks),)
     assert (seconds >= 0).all() and (seconds[1:-1] > 0).all()
 
@@ -290,12 +377,16 @@ def test_decode_step_checks():
     with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, padded_vocab_size=40\]"):
         prepare_decode_step(embedding, 41, blocks, final_norm)
     with pytest.raises(ValueError, match="op must be one of"):
-        prepare_decode_step(embedding, 37, [("attention_block_step", ())], final_norm)
+        prepare_decode_step(embedding, 37, [("conv_block_step", ())], final_norm)
     step = prepare_decode_step(embedding, 37, blocks, final_norm, backend="cpu")
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"input_ids must lie in \[0, vocab_size=37\); got the id 37"):
-        step(torch.tensor([0, 37]))
+        step(torch.tensor([0, 37]), 3)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"ssm_state must have shape \[3, 128, 16\]"):
-        step(torch.tensor([0, 1, 2]))
+        step(torch.tensor([0, 1, 2]), 3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"past must be in \[0, max_seqlen = 12\)"):
+        step(torch.tensor([0, 1]), 12)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"key_mask must be bool of shape \(2, past \+ 1 = 4\)"):
+        step(torch.tensor([0, 1]), 3, None, torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_mamba_states_must_be_contiguous():

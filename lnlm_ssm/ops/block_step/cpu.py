@@ -15,12 +15,18 @@ _ops = _library.load()
 mamba_block_step_cpu = _ops.mamba_block_step.default
 mamba2_block_step_cpu = _ops.mamba2_block_step.default
 mlp_block_step_cpu = _ops.mlp_block_step.default
+attention_block_step_cpu = _ops.attention_block_step.default
 
 
 def bind_decode_step_cpu(embedding, vocab_size, blocks, final_norm, timed):
-    """``step(input_ids (batch,)) -> (batch, d_model)``: the whole step, one C++ call (``timed``: also the
-    seconds of each part)."""
+    """``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``: the whole step,
+    one C++ call (``timed``: also the seconds of each part)."""
     decoder = torch.classes.lnlm_ssm.DecodeStep(embedding, vocab_size, *final_norm)
     for op, params in blocks:
         getattr(decoder, "add_" + op.removesuffix("_step"))(*params)
-    return decoder.timed_step if timed else decoder.step
+    run = decoder.timed_step if timed else decoder.step
+
+    def step(input_ids, past=0, positions=None, key_mask=None):
+        return run(input_ids, past, positions, key_mask)
+
+    return step

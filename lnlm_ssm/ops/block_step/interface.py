@@ -1,7 +1,8 @@
-"""Decode steps of whole blocks, one call each: ``mamba_block_step``, ``mamba2_block_step``, ``mlp_block_step``.
+"""Decode steps of whole blocks, one call each: ``mamba_block_step``, ``mamba2_block_step``, ``mlp_block_step``,
+``attention_block_step``.
 
-A decode step of a block is some twenty small ops (the norm, four projections,
-the conv update, the state update and the glue between them). Called one by one
+A decode step of a block is some twenty small ops (the norm, the projections,
+the conv and state updates or the attention, and the glue between them). Called one by one
 from Python, each pays its interpreter, argument checks and dispatch on top of its
 work: for a 130M Mamba on two cores that added up to about a third of a token's
 time. These ops do a block's whole step in one call; the CPU kernel
@@ -14,7 +15,8 @@ Each op comes in two forms:
   which checks every argument on every call;
 - ``prepare_block_step(op, params, backend=) -> step``, which checks the parameters
   and states once and returns ``step(hidden_states, residual) -> (out, new_residual)``
-  that checks only its two inputs.
+  that checks only its two inputs (not for ``attention_block_step``, whose cache slot,
+  positions and key mask change with every step).
 
 and ``prepare_decode_step(embedding, vocab_size, blocks, final_norm) -> step`` binds a
 whole decode step: the token embedding, the blocks in turn and the final norm,
@@ -38,6 +40,9 @@ from lnlm_ssm.ops._checks import Shapes
 from lnlm_ssm.ops.block_step.reference import (
     BLOCK_STEPS,
     add_norm_ref,
+    attention_block_step_ref,
+    call_block_step,
+    decode_positions,
     decode_step_ref,
     embed_ref,
     mamba2_block_step_ref,
@@ -50,20 +55,27 @@ register(
     "mamba2_block_step", {"reference": mamba2_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mamba2_block_step_cpu"}
 )
 register("mlp_block_step", {"reference": mlp_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:mlp_block_step_cpu"})
+register(
+    "attention_block_step",
+    {"reference": attention_block_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:attention_block_step_cpu"},
+)
 
 
 def _bind_decode_step_ref(embedding, vocab_size, blocks, final_norm, timed):
     if not timed:
-        return lambda input_ids: decode_step_ref(input_ids, embedding, vocab_size, blocks, final_norm)
+        return lambda input_ids, past=0, positions=None, key_mask=None: decode_step_ref(
+            input_ids, embedding, vocab_size, blocks, final_norm, past, positions, key_mask
+        )
 
-    def timed_step(input_ids):
+    def timed_step(input_ids, past=0, positions=None, key_mask=None):
         # decode_step_ref, part by part, each timed.
+        context = (past, decode_positions(input_ids, past, positions), key_mask)
         t0 = time.perf_counter()
         hidden, residual = embed_ref(input_ids, embedding, vocab_size), None
         seconds = [time.perf_counter() - t0]
         for op, params in blocks:
             t0 = time.perf_counter()
-            hidden, residual = BLOCK_STEPS[op](hidden, residual, *params)
+            hidden, residual = call_block_step(BLOCK_STEPS[op], op, hidden, residual, params, context)
             seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         out = add_norm_ref(hidden, residual, *final_norm)[0]
@@ -73,7 +85,7 @@ def _bind_decode_step_ref(embedding, vocab_size, blocks, final_norm, timed):
     return timed_step
 
 
-# Its kernels bind: (embedding, vocab_size, blocks, final_norm, timed) -> step(input_ids).
+# Its kernels bind: (embedding, vocab_size, blocks, final_norm, timed) -> step(input_ids, past, positions, key_mask).
 register("decode_step", {"reference": _bind_decode_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:bind_decode_step_cpu"})
 
 NO_BACKWARD = (
@@ -217,7 +229,65 @@ def _check_mlp(norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias,
     return shapes
 
 
-_CHECKS = {"mamba_block_step": _check_mamba, "mamba2_block_step": _check_mamba2, "mlp_block_step": _check_mlp}
+def _check_attention(
+    norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache, v_cache, num_heads,
+    softmax_scale, sliding_window, rotary_dim, rotary_base, rotary_interleaved, out_proj_weight, out_proj_bias,
+) -> Shapes:
+    shapes = Shapes()
+    _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
+    shapes.bind("k_cache", k_cache, ("batch", "max_seqlen", "num_heads_kv", "head_dim"))
+    shapes.bind("v_cache", v_cache, ("batch", "max_seqlen", "num_heads_kv", "head_dim"))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "attention_width"))
+    shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
+    heads_kv, head_dim = shapes["num_heads_kv"], shapes["head_dim"]
+    for name, value in (("num_heads", num_heads), ("sliding_window", sliding_window), ("rotary_dim", rotary_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "num_heads" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'num_heads' else 0}, got {value!r}")
+    if num_heads % heads_kv:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of the caches' num_heads_kv ({heads_kv})")
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and in [0, head_dim={head_dim}], got {rotary_dim}")
+    for name, value in (("softmax_scale", softmax_scale), ("rotary_base", rotary_base)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    _check_out("in_proj_weight", shapes["in_proj_out"], "(num_heads + 2 * num_heads_kv) * head_dim",
+               (num_heads + 2 * heads_kv) * head_dim)
+    if shapes["attention_width"] != num_heads * head_dim:
+        raise ValueError(f"out_proj_weight must read num_heads * head_dim = {num_heads * head_dim} channels, "
+                         f"got {shapes['attention_width']}")
+    _check_fp32(dict(
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
+        k_cache=k_cache, v_cache=v_cache, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+    ))
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    return shapes
+
+
+def _check_context(shapes: Shapes, past, positions, key_mask) -> None:
+    """An attention step's per-step arguments."""
+    if isinstance(past, bool) or not isinstance(past, int) or not 0 <= past < shapes["max_seqlen"]:
+        raise ValueError(f"past must be an int in [0, max_seqlen={shapes['max_seqlen']}), got {past!r}")
+    if positions is not None:
+        shapes.bind("positions", positions, ("batch",), floating=False)
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be a bool tensor (batch, past + 1), got {key_mask!r}")
+        if key_mask.shape != (shapes["batch"], past + 1):
+            raise ValueError(
+                f"key_mask has shape {tuple(key_mask.shape)}, but must be (batch, past + 1) = ({shapes['batch']}, {past + 1})"
+            )
+
+
+_CHECKS = {
+    "mamba_block_step": _check_mamba,
+    "mamba2_block_step": _check_mamba2,
+    "mlp_block_step": _check_mlp,
+    "attention_block_step": _check_attention,
+}
 
 
 def prepare_block_step(op: str, params: tuple, *, backend: str = "auto") -> Step:
@@ -229,8 +299,11 @@ def prepare_block_step(op: str, params: tuple, *, backend: str = "auto") -> Step
     (hidden_states (batch, d_model) float32, residual the same or None; the MLP's
     residual is required).
     """
-    if op not in _CHECKS:
-        raise ValueError(f"op must be one of {tuple(_CHECKS)}, got {op!r}")
+    if op not in _CHECKS or op == "attention_block_step":
+        raise ValueError(
+            f"op must be one of {tuple(k for k in _CHECKS if k != 'attention_block_step')}, got {op!r} "
+            "(an attention step takes per-step arguments: attention_block_step or prepare_decode_step)"
+        )
     shapes = _CHECKS[op](*params)
     batch = shapes["batch"] if "batch" in shapes.sizes else None
     d_model = shapes["d_model"]
@@ -304,19 +377,54 @@ def mlp_block_step(
     return prepare_block_step("mlp_block_step", params, backend=backend)(hidden_states, residual)
 
 
+def attention_block_step(
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache,
+    v_cache, past, positions, key_mask, num_heads, softmax_scale, sliding_window, rotary_dim, rotary_base,
+    rotary_interleaved, out_proj_weight, out_proj_bias, *, backend: str = "auto",
+):
+    """One decode step of a norm + attention block: returns (out, new_residual), writes the caches at ``past``.
+
+    Arguments and semantics: ``reference.py``; ``positions`` (batch,) int64 (None:
+    ``past`` for every row), ``key_mask`` (batch, past + 1) bool or None (all real),
+    ``sliding_window`` 0 for none.
+    """
+    params = (
+        norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache, v_cache, num_heads,
+        softmax_scale, sliding_window, rotary_dim, rotary_base, rotary_interleaved, out_proj_weight, out_proj_bias,
+    )
+    shapes = _check_attention(*params)
+    for name, t in (("hidden_states", hidden_states), ("residual", residual)):
+        if t is not None:
+            shapes.bind(name, t, ("batch", "d_model"))
+            _check_fp32({name: t})
+    positions = decode_positions(hidden_states[:, 0], past, positions)
+    _check_context(shapes, past, positions, key_mask)
+    if torch.is_grad_enabled() and any(isinstance(p, torch.Tensor) and p.requires_grad for p in params + (hidden_states, residual)):
+        raise RuntimeError(f"attention_block_step: {NO_BACKWARD}")
+    kernel = resolve("attention_block_step", backend_for("attention_block_step", backend), shapes.device,
+                     dtype=torch.float32)
+    return call_block_step(kernel, "attention_block_step", hidden_states, residual, params,
+                           (past, positions.to(torch.int64), key_mask))
+
+
 def prepare_decode_step(
     embedding: torch.Tensor, vocab_size: int, blocks: list, final_norm: tuple, *, backend: str = "auto",
     timed: bool = False,
 ) -> Callable:
-    """A whole decode step, checked once: ``step(input_ids (batch,)) -> (batch, d_model)``.
+    """A whole decode step, checked once:
+    ``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``.
 
     The token embedding ``embedding`` (padded_vocab_size, d_model) of ids in
-    ``[0, vocab_size)``; ``blocks``, (op, params) pairs as ``prepare_block_step`` takes
-    them, in order (the first not an MLP: it needs the residual of a block before it),
-    their states updated in place; ``final_norm`` (weight, bias, eps, rms_norm) of the
-    last block's output plus its residual. See ``decode_step_ref``. With ``timed`` the
-    step returns ``(out, seconds)``, seconds (2 + len(blocks),) float64: the time of the
-    embedding, of each block, and of the final norm (for benchmarks).
+    ``[0, vocab_size)``; ``blocks``, (op, params) pairs, each op's arguments after
+    ``residual`` (an attention block's without past, positions and key_mask), in order
+    (the first not an MLP: it needs the residual of a block before it), their states
+    updated in place; ``final_norm`` (weight, bias, eps, rms_norm) of the last block's
+    output plus its residual. The step's ``past`` (the new position's cache slot),
+    ``positions`` (batch,) int64 (its rotary positions; None: past) and ``key_mask``
+    (batch, past + 1) bool (the real keys; None: all) are for the attention blocks, and
+    are checked by the kernel. See ``decode_step_ref``. With ``timed`` the step returns
+    ``(out, seconds)``, seconds (2 + len(blocks),) float64: the time of the embedding,
+    of each block, and of the final norm (for benchmarks).
     """
     shapes = Shapes()
     shapes.bind("embedding", embedding, ("padded_vocab_size", "d_model"))
