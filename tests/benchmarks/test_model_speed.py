@@ -39,10 +39,9 @@ def test_quick_run(model_speed, tmp_path):
         assert any("matplotlib not installed" in n for n in results["notes"])
     b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
     assert b8 == pytest.approx(8 * b1)
-    # The per-layer breakdown of a fused decode step, for the models that have one (no attention).
+    # The per-layer breakdown of a fused decode step.
     breakdown = results["breakdown"]
-    assert breakdown["hybrid-130m"] is None
-    for name in ("mamba-130m", "mamba2-130m"):
+    for name in model_speed.PRESETS:
         layers = breakdown[name]["layers"]
         assert [layer["layer"] for layer in layers] == list(range(4))
         for layer in layers:
