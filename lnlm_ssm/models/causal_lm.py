@@ -212,6 +212,7 @@ class MambaLM(PretrainedModel):
         if type(self.lm_head) is not nn.Linear or self.lm_head.weight.dtype != torch.float32:
             raise FusedStepUnsupported("the fused step needs a float32 nn.Linear LM head")
 
+        @torch.no_grad()  # the C++ step has no backward
         def step(input_ids: torch.Tensor) -> torch.Tensor:
             if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (cache.batch_size, 1):
                 raise ValueError(
