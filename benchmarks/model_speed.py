@@ -13,7 +13,10 @@ For each preset it measures, each a median over ``--repeats`` runs after a warm-
 - prefill: one forward over ``--prefill`` tokens (batch 1, all logits, no grad) -> tokens/s;
 - decode, at each ``--decode-batch``: ``--new-tokens`` greedy tokens after a 16-token
   prompt, through each library's ``generate`` and cache; the time of a
-  1-new-token generate (prefill and first sample) is subtracted -> new tokens/s;
+  1-new-token generate (prefill and first sample) is subtracted -> new tokens/s.
+  Ours twice: ``decode_b<n>`` is ``generate``'s default (on the CPU the fused step,
+  one C++ call per block, where the model has one), ``decode_b<n>_unfused`` the
+  op-by-op forward (``fused_step=False``), both beside HF's decode;
 - training: forward + backward with the LM loss on a ``--train-batch`` x
   ``--train-seqlen`` batch (no optimizer step) -> tokens/s;
 - for the presets of ``--quantize-presets`` (default mamba-130m), decode again
@@ -26,6 +29,16 @@ The HF twin is built from the preset's config (``MambaForCausalLM`` for Mamba-1,
 and read back by ``MambaLM.from_pretrained``: both hold the same weights, and
 their logits are compared before anything is timed. A run that takes longer
 than ``--slow-s`` is measured once, its warm-up skipped (HF's training on CPU).
+
+Where a batch-1 fused decode step spends its time: the step is re-run with its
+parts timed inside its one C++ call (embedding, each block, final norm) and the LM
+head after it (the same kernels in the same order as ``generate``, so every weight
+comes from memory), and each part's median is set beside its weight bytes at copy
+bandwidth, "streamed", the rest being everything else (elementwise work, glue,
+dispatch). The op-by-op forward's blocks are timed around each block's forward.
+Printed per preset and kept in the JSON (``breakdown``), per layer; what the parts'
+medians leave of the whole step's median is "unattributed" (the calls between the
+parts, and the odd slow part of a token, which a part's median drops).
 
 Rooflines, from copy bandwidth and fp32 matmul peak measured just before each
 preset (on a shared machine both drift by 10-20% over minutes):
@@ -51,9 +64,11 @@ from typing import Callable, Optional
 import torch
 
 from lnlm_ssm import MambaLM, quantize_
+from lnlm_ssm.layers.block_step import FusedStepUnsupported, decode_step
 from lnlm_ssm.layers.quantized import QUANTIZATION_MODES
 from lnlm_ssm.models import preset
-from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, measure_matmul_peak, median, torch_threads
+from lnlm_ssm.models.heads import lm_logits
+from lnlm_ssm.utils.benchmark import measure_copy_bandwidth, measure_matmul_peak, median, tensor_bytes, torch_threads
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ["mamba-130m", "mamba2-130m", "hybrid-130m"]
@@ -150,15 +165,18 @@ def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -
         for batch in args.decode_batch:
             prompt = torch.randint(0, vocab, (batch, PROMPT), generator=gen)
 
-            def generate(new: int, prompt=prompt):
-                if is_ours:
-                    return model.generate(prompt, max_new_tokens=new, temperature=0)
-                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False, pad_token_id=0)
+            for suffix, fused in (("", None), ("_unfused", False)) if is_ours else (("", None),):
 
-            t_all, n = timed(lambda: generate(1 + args.new_tokens), args.repeats, args.slow_s)
-            t_first, _ = timed(lambda: generate(1), args.repeats, args.slow_s)
-            out[f"decode_b{batch}"] = {"tok_s": batch * args.new_tokens / max(t_all - t_first, 1e-9), "runs": n}
+                def generate(new: int, prompt=prompt, fused=fused):
+                    if is_ours:
+                        return model.generate(prompt, max_new_tokens=new, temperature=0, fused_step=fused)
+                    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+                t_all, n = timed(lambda: generate(1 + args.new_tokens), args.repeats, args.slow_s)
+                t_first, _ = timed(lambda: generate(1), args.repeats, args.slow_s)
+                tok_s = batch * args.new_tokens / max(t_all - t_first, 1e-9)
+                out[f"decode_b{batch}{suffix}"] = {"tok_s": tok_s, "runs": n}
     if decode_only:
         return out
     ids = torch.randint(0, vocab, (args.train_batch, args.train_seqlen), generator=gen)
@@ -175,13 +193,101 @@ def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -
     return out
 
 
+def decode_breakdown(model: MambaLM, args, bandwidth_gbps: float) -> Optional[dict]:
+    """Median seconds of each part of a batch-1 decode step, fused and op by op, beside its weights' streaming time.
+
+    The fused step's parts are timed inside its one C++ call (``timed``); the op-by-op
+    blocks around each ``Block.forward``. None when the model has no fused step.
+    The prompt has no padding, so attention sees every key at the positions the caches count.
+    """
+    vocab, gen = model.config.vocab_size, torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, vocab, (1, PROMPT), generator=gen)
+    ids = torch.randint(0, vocab, (1, 1), generator=gen)
+    blocks, backbone = model.backbone.layers, model.backbone
+    head = model.lm_head.weight[:vocab]
+    with torch.no_grad():
+        fused_cache, cache = (model.allocate_cache(1, PROMPT + args.new_tokens + 1) for _ in range(2))
+        model(prompt, cache=fused_cache)
+        model(prompt, cache=cache)
+        try:
+            steps = [block.step_params(c) for block, c in zip(blocks, fused_cache.layers)]
+        except FusedStepUnsupported:
+            return None
+        # The parts of the step: embedding, each block's step(s), final norm.
+        owner = [None] + [i for i, block_steps in enumerate(steps) for _ in block_steps] + [None]
+        fused = decode_step(backbone.embedding, [s for block_steps in steps for s in block_steps], backbone.norm_f,
+                            timed=True)
+        parts = {"embedding": [], "final norm": [], "lm_head": [], "step": []}
+        per_block = {"fused": [[] for _ in blocks], "unfused": [[] for _ in blocks]}
+        for _ in range(args.new_tokens):
+            t0 = time.perf_counter()
+            hidden, seconds = fused(ids[:, 0], fused_cache.seqlen)
+            t1 = time.perf_counter()
+            fused_cache.set_seqlen(fused_cache.seqlen + 1)
+            lm_logits(hidden, head, vocab, model.backend)
+            parts["lm_head"].append(time.perf_counter() - t1)
+            parts["step"].append(time.perf_counter() - t0)
+            seconds = seconds.tolist()
+            parts["embedding"].append(seconds[0])
+            parts["final norm"].append(seconds[-1])
+            for i in range(len(blocks)):
+                per_block["fused"][i].append(sum(t for t, o in zip(seconds, owner) if o == i))
+            hidden, residual = backbone.embedding(ids), None
+            for i, (block, c) in enumerate(zip(blocks, cache.layers)):
+                t0 = time.perf_counter()
+                hidden, residual = block(hidden, residual, c, None, None)
+                per_block["unfused"][i].append(time.perf_counter() - t0)
+    streamed = [tensor_bytes(*block.parameters()) / (bandwidth_gbps * 1e9) for block in blocks]
+    return {
+        "layers": [
+            {"layer": i, "weight_bytes": tensor_bytes(*block.parameters()), "streamed_s": streamed[i],
+             "fused_s": median(per_block["fused"][i]), "unfused_s": median(per_block["unfused"][i])}
+            for i, block in enumerate(blocks)
+        ],
+        "lm_head": {"weight_bytes": tensor_bytes(head), "streamed_s": tensor_bytes(head) / (bandwidth_gbps * 1e9),
+                    "s": median(parts["lm_head"])},
+        "embedding_s": median(parts["embedding"]),
+        "final_norm_s": median(parts["final norm"]),
+        "step_s": median(parts["step"]),
+    }
+
+
+def print_breakdown(name: str, b: dict) -> None:
+    layers = b["layers"]
+    n = len(layers)
+    total = {key: sum(layer[key] for layer in layers) for key in ("weight_bytes", "streamed_s", "fused_s", "unfused_s")}
+    print(f"# {name}: one batch-1 decode step by part, medians; 'streamed': its weights at copy bandwidth, "
+          "'rest': the time beyond that")
+    print(f"{'part':<26} {'weights MB':>10} {'streamed ms':>11} {'fused ms':>9} {'rest ms':>8} {'unfused ms':>10} "
+          f"{'rest ms':>8}")
+    head = b["lm_head"]
+    between = b["step_s"] - total["fused_s"] - head["s"] - b["embedding_s"] - b["final_norm_s"]
+    rows = [
+        (f"block (mean of {n})", total["weight_bytes"] / n, total["streamed_s"] / n, total["fused_s"] / n,
+         total["unfused_s"] / n),
+        (f"blocks (all {n})", total["weight_bytes"], total["streamed_s"], total["fused_s"], total["unfused_s"]),
+        ("lm_head", head["weight_bytes"], head["streamed_s"], head["s"], None),
+        ("embedding + final norm", 0, 0.0, b["embedding_s"] + b["final_norm_s"], None),
+        ("unattributed (calls, jitter)", 0, 0.0, between, None),
+        ("step (fused)", total["weight_bytes"] + head["weight_bytes"], total["streamed_s"] + head["streamed_s"],
+         b["step_s"], None),
+    ]
+    for part, nbytes, streamed, fused, unfused in rows:
+        line = f"{part:<26} {nbytes / 1e6:>10.1f} {streamed * 1e3:>11.3f} {fused * 1e3:>9.3f} {(fused - streamed) * 1e3:>8.3f}"
+        if unfused is not None:
+            line += f" {unfused * 1e3:>10.3f} {(unfused - streamed) * 1e3:>8.3f}"
+        print(line)
+    print(f"(the fused step streams its weights {(total['streamed_s'] + head['streamed_s']) / b['step_s']:.0%} "
+          "of its time at copy bandwidth)")
+
+
 def bounds(model: MambaLM, args, bandwidth_gbps: float, peak_gflops: float) -> dict[str, float]:
     n_params = sum(p.numel() for p in model.parameters())
     # A quantised model's int8 or bf16 weights and fp32 scales are parameters too: its own bytes.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"prefill": peak_gflops * 1e9 / (2 * n_params), "train": peak_gflops * 1e9 / (6 * n_params)}
     for batch in args.decode_batch:
-        out[f"decode_b{batch}"] = batch * bandwidth_gbps * 1e9 / weight_bytes
+        out[f"decode_b{batch}"] = out[f"decode_b{batch}_unfused"] = batch * bandwidth_gbps * 1e9 / weight_bytes
     return out
 
 
@@ -243,21 +349,21 @@ def parse_args(argv):
 
 def print_table(rows: list[dict]) -> None:
     """One line per measure; "HF tok/s" is always HF's fp32 model (the quantised rows' target is its speed)."""
-    print(f"{'preset':<12} {'weights':<7} {'measure':<10} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
+    print(f"{'preset':<12} {'weights':<7} {'measure':<16} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
           f"{'bound tok/s':>12} {'of bound':>9}")
     for r in rows:
         if r["hf_tok_s"]:
             hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x"
         else:
             hf = f"{'-':>10} {'-':>7}"
-        print(f"{r['preset']:<12} {r['weights']:<7} {r['measure']:<10} {r['ours_tok_s']:>15.1f} {hf} "
+        print(f"{r['preset']:<12} {r['weights']:<7} {r['measure']:<16} {r['ours_tok_s']:>15.1f} {hf} "
               f"{r['bound_tok_s']:>12.1f} {r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = QUICK if args.quick else {}
-    rows, notes = [], []
+    rows, notes, breakdown = [], [], {}
     with torch_threads(args.threads):
         print(f"# fp32 activations, {args.threads} threads, torch {torch.__version__}; prefill 1x{args.prefill}, decode "
               f"{args.new_tokens} tokens at batch {', '.join(map(str, args.decode_batch))}, training "
@@ -286,14 +392,20 @@ def main(argv=None) -> int:
             for weights, model, measured in runs:
                 roof = bounds(model, args, bandwidth, peak)
                 for key, value in measured.items():
+                    hf_key = key.removesuffix("_unfused")  # HF's one decode (fp32), beside each of ours
                     rows.append({
                         "preset": name, "weights": weights, "measure": key, "ours_tok_s": value["tok_s"],
                         "ours_runs": value["runs"],
-                        "hf_tok_s": theirs[key]["tok_s"] if theirs else None,
-                        "hf_runs": theirs[key]["runs"] if theirs else None,
+                        "hf_tok_s": theirs[hf_key]["tok_s"] if theirs else None,
+                        "hf_runs": theirs[hf_key]["runs"] if theirs else None,
                         "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
                     })
             print_table([r for r in rows if r["preset"] == name])
+            breakdown[name] = decode_breakdown(ours, args, bandwidth)
+            if breakdown[name] is None:
+                notes.append(f"{name}: no fused decode step, so no breakdown")
+            else:
+                print_breakdown(name, breakdown[name])
             print(flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     skipped = write_plot(args.out / "model_speed.png", rows,
@@ -309,6 +421,7 @@ def main(argv=None) -> int:
                         "torch": torch.__version__},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "rows": rows,
+            "breakdown": breakdown,
             "notes": notes,
         }, f, indent=2)
     print(f"wrote {args.out / 'results.json'}")

@@ -10,9 +10,15 @@ Prompts of different lengths are batched by padding on the LEFT with an
 ``attention_mask`` (1 real, 0 pad), so every row's last prompt token sits in the
 last column and the new tokens of all rows are appended in the same column.
 
+On the CPU the decode phase takes, by default, the model's fused step
+(``model.fused_decoder(cache)``: one C++ call per block instead of ~20 ops), where
+the model has one; ``fused_step=False`` keeps the op-by-op forward.
+
 This module knows nothing of MambaLM's internals, and imports no model: it calls
 ``model(...)``, ``model.allocate_cache(...)`` and, for CUDA graphs,
-``model.decode_logits(...)`` (the causal-LM protocol any family can offer).
+``model.decode_logits(...)``, and for the fused CPU step ``model.fused_decoder(cache)``
+(the causal-LM protocol any family can offer; a model without ``fused_decoder``
+decodes op by op).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from lnlm_ssm.generation.sampling import apply_repetition_penalty, sample_next_token
+from lnlm_ssm.layers.block_step import FusedStepUnsupported
 from lnlm_ssm.layers.cache import InferenceCache
 
 __all__ = ["generate"]
@@ -99,6 +106,21 @@ class _CUDAGraphDecoder:
         return self.logits
 
 
+def _fused_decoder(model, cache: InferenceCache, required: bool) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """``model.fused_decoder(cache)``, or None where the model has none (an error instead when ``required``)."""
+    build = getattr(model, "fused_decoder", None)
+    if build is None:
+        if required:
+            raise ValueError(f"fused_step=True: {type(model).__name__} has no fused decode step (fused_decoder)")
+        return None
+    try:
+        return build(cache)
+    except FusedStepUnsupported as err:
+        if required:
+            raise ValueError(f"fused_step=True: {err}") from err
+        return None
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -115,6 +137,7 @@ def generate(
     cache: Optional[InferenceCache] = None,
     generator: Optional[torch.Generator] = None,
     cuda_graph: bool = False,
+    fused_step: Optional[bool] = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` (batch, prompt) by up to ``max_new_tokens``; returns (batch, prompt + new).
 
@@ -131,6 +154,9 @@ def generate(
     - ``generator``: the torch.Generator sampling draws from (reproducible runs).
     - ``cuda_graph``: on CUDA, replay the decode step as a captured CUDA graph
       (captured once per call; not for models with attention layers).
+    - ``fused_step``: on the CPU, decode through ``model.fused_decoder`` (one call per
+      block; same tokens, logits within fp32 rounding). None (default): where the
+      model has one, else op by op; True: raise if it has none, saying why; False: op by op.
     """
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     mask = _check_prompt(input_ids, attention_mask)
@@ -143,6 +169,10 @@ def generate(
                 "cuda_graph=True supports models without attention layers: an attention layer's KV position "
                 "is counted in Python, which a graph replay cannot advance"
             )
+    if fused_step is not None and not isinstance(fused_step, bool):
+        raise TypeError(f"fused_step must be None (auto), True or False; got {fused_step!r}")
+    if fused_step and input_ids.device.type != "cpu":
+        raise ValueError(f"fused_step=True is the CPU decode step; input_ids are on {input_ids.device}")
     if cache is None:
         cache = model.allocate_cache(batch, prompt_len + max_new_tokens)
     elif not isinstance(cache, InferenceCache):
@@ -166,6 +196,8 @@ def generate(
         counts = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=input_ids.device)
         seen = counts.scatter_add_(1, input_ids.long(), real) > 0
     step = _CUDAGraphDecoder(model, cache) if cuda_graph else None
+    if step is None and fused_step is not False and input_ids.device.type == "cpu":
+        step = _fused_decoder(model, cache, required=bool(fused_step))
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for i in range(max_new_tokens):

@@ -136,7 +136,8 @@ class InferenceCache:
         return [tensor for layer in self.layers for tensor in layer.tensors()]
 
     def set_seqlen(self, seqlen: int) -> None:
-        """Set the position count of this cache and of every layer cache (after a CUDA graph replay)."""
+        """Set the position count of this cache and of every layer cache (after a step that bypasses the
+        layers' forward: a CUDA graph replay, a fused decode step)."""
         self.seqlen = seqlen
         for layer in self.layers:
             layer.seqlen = seqlen

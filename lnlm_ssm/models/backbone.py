@@ -17,9 +17,13 @@ Parameter names are mamba_ssm's::
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import nn
 
 from lnlm_ssm.layers.attention import Attention
+from lnlm_ssm.layers.block_step import decode_step, mixer_step_params, mlp_step_params
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
@@ -73,6 +77,16 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
+    def step_params(self, cache) -> list:
+        """This block's decode step on its ``cache`` as block steps (``layers.block_step``): (op, params) pairs.
+
+        Raises ``FusedStepUnsupported`` for a block without one.
+        """
+        steps = [mixer_step_params(self.mixer, self.norm, cache)]
+        if self.mlp is not None:
+            steps.append(mlp_step_params(self.mlp, self.norm2))
+        return steps
+
 
 class Backbone(nn.Module):
     """Embedding, blocks and final norm: input ids (batch, seqlen) -> hidden states (batch, seqlen, d_model)."""
@@ -94,3 +108,13 @@ class Backbone(nn.Module):
                 hidden_states, residual, None if caches is None else caches[i], mask, position_ids
             )
         return self.norm_f(hidden_states, residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
+
+    def fused_step(self, caches: list) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode step as one C++ call (``layers.block_step.decode_step``) on the layer ``caches``:
+        ``step(input_ids (batch,), past, positions=None, key_mask=None) -> hidden states (batch, d_model)``
+        after the final norm (past, positions and key_mask: for attention blocks).
+
+        Raises ``FusedStepUnsupported`` when a block has no fused step.
+        """
+        blocks = [step for layer, cache in zip(self.layers, caches) for step in layer.step_params(cache)]
+        return decode_step(self.embedding, blocks, self.norm_f)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from lnlm_ssm.checkpoint.convert import hf_llama, hf_mamba, hf_mamba2, mamba_ssm
 from lnlm_ssm.generation.decode import generate as _generate
 from lnlm_ssm.layers.base import declared_parameter_names
+from lnlm_ssm.layers.block_step import FusedStepUnsupported
 from lnlm_ssm.layers.cache import InferenceCache
 from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
 from lnlm_ssm.models import registry
@@ -200,6 +201,46 @@ class MambaLM(PretrainedModel):
         """
         hidden_states = self.backbone(self.backbone.embedding(input_ids), caches, None, None)
         return self._logits(hidden_states[:, -1])
+
+    def fused_decoder(self, cache: InferenceCache) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode step with one call per block, on the CPU: ``step(input_ids (batch, 1)) -> logits (batch, vocab)``.
+
+        Each call takes one new token per row through every block (``Backbone.fused_step``:
+        the C++ block steps, float32), advances ``cache`` by one position, and returns
+        what ``model(input_ids, cache=cache).logits[:, -1]`` returns, within fp32
+        rounding; the new tokens are real (no mask), as in ``generate``'s decode loop.
+        It is built for one ``cache`` and reads the parameters as they are, except
+        Mamba's ``-exp(A_log)``, taken when it is built. Raises ``FusedStepUnsupported``
+        saying why for a model without one (not float32 on the CPU; a backend other
+        than "auto" or "cpu"; a layer of a kind without a block step).
+        """
+        if self.backend not in ("auto", "cpu"):
+            raise FusedStepUnsupported(f"the fused step runs the cpu kernels; this model's backend is {self.backend!r}")
+        if not isinstance(cache, InferenceCache):
+            raise TypeError(f"cache must be an InferenceCache (model.allocate_cache); got {type(cache).__name__}")
+        hidden = self.backbone.fused_step(cache.layers)
+        if type(self.lm_head) is not nn.Linear or self.lm_head.weight.dtype != torch.float32:
+            raise FusedStepUnsupported("the fused step needs a float32 nn.Linear LM head")
+
+        @torch.no_grad()  # the C++ step has no backward
+        def step(input_ids: torch.Tensor) -> torch.Tensor:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (cache.batch_size, 1):
+                raise ValueError(
+                    f"input_ids must be a tensor of shape (batch, 1) = ({cache.batch_size}, 1); got "
+                    f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids!r}"
+                )
+            self._check_cache(cache, cache.batch_size, 1)
+            past, positions, key_mask = cache.seqlen, None, None
+            if self._has_attention:
+                # As forward: the keys seen so far (if any was padding) and the new one, which is real;
+                # the rotary position counts the real positions before it.
+                key_mask = cache.mask_with(None, 1)
+                positions = None if key_mask is None else key_mask.sum(dim=1) - 1
+            logits = self._logits(hidden(input_ids[:, 0], past, positions, key_mask))
+            cache.set_seqlen(past + 1)
+            return logits
+
+        return step
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -4,6 +4,21 @@ Each public op takes a keyword-only ``backend="auto"``; see ``_backends.py``.
 """
 
 from lnlm_ssm.ops._backends import BackendUnavailableError, available_backends, backend_report
+from lnlm_ssm.ops.block_step.interface import (
+    attention_block_step,
+    mamba2_block_step,
+    mamba_block_step,
+    mlp_block_step,
+    prepare_block_step,
+    prepare_decode_step,
+)
+from lnlm_ssm.ops.block_step.reference import (
+    attention_block_step_ref,
+    decode_step_ref,
+    mamba2_block_step_ref,
+    mamba_block_step_ref,
+    mlp_block_step_ref,
+)
 from lnlm_ssm.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update, causal_conv1d_varlen_states
 from lnlm_ssm.ops.conv1d.reference import (
     causal_conv1d_ref,
@@ -27,6 +42,8 @@ from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
 
 __all__ = [
     "BackendUnavailableError",
+    "attention_block_step",
+    "attention_block_step_ref",
     "available_backends",
     "backend_report",
     "causal_conv1d_fn",
@@ -37,10 +54,15 @@ __all__ = [
     "causal_conv1d_varlen_states_ref",
     "decode_linear",
     "dequantize_weight",
+    "decode_step_ref",
     "layer_norm_fn",
     "layer_norm_gated_ref",
     "layer_norm_ref",
     "layernorm_fn",
+    "mamba2_block_step",
+    "mamba2_block_step_ref",
+    "mamba_block_step",
+    "mamba_block_step_ref",
     "mamba_chunk_scan_combined",
     "mamba_chunk_scan_ref",
     "mamba_inner_fn",
@@ -48,6 +70,10 @@ __all__ = [
     "mamba_split_conv1d_scan_combined",
     "mamba_split_conv1d_scan_ref",
     "quantize_weight",
+    "mlp_block_step",
+    "mlp_block_step_ref",
+    "prepare_block_step",
+    "prepare_decode_step",
     "rms_norm_fn",
     "rms_norm_gated_ref",
     "rms_norm_ref",

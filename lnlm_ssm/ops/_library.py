@@ -83,6 +83,13 @@ def _register_fakes() -> None:
     def _weight_only_linear_fake(x, weight, scale, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    # Block steps: (out, new_residual), both (batch, d_model) like hidden_states; states updated in place.
+    def _block_step_fake(hidden_states, *args):
+        return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(hidden_states.shape)
+
+    for name in ("mamba_block_step", "mamba2_block_step", "mlp_block_step", "attention_block_step"):
+        torch.library.register_fake(f"lnlm_ssm::{name}")(_block_step_fake)
+
     @torch.library.register_fake("lnlm_ssm::causal_conv1d_update")
     def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices):
         return x.new_empty(x.shape)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "model_speed.py"
-MEASURES = ["prefill", "decode_b1", "decode_b8", "train"]
+MEASURES = ["prefill", "decode_b1", "decode_b1_unfused", "decode_b8", "decode_b8_unfused", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,17 @@ def test_quick_run(model_speed, tmp_path):
         assert any("matplotlib not installed" in n for n in results["notes"])
     b1, b8 = (next(r["bound_tok_s"] for r in rows if r["measure"] == m) for m in ("decode_b1", "decode_b8"))
     assert b8 == pytest.approx(8 * b1)
+    # The per-layer breakdown of a fused decode step.
+    breakdown = results["breakdown"]
+    for name in model_speed.PRESETS:
+        layers = breakdown[name]["layers"]
+        assert [layer["layer"] for layer in layers] == list(range(4))
+        for layer in layers:
+            assert layer["weight_bytes"] > 0 and layer["streamed_s"] > 0
+            assert layer["fused_s"] > 0 and layer["unfused_s"] > 0
+        assert breakdown[name]["lm_head"]["weight_bytes"] == 4 * 64 * 304  # the real vocabulary's rows, fp32
+        parts = sum(layer["fused_s"] for layer in layers) + breakdown[name]["lm_head"]["s"]
+        assert 0 < parts < breakdown[name]["step_s"]
     # A quantised model's bound is its own: fewer weight bytes, a higher bound, measured against HF's fp32.
     bound = {r["weights"]: r["bound_tok_s"] for r in rows if r["preset"] == "mamba-130m" and r["measure"] == "decode_b1"}
     assert bound["fp32"] < bound["bf16"] < bound["int8"]
