@@ -224,7 +224,7 @@ def decode_breakdown(model: MambaLM, args, bandwidth_gbps: float) -> Optional[di
             hidden, seconds = fused(ids[:, 0], fused_cache.seqlen)
             t1 = time.perf_counter()
             fused_cache.set_seqlen(fused_cache.seqlen + 1)
-            lm_logits(hidden, head, vocab, model.backend)
+            lm_logits(hidden, model.lm_head, vocab, model.backend)
             parts["lm_head"].append(time.perf_counter() - t1)
             parts["step"].append(time.perf_counter() - t0)
             seconds = seconds.tolist()
