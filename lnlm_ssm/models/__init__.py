@@ -1,7 +1,7 @@
 """Model families built from lnlm_ssm.layers, and the registry that loads them from checkpoints.
 
 - ``config``: MambaLMConfig and the presets;
-- ``registry``: architecture -> config class, model class, converters; ``from_pretrained``;
+- ``registry``: architecture -> config class, model class, converters, presets; ``preset``, ``from_pretrained``;
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
 - ``heads``: LM head and its loss; ``causal_lm``: MambaLM.
 """
@@ -10,8 +10,8 @@ from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.checkpoint.save import save_pretrained
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
-from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig, preset
-from lnlm_ssm.models.registry import architectures, from_pretrained, register
+from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig
+from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 
 __all__ = [
     "PRESETS",
@@ -24,6 +24,8 @@ __all__ = [
     "architectures",
     "from_pretrained",
     "preset",
+    "preset_architecture",
+    "preset_names",
     "register",
     "save_pretrained",
 ]

@@ -28,7 +28,7 @@ from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
 from lnlm_ssm.models.base import PretrainedModel
-from lnlm_ssm.models.config import MambaLMConfig, preset
+from lnlm_ssm.models.config import PRESETS, MambaLMConfig
 from lnlm_ssm.models.heads import causal_lm_loss, lm_logits
 from lnlm_ssm.utils.checks import check_nonnegative_int, check_positive_int
 
@@ -81,7 +81,7 @@ class MambaLM(PretrainedModel):
         cls, name: str, *, device=None, dtype=None, backend: str = "auto", **overrides: Any
     ) -> "MambaLM":
         """A randomly initialised model of the preset ``name`` (see ``models.config.PRESETS``), fields overridden."""
-        return cls(preset(name, **overrides), device=device, dtype=dtype, backend=backend)
+        return cls(registry.preset(name, **overrides), device=device, dtype=dtype, backend=backend)
 
     def tied_weights(self) -> dict[str, str]:
         if not self.config.tie_embeddings:
@@ -279,5 +279,8 @@ class MambaLM(PretrainedModel):
 
 
 registry.register(
-    MambaLM, MambaLMConfig, converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, hf_mamba2.CONVERTER, hf_llama.CONVERTER)
+    MambaLM,
+    MambaLMConfig,
+    converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, hf_mamba2.CONVERTER, hf_llama.CONVERTER),
+    presets=PRESETS,
 )

@@ -170,10 +170,3 @@ PRESETS.update(
     }
 )
 
-
-def preset(name: str, **overrides: Any) -> MambaLMConfig:
-    """The config of a named preset, with fields replaced by ``overrides``."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    return MambaLMConfig(**fields)

@@ -2,10 +2,12 @@
 
 A family registers itself once, in its own module::
 
-    register(MambaLM, MambaLMConfig, converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, ...))
+    register(MambaLM, MambaLMConfig, converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, ...),
+             presets={"mamba-tiny": {...}, ...})
 
-and ``from_pretrained`` (``lnlm_ssm.from_pretrained``) then builds whatever a
-checkpoint holds: our layout names its architecture in config.json (checkpoints
+``preset(name)`` then gives the config of any family's named preset (what
+``lnlm-ssm train --preset`` builds), and ``from_pretrained``
+(``lnlm_ssm.from_pretrained``) builds whatever a checkpoint holds: our layout names its architecture in config.json (checkpoints
 written before the registry name none, and are all ``MambaLM``); a foreign layout
 is recognised by the first registered converter that matches its config.json.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -40,22 +42,56 @@ class Architecture:
     config_class: type
     model_class: type
     converters: tuple[Converter, ...]
+    presets: Mapping[str, Mapping[str, Any]]
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register(model_class: type, config_class: type, converters: tuple[Converter, ...] = ()) -> None:
-    """Register ``model_class`` (its ``architecture`` names it) with its config class and foreign layouts."""
+def register(
+    model_class: type,
+    config_class: type,
+    converters: tuple[Converter, ...] = (),
+    presets: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> None:
+    """Register ``model_class`` (its ``architecture`` names it) with its config class, foreign layouts and
+    named presets (preset name -> config fields; names are unique across families)."""
     name = model_class.architecture
     if name in _ARCHITECTURES and _ARCHITECTURES[name].model_class is not model_class:
         raise ValueError(f"architecture {name!r} is registered already, by {_ARCHITECTURES[name].model_class}")
-    _ARCHITECTURES[name] = Architecture(name, config_class, model_class, tuple(converters))
+    presets = dict(presets or {})
+    for entry in _ARCHITECTURES.values():
+        taken = sorted(set(presets) & set(entry.presets)) if entry.name != name else []
+        if taken:
+            raise ValueError(f"presets {taken} of {name} are registered already, by {entry.name}")
+    _ARCHITECTURES[name] = Architecture(name, config_class, model_class, tuple(converters), presets)
 
 
 def architectures() -> dict[str, Architecture]:
     """Every registered architecture, by name."""
     return dict(_ARCHITECTURES)
+
+
+def preset_names() -> list[str]:
+    """The names of every family's presets, sorted."""
+    return sorted(name for entry in _ARCHITECTURES.values() for name in entry.presets)
+
+
+def preset_architecture(name: str) -> Architecture:
+    """The architecture whose preset ``name`` is."""
+    for entry in _ARCHITECTURES.values():
+        if name in entry.presets:
+            return entry
+    raise ConfigError(f"unknown preset {name!r}; choose from {preset_names()}")
+
+
+def preset(name: str, **overrides: Any):
+    """The config of the preset ``name`` (of any family), with fields replaced by ``overrides``.
+
+    An unknown field is a ConfigError naming it.
+    """
+    entry = preset_architecture(name)
+    return entry.config_class.from_dict({**entry.presets[name], **overrides})
 
 
 def from_pretrained(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,9 +25,14 @@ class ObjectiveOutput:
 
 
 class Objective(abc.ABC):
-    """A training objective; ``name`` is what checkpoints record and ``--objective`` takes."""
+    """A training objective; ``name`` is what checkpoints record and ``--objective`` takes.
+
+    ``models``: the model classes it trains; the loop refuses a preset of any other
+    family before it starts (an MLM objective has nothing to train on a causal LM).
+    """
 
     name: str
+    models: ClassVar[tuple[type, ...]]
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

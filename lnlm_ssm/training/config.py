@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from lnlm_ssm.models.config import PRESETS
+from lnlm_ssm.models import preset_names
 from lnlm_ssm.objectives import OBJECTIVES
 from lnlm_ssm.ops._backends import BACKENDS
 from lnlm_ssm.training.distributed import MODES
@@ -47,7 +47,7 @@ CHOICES = {
     "distributed": MODES,
     "backend": ("auto",) + BACKENDS,
     "objective": tuple(OBJECTIVES),
-    "preset": tuple(sorted(PRESETS)),
+    "preset": tuple(preset_names()),
     "report_to": REPORT_TO,
 }
 
@@ -69,10 +69,10 @@ class TrainConfig:
     of processes does not change what a step computes.
     """
 
-    preset: str = field(default="mamba-tiny", metadata=_help("model preset (lnlm_ssm.models.PRESETS)"))
+    preset: str = field(default="mamba-tiny", metadata=_help("model preset, of any family (lnlm_ssm.models.preset_names())"))
     objective: str = field(default="clm", metadata=_help("training objective (lnlm_ssm.objectives.OBJECTIVES)"))
     model: dict[str, Any] = field(
-        default_factory=dict, metadata=_help("MambaLMConfig fields that replace the preset's")
+        default_factory=dict, metadata=_help("model config fields that replace the preset's")
     )
     data: Optional[str] = field(
         default=None, metadata=_help("a text file or directory (default: the Python stdlib corpus)")
@@ -179,7 +179,7 @@ class TrainConfig:
             raise TrainConfigError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
         table = data.get("model", {})
         if not isinstance(table, dict):
-            raise TrainConfigError(f"config file {path}: model must be a [model] table of MambaLMConfig fields")
+            raise TrainConfigError(f"config file {path}: model must be a [model] table of model config fields")
         # Flags name single model fields: merge them into the file's [model] table.
         model = {**table, **overrides.pop("model", {})}
         return cls.from_dict({**data, **overrides, "model": model}, source=f"config file {path}")
@@ -251,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 action="append",
                 type=_model_override,
                 metavar="KEY=VALUE",
-                help="replace one field of the preset's MambaLMConfig; VALUE is JSON or a bare string "
+                help="replace one field of the preset's model config; VALUE is JSON or a bare string "
                 "(repeat the flag: --model n_layer=2 --model d_model=64)",
             )
         elif f.name == "betas":

@@ -7,7 +7,7 @@ A run directory (``config.out``) ends up holding::
     loss.png               train and held-out loss curves
     tensorboard/           with report_to="tensorboard": metrics.jsonl's scalars as TensorBoard events
     checkpoints/           step-{N:08d}.pt training checkpoints, the newest keep_last
-    model/                 the final model: config.json + model.safetensors (MambaLM.from_pretrained), the
+    model/                 the final model: config.json + model.safetensors (lnlm_ssm.from_pretrained), the
                            tokenizer, and a model card (README.md) naming the data, tokens, final evaluation, command
 
 A step draws ``batch_size`` sequences (the global batch; each rank takes its
@@ -43,8 +43,7 @@ from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
 from lnlm_ssm.data.sampler import WindowSampler
 from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
-from lnlm_ssm.models.causal_lm import MambaLM
-from lnlm_ssm.models.config import PRESETS, MambaLMConfig
+from lnlm_ssm.models import ConfigError, preset, preset_architecture
 from lnlm_ssm.objectives import get_objective
 from lnlm_ssm.training import distributed as dist_lib
 from lnlm_ssm.training.state import (
@@ -166,17 +165,30 @@ class _Run:
             dist_lib.barrier(self.info)
         return corpus
 
-    def _model_config(self, vocab_size: int) -> MambaLMConfig:
-        # from_dict, not preset(): an unknown field is a ConfigError naming it, not a TypeError.
-        model_config = MambaLMConfig.from_dict({**PRESETS[self.config.preset], "vocab_size": vocab_size,
-                                                **self.config.model})
+    def _model_class(self) -> type:
+        """The preset's model class, which must be one the objective trains."""
+        architecture = preset_architecture(self.config.preset)
+        wanted = self.objective.models
+        if not issubclass(architecture.model_class, wanted):
+            raise TrainConfigError(
+                f"the objective {self.objective.name!r} trains {' or '.join(c.__name__ for c in wanted)} models; "
+                f"the preset {self.config.preset!r} is a {architecture.name}: choose a preset of one of those"
+            )
+        return architecture.model_class
+
+    def _model_config(self, vocab_size: int):
+        """The config of the preset's model (any family), with the tokenizer's vocab and the --model overrides."""
+        try:
+            model_config = preset(self.config.preset, **{"vocab_size": vocab_size, **self.config.model})
+        except ConfigError as exc:
+            raise TrainConfigError(f"--model: {exc}") from None
         if model_config.vocab_size < vocab_size:
             raise TrainConfigError(
                 f"model vocab_size {model_config.vocab_size} is smaller than the tokenizer's {vocab_size}"
             )
         return model_config
 
-    def _check_resumable(self, state: dict[str, Any], model_config: MambaLMConfig) -> None:
+    def _check_resumable(self, state: dict[str, Any], model_config) -> None:
         path = self.resume_from
         if state["step"] >= self.config.steps:
             raise TrainConfigError(
@@ -205,11 +217,16 @@ class _Run:
                 f"cannot resume from {path} with different data settings; fields (checkpoint, this run): {differ}"
             )
 
-    def _build_model(self, model_config: MambaLMConfig) -> nn.Module:
+    def _build_model(self, model_config) -> nn.Module:
         """The model, wrapped for data parallelism; sets ``self.optimizer`` and ``self.autocast``."""
-        model = MambaLM(model_config, backend=self.config.backend)
+        model = self.model_class(model_config, backend=self.config.backend)
         if self.config.activation_checkpointing:
-            for block in model.backbone.layers:
+            blocks = getattr(getattr(model, "backbone", None), "layers", None)
+            if blocks is None:
+                raise TrainConfigError(
+                    f"activation_checkpointing needs a model with backbone.layers; a {type(model).__name__} has none"
+                )
+            for block in blocks:
                 # An instance attribute, so state-dict keys and the FSDP wrapping of blocks stay as they are.
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         groups = param_groups(model, self.config.weight_decay)
@@ -234,8 +251,9 @@ class _Run:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        corpus = self._corpus()
         self.objective = get_objective(config.objective)
+        self.model_class = self._model_class()
+        corpus = self._corpus()
         model_config = self._model_config(corpus.vocab_size)
         state = None
         if self.resume_from is not None:
@@ -378,7 +396,7 @@ class _Run:
         finally:
             model.train()
 
-    def _save(self, model, sampler, model_config: MambaLMConfig, step: int, tokens: int) -> Path:
+    def _save(self, model, sampler, model_config, step: int, tokens: int) -> Path:
         model_sd, optim_sd = dist_lib.full_state_dicts(model, self.optimizer, self.info)
         if self.main:
             # RNG states are rank 0's: the loop draws nothing random outside the sampler, whose state is global.
@@ -430,13 +448,13 @@ class _Run:
             command: _code(shlex.join(sys.argv)),
         }
 
-    def _export(self, model: nn.Module, model_config: MambaLMConfig, card: dict[str, Any]) -> Path:
-        """The final weights as a MambaLM checkpoint in out/model, with the tokenizer it was trained with and
-        its model card."""
+    def _export(self, model: nn.Module, model_config, card: dict[str, Any]) -> Path:
+        """The final weights as a checkpoint of the preset's family in out/model, with the tokenizer it was
+        trained with and its model card."""
         model_dir = self.out / "model"
         model_sd, _ = dist_lib.full_state_dicts(model, None, self.info)
         if self.main:
-            export = MambaLM(model_config)
+            export = self.model_class(model_config)
             export.load_state_dict(model_sd)
             export.save_pretrained(model_dir, card=card)
             tokenizer = self.config.tokenizer

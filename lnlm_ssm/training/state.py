@@ -9,7 +9,7 @@
     sampler          the training sampler's state_dict()
     rng              torch / numpy / python (/ cuda) generator states
     config           TrainConfig.to_dict() of the run that wrote it
-    model_config     MambaLMConfig.to_dict()
+    model_config     the model config's to_dict() (of the preset's family)
     progress         counters the loop carries on (tokens seen, ...)
     objective        the training objective's name (absent in checkpoints from before objectives: "clm")
 

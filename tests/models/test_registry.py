@@ -45,7 +45,7 @@ TOY_FOREIGN = Converter(
 @pytest.fixture
 def toy_family(monkeypatch):
     monkeypatch.setattr(registry, "_ARCHITECTURES", dict(registry._ARCHITECTURES))
-    registry.register(ToyModel, ToyConfig, converters=(TOY_FOREIGN,))
+    registry.register(ToyModel, ToyConfig, converters=(TOY_FOREIGN,), presets={"toy-small": {"width": 2}})
 
 
 def test_a_new_family_saves_loads_and_dispatches(tmp_path, toy_family):
@@ -86,3 +86,21 @@ def test_registering_a_second_class_under_a_taken_name_is_refused(toy_family):
     with pytest.raises(ValueError, match="architecture 'ToyModel' is registered already"):
         registry.register(Impostor, ToyConfig)
     assert "MambaLM" in registry.architectures()
+
+
+def test_presets_of_every_family_are_found_by_name(toy_family):
+    assert registry.preset("toy-small") == ToyConfig(width=2)
+    assert registry.preset("toy-small", width=5) == ToyConfig(width=5)
+    assert registry.preset_architecture("toy-small").model_class is ToyModel
+    assert registry.preset("mamba-tiny").d_model == 128
+    assert {"toy-small", "mamba-tiny", "gpt-tiny"} <= set(registry.preset_names())
+    with pytest.raises(ValueError, match="unknown preset 'toy-smal'; choose from"):
+        registry.preset("toy-smal")
+
+
+def test_a_preset_name_taken_by_another_family_is_refused(toy_family):
+    class Other(ToyModel):
+        architecture = "Other"
+
+    with pytest.raises(ValueError, match=r"presets \['toy-small'\] of Other are registered already, by ToyModel"):
+        registry.register(Other, ToyConfig, presets={"toy-small": {"width": 4}})

@@ -11,11 +11,14 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from lnlm_ssm.models import MambaLM
 from lnlm_ssm.data import Corpus
 from lnlm_ssm.data.corpus import default_corpus_dir
+from lnlm_ssm.objectives import OBJECTIVES, CausalLMObjective
 from lnlm_ssm.training import TrainConfig, TrainConfigError, train
+from lnlm_ssm.training import config as train_config
 from lnlm_ssm.training.state import latest_checkpoint, load_checkpoint
 from lnlm_ssm.training.loop import lr_at, param_groups
 from lnlm_ssm.training.metrics import ProgressBar, read_metrics
@@ -224,6 +227,19 @@ def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
         train(tiny(corpus, tmp_path / "run", model={"d_modle": 32}))
     with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 257"):
         train(tiny(corpus, tmp_path / "run", model={**TINY_MODEL, "vocab_size": 100}))
+
+
+def test_an_objective_refuses_a_preset_of_a_family_it_does_not_train(corpus, tmp_path, monkeypatch):
+    class EncoderOnly(CausalLMObjective):
+        name = "encoder-only"
+        models = (nn.Identity,)
+
+    monkeypatch.setitem(OBJECTIVES, EncoderOnly.name, EncoderOnly)
+    monkeypatch.setitem(train_config.CHOICES, "objective", (*train_config.CHOICES["objective"], EncoderOnly.name))
+    with pytest.raises(TrainConfigError, match="'encoder-only' trains Identity models; the preset 'mamba-tiny' is a "
+                                               "MambaLM"):
+        train(tiny(corpus, tmp_path / "run", objective="encoder-only"))
+    assert not (tmp_path / "run" / "data").exists()  # refused before the corpus is tokenised
 
 
 class FakeTerminal(io.StringIO):
