@@ -27,12 +27,13 @@ class ObjectiveOutput:
 class Objective(abc.ABC):
     """A training objective; ``name`` is what checkpoints record and ``--objective`` takes.
 
-    ``models``: the model classes it trains; the loop refuses a preset of any other
-    family before it starts (an MLM objective has nothing to train on a causal LM).
+    ``architectures``: the names of the model families it trains (``architecture``
+    of a ``models.PretrainedModel``); the loop refuses a preset of any other family
+    before it starts (an MLM objective has nothing to train on a causal LM).
     """
 
     name: str
-    models: ClassVar[tuple[type, ...]]
+    architectures: ClassVar[tuple[str, ...]]
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

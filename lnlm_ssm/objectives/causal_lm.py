@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from lnlm_ssm.models import MambaLM
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 
 
@@ -19,7 +18,7 @@ class CausalLMObjective(Objective):
     """
 
     name = "clm"
-    models = (MambaLM,)
+    architectures = ("MambaLM",)
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
         return ObjectiveOutput(loss=model(batch, labels=batch).loss)

@@ -168,10 +168,10 @@ class _Run:
     def _model_class(self) -> type:
         """The preset's model class, which must be one the objective trains."""
         architecture = preset_architecture(self.config.preset)
-        wanted = self.objective.models
-        if not issubclass(architecture.model_class, wanted):
+        wanted = self.objective.architectures
+        if architecture.name not in wanted:
             raise TrainConfigError(
-                f"the objective {self.objective.name!r} trains {' or '.join(c.__name__ for c in wanted)} models; "
+                f"the objective {self.objective.name!r} trains {' or '.join(wanted)} models; "
                 f"the preset {self.config.preset!r} is a {architecture.name}: choose a preset of one of those"
             )
         return architecture.model_class

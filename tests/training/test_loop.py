@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from lnlm_ssm.models import MambaLM
 from lnlm_ssm.data import Corpus
@@ -232,11 +231,11 @@ def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
 def test_an_objective_refuses_a_preset_of_a_family_it_does_not_train(corpus, tmp_path, monkeypatch):
     class EncoderOnly(CausalLMObjective):
         name = "encoder-only"
-        models = (nn.Identity,)
+        architectures = ("Encoder",)
 
     monkeypatch.setitem(OBJECTIVES, EncoderOnly.name, EncoderOnly)
     monkeypatch.setitem(train_config.CHOICES, "objective", (*train_config.CHOICES["objective"], EncoderOnly.name))
-    with pytest.raises(TrainConfigError, match="'encoder-only' trains Identity models; the preset 'mamba-tiny' is a "
+    with pytest.raises(TrainConfigError, match="'encoder-only' trains Encoder models; the preset 'mamba-tiny' is a "
                                                "MambaLM"):
         train(tiny(corpus, tmp_path / "run", objective="encoder-only"))
     assert not (tmp_path / "run" / "data").exists()  # refused before the corpus is tokenised
