@@ -9,7 +9,7 @@ real tokens first). A pad position reaches no state in either direction, so the
 real positions of a padded row equal that row run alone, to rounding. The
 outputs at pad positions are unspecified (finite, but not zero): pool or score
 only the real ones. Left padding works as well; pads between real tokens do not
-(a real token's conv window would skip over them).
+(the convs, and Hydra's shift, would read them).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class BiMamba(BidirectionalMixer):
                 source, copy = getattr(self.fwd, name), getattr(self.bwd, name)
                 for pname, param in source.named_parameters(recurse=False):
                     setattr(copy, pname, param)
+            # A checkpoint holds each weight once (safetensors refuses tensors that share memory).
             self.register_state_dict_post_hook(_drop_tied_copies)
             self.register_load_state_dict_pre_hook(_fill_tied_copies)
 
@@ -170,10 +171,13 @@ class Hydra(BidirectionalMixer):
     4. y = shift(y_f) + flip(shift(y_b)) + x * (fc_D(x) + D), shift moving every output one step later;
     5. RMSNorm of y (over all of d_inner), times silu(z); ``out_proj``.
 
-    Arguments and parameter names (``in_proj``, ``conv1d``, ``dt_bias``,
-    ``A_log``, ``D``, ``fc_D``, ``norm``, ``out_proj``) as the authors' module
-    (goombalab/hydra), including its init: A = -1 for every head
-    (``A_init_range=(1, 1)``). ``norm_eps`` is the gated norm's eps.
+    Arguments, parameter names (``in_proj``, ``conv1d``, ``dt_bias``, ``A_log``,
+    ``D``, ``fc_D``, ``norm``, ``out_proj``) and init as the authors' module
+    (goombalab/hydra): A = -1 for every head (``A_init_range=(1, 1)``), one
+    dt_bias and one A per head shared by both directions. Not kept: its
+    learnable initial states, ``activation`` (always silu) and the fused
+    ``use_mem_eff_path``. Ours: ``A_init_range`` (as ``Mamba2``), ``norm_eps``
+    (the gated norm's eps) and ``backend``.
     """
 
     no_weight_decay = ("A_log", "D", "dt_bias")
@@ -254,7 +258,6 @@ class Hydra(BidirectionalMixer):
         )
         if conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
-        # One dt bias and one A per head, shared by the two directions (as the authors').
         self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor, **factory))
         A = torch.empty(nheads, dtype=torch.float32, device=device).uniform_(low, high)
         self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.get_default_dtype()))
@@ -283,12 +286,13 @@ class Hydra(BidirectionalMixer):
         x, B_f, C_f, B_b, C_b = xBC.split([self.d_inner, group_dim, group_dim, group_dim, group_dim], dim=-1)
         x = x.unflatten(-1, (self.nheads, self.headdim))
         dt_bias = to_math_dtype(self.dt_bias)
-        # Δ here rather than in the scan, so that a pad's Δ is 0: it decays no state either.
+        # Δ here rather than in the scan, so that a pad's Δ can be 0: the pad then adds nothing to the
+        # state (its input enters as Δ x B) and decays nothing, and the cumulative decays a chunked
+        # kernel forms over a run of pads stay exactly zero.
         delta = F.softplus(dt.to(dt_bias.dtype).unflatten(-1, (2, self.nheads)) + dt_bias)
         if self.dt_limit != NO_DT_LIMIT:
             delta = delta.clamp(*self.dt_limit)
         if keep is not None:
-            x = x * keep[:, :, None, None]
             delta = delta * keep[:, :, None, None].to(delta.dtype)
 
         def both(forward, backward):

@@ -261,18 +261,23 @@ def test_output_depends_on_both_sides(mixer):
     assert jacobian_row[:, t + 6].abs().amax() > 1e-6, "the future"
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_right_padding_leaves_no_trace(mixer, dtype):
+def test_padding_leaves_no_trace(mixer, dtype, side):
+    """Right padding is the contract (encoder batches); left padding works as well."""
     layer = MIXERS[mixer](backend="cpu", dtype=dtype)
     lengths = [SEQLEN, 6, 1]
     u = hidden(batch=len(lengths), dtype=dtype).requires_grad_()
     mask = torch.arange(SEQLEN)[None, :] < torch.tensor(lengths)[:, None]
+    if side == "left":
+        mask = mask.flip(1)
     out = layer(u, mask=mask)
     for row, length in enumerate(lengths):
+        real = slice(0, length) if side == "right" else slice(SEQLEN - length, SEQLEN)
         with torch.no_grad():
-            alone = layer(u[row : row + 1, :length])
-        assert_close(out[row : row + 1, :length], alone, msg=f"row {row} of length {length}")
+            alone = layer(u[row : row + 1, real])
+        assert_close(out[row : row + 1, real], alone, msg=f"row {row} of length {length}")
     with torch.no_grad():
         assert_close(out[:1], layer(u[:1]), msg="an all-real row is untouched by the mask")
     (grad,) = torch.autograd.grad((out * mask[..., None]).sum(), u)
