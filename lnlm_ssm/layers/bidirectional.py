@@ -158,11 +158,13 @@ def _fill_tied_copies(module, state_dict, prefix, local_metadata, strict, missin
 class Hydra(BidirectionalMixer):
     """Hydra (Hwang et al., 2024, arXiv 2407.09941): a quasiseparable matrix mixer built from two SSD scans.
 
-    Per head, the sequence is mixed by ``M = shift(L_f) + flip(shift(L_b)) + diag``
-    applied to x: ``L_f`` is the causal SSD matrix of the forward direction,
-    ``L_b`` that of the backward one (run on the reversed sequence), each shifted
-    one step so that the forward part sees only s < t and the backward part only
-    s > t; the diagonal is data dependent, ``x_t * (fc_D(x_t) + D)``. In steps:
+    The paper's ``QS(X) = shift(SS(X)) + flip(shift(SS(flip(X)))) + DX``: per
+    head, x is mixed by the matrix with rows ``M[t] = L_f[t - 1] + L_b[t + 1]``
+    plus a diagonal, where ``L_f`` is the causal SSD matrix (s <= t) of the
+    forward direction and ``L_b`` the anti-causal one (s >= t) of the backward
+    direction (rows out of range are zero). The one-step shift makes the forward
+    part see only s < t and the backward part only s > t; the diagonal is data
+    dependent, ``x_t * (fc_D(x_t) + D)``. In steps:
 
     1. ``in_proj`` -> z (d_inner), xBC = [x, B_f, C_f, B_b, C_b] and dt (2 * nheads: forward, backward);
     2. xBC through a centred ("same") depthwise conv of odd width ``d_conv``, then silu;
@@ -276,7 +278,7 @@ class Hydra(BidirectionalMixer):
     ) -> torch.Tensor:
         """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused."""
         keep = self._check(hidden_states, cache, mask)
-        batch, seqlen, _ = hidden_states.shape
+        batch = hidden_states.shape[0]
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen), the conv's layout
         if keep is not None:
@@ -310,7 +312,7 @@ class Hydra(BidirectionalMixer):
             self.chunk_size,
             backend=self.backend,
         )
-        # Shift one step later: position t keeps the state of t - 1, which has not seen x_t.
+        # Shift one step later: position t takes the scan's output at t - 1, read from a state without x_t.
         y = F.pad(y[:, :-1], (0, 0, 0, 0, 1, 0))
         y = y[:batch] + y[batch:].flip(1)
         diagonal = self.fc_D(x.flatten(-2)) + self.D.to(x.dtype)

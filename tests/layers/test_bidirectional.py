@@ -12,8 +12,10 @@ from mixer_cases import perturbed
 
 D_MODEL, D_STATE, HEADDIM, CHUNK, SEQLEN = 16, 4, 8, 4, 11
 BACKENDS = ["reference", "cpu"]
-INNER = {"Mamba1": (Mamba, {"d_state": D_STATE}), "Mamba2": (Mamba2, {"d_state": D_STATE, "headdim": HEADDIM,
-                                                                     "chunk_size": CHUNK})}
+INNER = {
+    "Mamba1": (Mamba, {"d_state": D_STATE}),
+    "Mamba2": (Mamba2, {"d_state": D_STATE, "headdim": HEADDIM, "chunk_size": CHUNK}),
+}
 
 # The default layer; two groups of B and C with biases and a wider conv; a dt limit.
 HYDRA_CONFIGS = {
@@ -71,9 +73,11 @@ def hydra_by_matrix(layer: Hydra, u: torch.Tensor) -> torch.Tensor:
         decay = torch.exp(exponent.masked_fill(~valid, -torch.inf))
         return scores * decay * delta.transpose(1, 2)[:, :, None, :]
 
-    cs_f, cs_b = a[:, :, 0].cumsum(1).transpose(1, 2), a[:, :, 1].cumsum(1).transpose(1, 2)  # (batch, h, seqlen)
-    before_f = cs_f[..., :, None] - cs_f[..., None, :]  # Σ_{s<k≤t}
-    after_b = (cs_b - a[:, :, 1].transpose(1, 2))[..., None, :] - (cs_b - a[:, :, 1].transpose(1, 2))[..., :, None]
+    a_f, a_b = a[:, :, 0].transpose(1, 2), a[:, :, 1].transpose(1, 2)  # (batch, h, seqlen)
+    cs_f = a_f.cumsum(-1)  # [t] = Σ_{k≤t} a_f[k]
+    cs_b = a_b.cumsum(-1) - a_b  # [t] = Σ_{k<t} a_b[k]
+    before_f = cs_f[..., :, None] - cs_f[..., None, :]  # [t, s] = Σ_{s<k≤t} a_f[k]
+    after_b = cs_b[..., None, :] - cs_b[..., :, None]  # [t, s] = Σ_{t≤k<s} a_b[k]
     L_f = ssd_matrix(B_f, C_f, delta[:, :, 0], before_f, s_idx <= t_idx)
     L_b = ssd_matrix(B_b, C_b, delta[:, :, 1], after_b, s_idx >= t_idx)
     M = F.pad(L_f[..., :-1, :], (0, 0, 1, 0)) + F.pad(L_b[..., 1:, :], (0, 0, 0, 1))
