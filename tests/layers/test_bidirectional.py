@@ -160,6 +160,9 @@ def test_bimamba_tied_state_dict_stores_each_tensor_once():
     u = hidden()
     with torch.no_grad():
         assert_close(fresh(u), tied(u))
+    inside_a_model = torch.nn.Sequential(fresh)
+    assert set(inside_a_model.state_dict()) == {f"0.{key}" for key in state}
+    inside_a_model.load_state_dict({f"0.{key}": value for key, value in state.items()})
 
     untied_state = {**state, "bwd.in_proj.weight": torch.zeros_like(state["fwd.in_proj.weight"])}
     with pytest.raises(RuntimeError, match="bwd.in_proj.weight differs from fwd.in_proj.weight"):
