@@ -7,6 +7,7 @@ which is which. Parameter names follow mamba_ssm's checkpoint layout exactly.
 
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.base import Mixer, declared_parameter_names
+from lnlm_ssm.layers.bidirectional import BiMamba, Hydra
 from lnlm_ssm.layers.cache import AttentionCache, InferenceCache, Mamba2Cache, MambaCache
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
@@ -18,7 +19,9 @@ from lnlm_ssm.layers.quantized import QuantizedEmbedding, QuantizedLinear, quant
 __all__ = [
     "Attention",
     "AttentionCache",
+    "BiMamba",
     "GatedMLP",
+    "Hydra",
     "InferenceCache",
     "LayerNorm",
     "Mamba",
