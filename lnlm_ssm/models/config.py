@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lnlm_ssm.utils.checks import check_nonnegative_int, check_positive_int
+from lnlm_ssm.layers.mlp import ACTIVATIONS
+from lnlm_ssm.utils.checks import check_choice, check_nonnegative_int, check_positive_int
 from lnlm_ssm.utils.files import atomic_write
 
 LAYER_CHARS = {"1": "Mamba1", "2": "Mamba2", "A": "Attention"}
@@ -177,3 +178,206 @@ def preset(name: str, **overrides: Any) -> MambaLMConfig:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     fields = {**PRESETS[name], **overrides}
     return MambaLMConfig(**fields)
+
+
+@dataclass
+class EncoderConfig:
+    """What a bidirectional encoder is made of: BERT, RoBERTa, ALBERT and ELECTRA are choices of these fields.
+
+    Field names as HF BERT's where ours has the same meaning (``vocab_size``,
+    ``hidden_act``, ``max_position_embeddings``, ``type_vocab_size``,
+    ``layer_norm_eps``, ``pad_token_id``, ALBERT's ``embedding_size``,
+    ``num_hidden_groups``, ``inner_group_num``), MambaLMConfig's otherwise.
+
+    - ``layer_pattern``: one character per distinct block, repeated to their
+      number; ``models.encoder.ENCODER_MIXERS`` maps each character to its mixer
+      ("A": bidirectional attention). ``mixer_cfg[char]``: that mixer's keyword
+      arguments, on top of the defaults (attention: ``num_heads``, no causal mask).
+    - ``prenorm``: ``x + mixer(norm(x))`` blocks with a final norm; BERT's
+      blocks are post-norm, ``norm(x + mixer(x))`` (False).
+    - ``position_offset``: 0, BERT: positions are 0, 1, ...; RoBERTa's
+      ``pad_token_id + 1``: the real (non-pad) tokens count up from it and pad
+      tokens take ``position_offset - 1``. ``max_position_embeddings`` 0: no position table.
+    - ``embedding_size``: the embeddings' width E, mapped to d_model by a linear
+      layer (ALBERT always has it, ELECTRA when E != d_model); None: d_model, no map.
+    - ``num_hidden_groups`` (None: ``n_layer``, no sharing) groups of
+      ``inner_group_num`` blocks; layer i runs group ``i // (n_layer / groups)``
+      (ALBERT's cross-layer sharing; ALBERT's own default is 1 group).
+    - ``head_act``: the activation of the MLM head's transform (BERT and ALBERT
+      use ``hidden_act``; RoBERTa and ELECTRA's generator GELU).
+    - ``hidden_dropout``: dropout on the embeddings and on each block's mixer and
+      MLP outputs, in training (BERT's hidden_dropout_prob).
+    - ``add_pooler``: the bare ``Encoder`` has BERT's pooler (tanh(dense(first token))).
+    """
+
+    vocab_size: int = 30522
+    d_model: int = 768
+    n_layer: int = 12
+    num_heads: int = 12
+    d_intermediate: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_offset: int = 0
+    embedding_size: Optional[int] = None
+    num_hidden_groups: Optional[int] = None
+    inner_group_num: int = 1
+    layer_pattern: str = "A"
+    mixer_cfg: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prenorm: bool = False
+    hidden_dropout: float = 0.1
+    head_act: str = "gelu"
+    tie_embeddings: bool = True
+    add_pooler: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            for name in ("vocab_size", "d_model", "n_layer", "num_heads", "d_intermediate", "inner_group_num"):
+                check_positive_int(name, getattr(self, name))
+            for name in ("max_position_embeddings", "type_vocab_size", "pad_token_id", "position_offset"):
+                check_nonnegative_int(name, getattr(self, name))
+            if self.embedding_size is not None:
+                check_positive_int("embedding_size (None: d_model)", self.embedding_size)
+            if self.num_hidden_groups is not None:
+                check_positive_int("num_hidden_groups (None: n_layer)", self.num_hidden_groups)
+            for name in ("hidden_act", "head_act"):
+                check_choice(name, getattr(self, name), sorted(ACTIVATIONS))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be > 0; got {self.layer_norm_eps!r}")
+        if not 0 <= self.hidden_dropout < 1:
+            raise ConfigError(f"hidden_dropout must be in [0, 1); got {self.hidden_dropout!r}")
+        if self.pad_token_id >= self.vocab_size:
+            raise ConfigError(f"pad_token_id must be < vocab_size={self.vocab_size}; got {self.pad_token_id}")
+        if self.n_layer % self.hidden_groups:
+            raise ConfigError(
+                f"num_hidden_groups ({self.num_hidden_groups}) must divide n_layer ({self.n_layer}): "
+                "each group serves the same number of consecutive layers"
+            )
+        if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
+            raise ConfigError(f"layer_pattern must be a non-empty string; got {self.layer_pattern!r}")
+        if self.num_blocks % len(self.layer_pattern):
+            raise ConfigError(
+                f"layer_pattern {self.layer_pattern!r} (length {len(self.layer_pattern)}) must repeat a whole number "
+                f"of times in the {self.num_blocks} distinct blocks (num_hidden_groups * inner_group_num)"
+            )
+        if not isinstance(self.mixer_cfg, dict) or not all(isinstance(v, dict) for v in self.mixer_cfg.values()):
+            raise ConfigError(f"mixer_cfg must map layer characters to dicts of keyword arguments; got {self.mixer_cfg!r}")
+        # As MambaLMConfig: tuples become lists, as they come back from config.json.
+        self.mixer_cfg = {
+            char: {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+            for char, kwargs in self.mixer_cfg.items()
+        }
+
+    @property
+    def hidden_groups(self) -> int:
+        return self.n_layer if self.num_hidden_groups is None else self.num_hidden_groups
+
+    @property
+    def num_blocks(self) -> int:
+        """How many distinct blocks (parameter sets) the layers share: num_hidden_groups * inner_group_num."""
+        return self.hidden_groups * self.inner_group_num
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.d_model if self.embedding_size is None else self.embedding_size
+
+    def layer_chars(self) -> list[str]:
+        """The layer-pattern character of each distinct block."""
+        return list(self.layer_pattern * (self.num_blocks // len(self.layer_pattern)))
+
+    def block_order(self) -> list[int]:
+        """The distinct block each of the ``n_layer * inner_group_num`` block applications runs, in order."""
+        per_group = self.n_layer // self.hidden_groups
+        return [
+            (i // per_group) * self.inner_group_num + j for i in range(self.n_layer) for j in range(self.inner_group_num)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        return _from_dict(cls, data)
+
+    def save(self, path: Union[str, Path]) -> None:
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "EncoderConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return cls(**data)
+
+
+def electra_generator_config(discriminator: EncoderConfig, size: float = 0.25) -> EncoderConfig:
+    """ELECTRA's generator for ``discriminator``: ``size`` of its width (d_model, heads, d_intermediate), its depth.
+
+    The embeddings are the discriminator's (shared), so their width E stays the
+    discriminator's and the generator maps E to its own d_model.
+    """
+    if not 0 < size <= 1:
+        raise ConfigError(f"size must be in (0, 1]; got {size!r}")
+    num_heads = max(1, round(discriminator.num_heads * size))
+    head_dim = discriminator.d_model // discriminator.num_heads
+    return dataclasses.replace(
+        discriminator,
+        d_model=num_heads * head_dim,
+        num_heads=num_heads,
+        d_intermediate=max(1, round(discriminator.d_intermediate * size)),
+        embedding_size=discriminator.embedding_dim,
+        add_pooler=False,
+    )
+
+
+@dataclass
+class ElectraConfig:
+    """ELECTRA's pre-training pair: a generator MaskedLM and a discriminator sharing their embeddings.
+
+    ``generator`` defaults to ``electra_generator_config(discriminator)`` (1/4 of
+    the discriminator's width, as the paper's small and large models). Both are
+    dicts in config.json.
+    """
+
+    discriminator: EncoderConfig = field(default_factory=EncoderConfig)
+    generator: Optional[EncoderConfig] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.discriminator, dict):
+            self.discriminator = EncoderConfig.from_dict(self.discriminator)
+        if self.generator is None:
+            self.generator = electra_generator_config(self.discriminator)
+        elif isinstance(self.generator, dict):
+            self.generator = EncoderConfig.from_dict(self.generator)
+        for name in ("discriminator", "generator"):
+            if not isinstance(getattr(self, name), EncoderConfig):
+                raise ConfigError(f"{name} must be an EncoderConfig or its dict; got {type(getattr(self, name)).__name__}")
+        shared = ("vocab_size", "embedding_dim", "max_position_embeddings", "type_vocab_size", "position_offset",
+                  "pad_token_id", "layer_norm_eps")
+        differ = [f"{n} ({getattr(self.generator, n)} != {getattr(self.discriminator, n)})" for n in shared
+                  if getattr(self.generator, n) != getattr(self.discriminator, n)]
+        if differ:
+            raise ConfigError(f"the generator shares the discriminator's embeddings, so these must agree: {differ}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"discriminator": self.discriminator.to_dict(), "generator": self.generator.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ElectraConfig":
+        return _from_dict(cls, data)
+
+    def save(self, path: Union[str, Path]) -> None:
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ElectraConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
