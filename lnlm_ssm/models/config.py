@@ -172,12 +172,6 @@ PRESETS.update(
 )
 
 
-def preset(name: str, **overrides: Any) -> MambaLMConfig:
-    """The config of a named preset, with fields replaced by ``overrides``."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    fields = {**PRESETS[name], **overrides}
-    return MambaLMConfig(**fields)
 
 
 @dataclass
@@ -381,3 +375,42 @@ class ElectraConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ElectraConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# The config class of each preset that is not a MambaLMConfig (PRESETS holds every preset's fields).
+PRESET_CONFIGS: dict[str, type] = {}
+
+# The encoders' tiny presets: about 1M parameters with the byte tokenizer's 257 ids and its
+# [PAD] (257), [MASK], [CLS] and [SEP] above them. roberta-tiny is BERT with RoBERTa's
+# choices for a model trained here: one token type and the GELU head; its positions start
+# at 0 (RoBERTa's offset of pad_token_id + 1 only matters for reading its checkpoints).
+_BYTE_SPECIAL_VOCAB = _BYTE_VOCAB + 4
+_BYTE_PAD = _BYTE_VOCAB
+_TINY_ENCODER = dict(
+    vocab_size=_BYTE_SPECIAL_VOCAB, d_model=128, n_layer=4, num_heads=4, d_intermediate=512, pad_token_id=_BYTE_PAD
+)
+_ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": _TINY_ENCODER,
+    "roberta-tiny": dict(_TINY_ENCODER, type_vocab_size=1),
+    # One block shared by all 6 layers, on 64-wide embeddings: ALBERT's two savings.
+    "albert-tiny": dict(
+        _TINY_ENCODER, d_model=256, n_layer=6, d_intermediate=1024, embedding_size=64, num_hidden_groups=1,
+        hidden_act="gelu_new", head_act="gelu_new", hidden_dropout=0.0,
+    ),
+    # BERT-base, with its WordPiece vocabulary of 30522: 110M parameters.
+    "bert-110m": dict(vocab_size=30522),
+}
+PRESETS.update(_ENCODER_PRESETS)
+PRESET_CONFIGS.update(dict.fromkeys(_ENCODER_PRESETS, EncoderConfig))
+# The discriminator is bert-tiny; the generator, by default, a quarter of its width.
+PRESETS["electra-tiny"] = dict(discriminator=dict(_TINY_ENCODER))
+PRESET_CONFIGS["electra-tiny"] = ElectraConfig
+
+
+def preset(name: str, **overrides: Any):
+    """The config of a named preset (a MambaLMConfig, or the class ``PRESET_CONFIGS`` names), fields replaced
+    by ``overrides``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    fields = {**PRESETS[name], **overrides}
+    return PRESET_CONFIGS.get(name, MambaLMConfig)(**fields)

@@ -15,7 +15,13 @@ import re
 from typing import Any
 
 from lnlm_ssm.checkpoint.convert import Converter, require
-from lnlm_ssm.checkpoint.convert.hf_bert import EMBEDDING_KEYS, encoder_fields, encoder_state, mlm_head_keys, without_copies
+from lnlm_ssm.checkpoint.convert.hf_bert import (
+    EMBEDDING_KEYS,
+    decoder_bias_first,
+    encoder_fields,
+    encoder_state,
+    mlm_head_keys,
+)
 
 LAYOUT = "HF albert"
 
@@ -35,7 +41,7 @@ _TOP = {
     "pooler.weight": "pooler.dense.weight",
     "pooler.bias": "pooler.dense.bias",
 }
-_MLM_HEAD = mlm_head_keys("predictions.dense", "predictions.LayerNorm", "predictions.decoder.weight", "predictions.bias")
+_MLM_HEAD = mlm_head_keys("predictions.dense", "predictions.LayerNorm", "predictions.decoder", "predictions.bias")
 _SOP_HEAD = {"sop_classifier.classifier.weight": "sop_head.weight", "sop_classifier.classifier.bias": "sop_head.bias"}
 
 
@@ -60,7 +66,7 @@ def _state(prefix: str, ours: str, heads: dict[str, str]):
             qkv=_QKV, heads=heads, block_index=lambda m: int(m.group(1)) * inner + int(m.group(2)),
         )
 
-    return without_copies(state, {"predictions.decoder.bias": "predictions.bias"})
+    return decoder_bias_first(state, "predictions.decoder.bias", "predictions.bias")
 
 
 MLM = Converter(

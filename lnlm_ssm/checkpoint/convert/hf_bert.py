@@ -9,7 +9,7 @@ query, key and value projections concatenated into our ``mixer.in_proj`` (rows
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -143,32 +143,33 @@ def bert_state(prefix: str, ours: str, heads: Mapping[str, str], layout: str = L
     return state
 
 
-def mlm_head_keys(dense: str, norm: str, decoder_weight: str, decoder_bias: str) -> dict[str, str]:
-    """HF names of an MLM head's parts (modules ``dense`` and ``norm``, keys of the decoder) -> ours."""
-    return {
+def mlm_head_keys(dense: str, norm: str, decoder: str, head_bias: Optional[str] = None) -> dict[str, str]:
+    """HF names of an MLM head's modules ``dense``, ``norm``, ``decoder`` (and its bias as the head's own
+    ``head_bias`` parameter, where HF keeps one) -> ours."""
+    keys = {
         f"{dense}.weight": "mlm_head.dense.weight",
         f"{dense}.bias": "mlm_head.dense.bias",
         f"{norm}.weight": "mlm_head.norm.weight",
         f"{norm}.bias": "mlm_head.norm.bias",
-        decoder_weight: "mlm_head.decoder.weight",
-        decoder_bias: "mlm_head.decoder.bias",
+        f"{decoder}.weight": "mlm_head.decoder.weight",
+        f"{decoder}.bias": "mlm_head.decoder.bias",
     }
+    if head_bias is not None:
+        keys[head_bias] = "mlm_head.decoder.bias"
+    return keys
 
 
-def without_copies(state_fn, copies: Mapping[str, str]):
-    """``state_fn`` on a state dict without ``copies`` (key -> the key it duplicates), checked equal first.
+def decoder_bias_first(state_fn, decoder_bias: str, head_bias: str):
+    """``state_fn`` on a state dict holding one of ``decoder_bias`` and ``head_bias``: the decoder's, when saved.
 
-    HF saves an MLM decoder's bias once, as the head's ``bias``; older versions saved its
-    ``decoder.bias`` copy too.
+    HF's MLM heads keep the decoder's bias twice, as ``decoder.bias`` (what the
+    forward adds) and as the head's ``bias``, tied to it with tied embeddings:
+    then only the head's is saved, and without the tie both are.
     """
 
     def state(raw_state: dict[str, torch.Tensor], fields: dict[str, Any]) -> dict[str, torch.Tensor]:
-        raw_state = dict(raw_state)
-        for copy, source in copies.items():
-            if copy in raw_state and source in raw_state:
-                if not torch.equal(raw_state[copy], raw_state[source]):
-                    raise CheckpointError(f"the checkpoint's {copy} differs from {source}, which it must equal")
-                del raw_state[copy]
+        if decoder_bias in raw_state:
+            raw_state = {k: t for k, t in raw_state.items() if k != head_bias}
         return state_fn(raw_state, fields)
 
     return state
@@ -189,16 +190,17 @@ MLM = Converter(
     model_type="bert",
     architectures=("BertForMaskedLM",),
     config=_bert_mlm_config,
-    state=without_copies(
+    state=decoder_bias_first(
         bert_state(
             "bert.",
             "encoder.",
             mlm_head_keys(
-                "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-                "cls.predictions.decoder.weight", "cls.predictions.bias",
+                "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
+                "cls.predictions.bias",
             ),
         ),
-        {"cls.predictions.decoder.bias": "cls.predictions.bias"},
+        "cls.predictions.decoder.bias",
+        "cls.predictions.bias",
     ),
 )
 BARE = Converter(

@@ -38,10 +38,7 @@ GENERATOR = Converter(
     config=_generator_config,
     state=bert_state(
         "electra.", "encoder.",
-        mlm_head_keys(
-            "generator_predictions.dense", "generator_predictions.LayerNorm",
-            "generator_lm_head.weight", "generator_lm_head.bias",
-        ),
+        mlm_head_keys("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head"),
         layout=LAYOUT,
         top=_PROJECT,
     ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lnlm_ssm.checkpoint.convert import Converter
-from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, encoder_fields, mlm_head_keys, without_copies
+from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, decoder_bias_first, encoder_fields, mlm_head_keys
 
 LAYOUT = "HF roberta"
 
@@ -30,13 +30,14 @@ MLM = Converter(
     model_type="roberta",
     architectures=("RobertaForMaskedLM",),
     config=_mlm_config,
-    state=without_copies(
+    state=decoder_bias_first(
         bert_state(
             "roberta.", "encoder.",
-            mlm_head_keys("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder.weight", "lm_head.bias"),
+            mlm_head_keys("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
             layout=LAYOUT,
         ),
-        {"lm_head.decoder.bias": "lm_head.bias"},
+        "lm_head.decoder.bias",
+        "lm_head.bias",
     ),
 )
 BARE = Converter(
