@@ -13,8 +13,12 @@ char  layer
 ====  ===========================================================
 
 or, the incumbent's way, by ``attn_layer_idx`` (attention at those indices, the
-``ssm_cfg`` layer elsewhere). Every block has a gated MLP after its mixer when
-``d_intermediate > 0``. ``ssm_cfg`` and ``attn_cfg`` hold the keyword arguments
+``ssm_cfg`` layer elsewhere). Every block has an MLP after its mixer when
+``d_intermediate > 0``: gated (mamba_ssm's and Llama's SwiGLU, ``mlp_type``
+"gated") or plain fc1 -> act -> fc2 (GPT-2's, "plain"), with the activation
+``mlp_act`` (a name in ``layers.mlp.ACTIVATIONS``) and biases when ``mlp_bias``.
+``max_position_embeddings > 0`` adds learned absolute positions to the token
+embedding (GPT-2). ``ssm_cfg`` and ``attn_cfg`` hold the keyword arguments
 of the layer constructors (mamba_ssm's names: d_state, d_conv, expand, headdim,
 ...; num_heads, num_heads_kv, head_dim, rotary_emb_dim, ...).
 """
@@ -33,6 +37,7 @@ from lnlm_ssm.utils.files import atomic_write
 
 LAYER_CHARS = {"1": "Mamba1", "2": "Mamba2", "A": "Attention"}
 SSM_LAYERS = ("Mamba1", "Mamba2")
+MLP_TYPES = ("gated", "plain")
 
 
 class ConfigError(ValueError):
@@ -54,12 +59,19 @@ class MambaLMConfig:
     residual_in_fp32: bool = True
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
+    max_position_embeddings: int = 0
+    mlp_type: str = "gated"
+    mlp_act: str = "silu"
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         try:
             for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
                 check_positive_int(name, getattr(self, name))
             check_nonnegative_int("d_intermediate (0: no MLP)", self.d_intermediate)
+            check_nonnegative_int("max_position_embeddings (0: no learned positions)", self.max_position_embeddings)
+            check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+            check_choice("mlp_act", self.mlp_act, sorted(ACTIVATIONS))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not self.norm_epsilon > 0:
@@ -169,6 +181,21 @@ PRESETS.update(
             d_model=128, n_layer=5, vocab_size=_BYTE_VOCAB, d_intermediate=384, layer_pattern="A", attn_cfg=_TINY_ATTN
         ),
     }
+)
+# GPT-2's architecture at the tiny size: learned positions (up to 1024, GPT-2's n_positions),
+# LayerNorms, biased attention and a plain GELU MLP.
+PRESETS["gpt2-tiny"] = dict(
+    d_model=128,
+    n_layer=4,
+    vocab_size=_BYTE_VOCAB,
+    d_intermediate=512,
+    layer_pattern="A",
+    attn_cfg={"num_heads": 4, "head_dim": 32, "qkv_proj_bias": True, "out_proj_bias": True},
+    rms_norm=False,
+    max_position_embeddings=1024,
+    mlp_type="plain",
+    mlp_act="gelu_new",
+    mlp_bias=True,
 )
 
 
