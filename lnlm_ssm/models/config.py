@@ -1,4 +1,6 @@
-"""MambaLMConfig: what a MambaLM is made of, field names as in mamba_ssm's MambaConfig.
+"""The model configs and presets: MambaLMConfig (below), EncoderConfig and ElectraConfig (the encoders, at the end).
+
+MambaLMConfig: what a MambaLM is made of, field names as in mamba_ssm's MambaConfig.
 
 The layer stack is described by ``layer_pattern``, one character per layer,
 repeated to ``n_layer``:

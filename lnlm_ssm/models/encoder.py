@@ -39,7 +39,6 @@ from torch import nn
 
 from lnlm_ssm.checkpoint.convert import hf_albert, hf_bert, hf_electra, hf_roberta
 from lnlm_ssm.layers.attention import Attention
-from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.layers.embedding import EncoderEmbedding
 from lnlm_ssm.layers.mlp import MLP
 from lnlm_ssm.layers.norm import LayerNorm
@@ -171,16 +170,14 @@ class Encoder(PretrainedModel):
 
         A mixer other than attention keeps its own initialisation (its dt bias, A_log, ...).
         """
-        keep = declared_parameter_names(self, "keep_init")
-        own = [m for block in self.layers if not isinstance(block.mixer, Attention) for m in block.mixer.modules()]
-        own_ids = {id(m) for m in own}
+        own = {id(m) for block in self.layers if not isinstance(block.mixer, Attention) for m in block.mixer.modules()}
         with torch.no_grad():
-            for name, module in self.named_modules():
-                if id(module) in own_ids:
+            for module in self.modules():
+                if id(module) in own:
                     continue
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None and f"{name}.bias" not in keep:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
 
     def forward(
