@@ -229,7 +229,8 @@ class EncoderConfig:
     - ``head_act``: the activation of the MLM head's transform (BERT and ALBERT
       use ``hidden_act``; RoBERTa and ELECTRA's generator GELU).
     - ``hidden_dropout``: dropout on the embeddings and on each block's mixer and
-      MLP outputs, in training (BERT's hidden_dropout_prob).
+      MLP outputs, in training (BERT's hidden_dropout_prob; its dropout of the
+      attention probabilities is not built).
     - ``add_pooler``: the bare ``Encoder`` has BERT's pooler (tanh(dense(first token))).
     """
 

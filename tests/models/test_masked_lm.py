@@ -170,3 +170,9 @@ def test_save_and_load_round_trip(tmp_path, cls):
     before, after = model(ids, attention_mask=mask), loaded(ids, attention_mask=mask)
     key = "last_hidden_state" if cls is Encoder else "logits"
     assert torch.equal(getattr(before, key), getattr(after, key))
+
+
+def test_exported_from_the_package():
+    for name in ("Encoder", "EncoderConfig", "MaskedLM", "SentenceOrderMaskedLM", "ReplacedTokenDetector",
+                 "ElectraPretraining", "ElectraConfig"):
+        assert getattr(lnlm_ssm, name) is getattr(lnlm_ssm.models, name)
