@@ -176,3 +176,25 @@ def test_exported_from_the_package():
     for name in ("Encoder", "EncoderConfig", "MaskedLM", "SentenceOrderMaskedLM", "ReplacedTokenDetector",
                  "ElectraPretraining", "ElectraConfig"):
         assert getattr(lnlm_ssm, name) is getattr(lnlm_ssm.models, name)
+
+
+def test_a_new_mixer_is_one_table_entry(monkeypatch):
+    from lnlm_ssm.models import encoder
+
+    seen = {}
+
+    class Scale(torch.nn.Module):
+        def __init__(self, d_model, scale=1.0, layer_idx=None, device=None, dtype=None, backend="auto"):
+            super().__init__()
+            self.scale, self.layer_idx = scale, layer_idx
+
+        def forward(self, hidden_states, cache=None, *, mask=None, position_ids=None):
+            seen[self.layer_idx] = mask
+            return hidden_states * self.scale
+
+    monkeypatch.setitem(encoder.ENCODER_MIXERS, "S", Scale)
+    model = Encoder(EncoderConfig(**{**SMALL, "layer_pattern": "AS", "mixer_cfg": {"S": {"scale": 2.0}}})).eval()
+    assert type(model.layers[0].mixer).__name__ == "Attention" and model.layers[1].mixer.scale == 2.0
+    ids, mask = ids_and_mask()
+    model(ids, attention_mask=mask)
+    assert torch.equal(seen[1], mask.bool())
