@@ -72,3 +72,20 @@ def test_gpt2_tiny_preset_trains_and_decodes():
     cache = model.allocate_cache(2, 8)
     with pytest.raises(FusedStepUnsupported, match="learned position"):
         model.fused_decoder(cache)
+
+
+def test_left_padded_greedy_generation_matches_hf(tmp_path):
+    # Positions count a row's real tokens (as HF's generate does), so padding does not shift them.
+    hf = hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = lnlm_ssm.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    with torch.no_grad():
+        expected = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        actual = ours.generate(ids, attention_mask=mask, max_new_tokens=6, temperature=0)
+    assert expected.shape == (2, 16)
+    assert torch.equal(actual, expected)
