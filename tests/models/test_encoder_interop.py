@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
@@ -171,3 +172,26 @@ def test_an_unread_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"BertForNextSentencePrediction.*'BertForMaskedLM'"):
         lnlm_ssm.from_pretrained(tmp_path)
+
+
+def test_bert_base_uncased_style_weights(tmp_path):
+    """bert-base-uncased lists BertForMaskedLM but holds BertForPreTraining's weights (pooler, NSP head), with
+    TensorFlow's LayerNorm names: HF's BertForMaskedLM ignores the extra heads, and so do we."""
+    config = transformers.BertConfig(**COMMON)
+    torch.manual_seed(0)
+    hf = randomized(transformers.BertForPreTraining(config))
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "architectures": ["BertForMaskedLM"]}))
+    state = load_file(tmp_path / "model.safetensors")
+    assert any(key.startswith("cls.seq_relationship.") for key in state)
+    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+               for key, t in state.items()}
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = lnlm_ssm.from_pretrained(tmp_path).eval()
+    assert type(ours) is MaskedLM
+    ids, mask, token_types = batch(config)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=token_types).prediction_logits
+        actual = ours(ids, attention_mask=mask, token_type_ids=token_types).logits
+    assert rel_err(actual[mask.bool()], expected[mask.bool()]) <= 1e-4

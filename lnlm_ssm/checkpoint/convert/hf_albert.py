@@ -58,12 +58,12 @@ def _bare_config(raw: dict[str, Any]) -> dict[str, Any]:
     return {**_config(raw), "add_pooler": True}
 
 
-def _state(prefix: str, ours: str, heads: dict[str, str]):
+def _state(prefix: str, ours: str, heads: dict[str, str], unused: tuple[str, ...] = ()):
     def state(raw_state, fields):
         inner = fields["inner_group_num"]
         return encoder_state(
             raw_state, layout=LAYOUT, prefix=prefix, ours=ours, top=_TOP, layer=_LAYER, layer_keys=_LAYER_KEYS,
-            qkv=_QKV, heads=heads, block_index=lambda m: int(m.group(1)) * inner + int(m.group(2)),
+            qkv=_QKV, heads=heads, unused=unused, block_index=lambda m: int(m.group(1)) * inner + int(m.group(2)),
         )
 
     return decoder_bias_first(state, "predictions.decoder.bias", "predictions.bias")
@@ -71,7 +71,8 @@ def _state(prefix: str, ours: str, heads: dict[str, str]):
 
 MLM = Converter(
     layout=LAYOUT, model_type="albert", architectures=("AlbertForMaskedLM",), config=_config,
-    state=_state("albert.", "encoder.", _MLM_HEAD),
+    # AlbertForMaskedLM has no pooler, whose weights albert-base-v2 carries.
+    state=_state("albert.", "encoder.", _MLM_HEAD, unused=("albert.pooler.", "sop_classifier.")),
 )
 PRETRAINING = Converter(
     layout=LAYOUT, model_type="albert", architectures=("AlbertForPreTraining",), config=_config,

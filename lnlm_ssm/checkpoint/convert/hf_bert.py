@@ -64,6 +64,8 @@ EMBEDDING_KEYS = {
     "embeddings.LayerNorm.weight": "embeddings.norm.weight",
     "embeddings.LayerNorm.bias": "embeddings.norm.bias",
 }
+_TF_NORM_NAMES = re.compile(r"((?:LayerNorm|layer_norm)\.)(gamma|beta)$")
+_TF_NORM_PARAMS = {"gamma": "weight", "beta": "bias"}
 # Buffers older transformers saved; they follow from the config.
 _DERIVED = ("embeddings.position_ids", "embeddings.token_type_ids")
 BERT_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
@@ -88,6 +90,7 @@ def encoder_state(
     layer_keys: Mapping[str, str],
     qkv: tuple[str, str, str],
     heads: Mapping[str, str] = {},
+    unused: tuple[str, ...] = (),
     block_index=lambda match: int(match.group(1)),
 ) -> dict[str, torch.Tensor]:
     """A BERT-like state dict with our names.
@@ -97,12 +100,20 @@ def encoder_state(
     - ``layer``: matches a layer key after the prefix, its last group the name inside the layer;
       ``block_index(match)``: our block of that layer; ``layer_keys``: HF module -> ours inside a block;
     - ``qkv``: the HF query, key and value modules, concatenated into ``mixer.in_proj``;
-    - ``heads``: full HF key -> full key of ours, for the heads. Keys none of these know
-      are passed on for the strict check to report.
+    - ``heads``: full HF key -> full key of ours, for the heads;
+    - ``unused``: prefixes of keys the HF architecture itself does not use (the pooler and
+      pre-training heads that bert-base-uncased's BertForMaskedLM weights carry), dropped.
+
+    Keys none of these know are passed on for the strict check to report. LayerNorm
+    parameters saved under TensorFlow's names (``gamma``, ``beta``: the original BERT
+    releases) are read as ``weight`` and ``bias``, as transformers does.
     """
     out: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for key, t in state.items():
+        if key.startswith(unused):
+            continue
+        key = _TF_NORM_NAMES.sub(lambda m: m.group(1) + _TF_NORM_PARAMS[m.group(2)], key)
         if key in heads:
             out[heads[key]] = t
             continue
@@ -131,13 +142,20 @@ def encoder_state(
     return out
 
 
-def bert_state(prefix: str, ours: str, heads: Mapping[str, str], layout: str = LAYOUT, top: Mapping[str, str] = {}):
-    """The ``state`` function of a BERT-layout converter (BERT, RoBERTa, ELECTRA)."""
+def bert_state(
+    prefix: str,
+    ours: str,
+    heads: Mapping[str, str],
+    layout: str = LAYOUT,
+    top: Mapping[str, str] = {},
+    unused: tuple[str, ...] = (),
+):
+    """The ``state`` function of a BERT-layout converter (BERT, RoBERTa, ELECTRA); arguments as ``encoder_state``'s."""
 
     def state(raw_state: dict[str, torch.Tensor], fields: dict[str, Any]) -> dict[str, torch.Tensor]:
         return encoder_state(
             raw_state, layout=layout, prefix=prefix, ours=ours, top={**EMBEDDING_KEYS, **top}, layer=BERT_LAYER,
-            layer_keys=BERT_LAYER_KEYS, qkv=BERT_QKV, heads=heads,
+            layer_keys=BERT_LAYER_KEYS, qkv=BERT_QKV, heads=heads, unused=unused,
         )
 
     return state
@@ -198,6 +216,7 @@ MLM = Converter(
                 "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
                 "cls.predictions.bias",
             ),
+            unused=("bert.pooler.", "cls.seq_relationship."),
         ),
         "cls.predictions.decoder.bias",
         "cls.predictions.bias",

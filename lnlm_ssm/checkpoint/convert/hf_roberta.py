@@ -35,6 +35,7 @@ MLM = Converter(
             "roberta.", "encoder.",
             mlm_head_keys("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
             layout=LAYOUT,
+            unused=("roberta.pooler.",),
         ),
         "lm_head.decoder.bias",
         "lm_head.bias",
