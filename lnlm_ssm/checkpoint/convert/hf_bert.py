@@ -89,7 +89,7 @@ def encoder_state(
     layer: re.Pattern,
     layer_keys: Mapping[str, str],
     qkv: tuple[str, str, str],
-    heads: Mapping[str, str] = {},
+    heads: Optional[Mapping[str, str]] = None,
     unused: tuple[str, ...] = (),
     block_index=lambda match: int(match.group(1)),
 ) -> dict[str, torch.Tensor]:
@@ -108,6 +108,7 @@ def encoder_state(
     parameters saved under TensorFlow's names (``gamma``, ``beta``: the original BERT
     releases) are read as ``weight`` and ``bias``, as transformers does.
     """
+    heads = heads or {}
     out: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for key, t in state.items():
@@ -147,14 +148,14 @@ def bert_state(
     ours: str,
     heads: Mapping[str, str],
     layout: str = LAYOUT,
-    top: Mapping[str, str] = {},
+    top: Optional[Mapping[str, str]] = None,
     unused: tuple[str, ...] = (),
 ):
     """The ``state`` function of a BERT-layout converter (BERT, RoBERTa, ELECTRA); arguments as ``encoder_state``'s."""
 
     def state(raw_state: dict[str, torch.Tensor], fields: dict[str, Any]) -> dict[str, torch.Tensor]:
         return encoder_state(
-            raw_state, layout=layout, prefix=prefix, ours=ours, top={**EMBEDDING_KEYS, **top}, layer=BERT_LAYER,
+            raw_state, layout=layout, prefix=prefix, ours=ours, top={**EMBEDDING_KEYS, **(top or {})}, layer=BERT_LAYER,
             layer_keys=BERT_LAYER_KEYS, qkv=BERT_QKV, heads=heads, unused=unused,
         )
 
