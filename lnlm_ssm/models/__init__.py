@@ -3,24 +3,45 @@
 - ``config``: MambaLMConfig and the presets;
 - ``registry``: architecture -> config class, model class, converters, presets; ``preset``, ``from_pretrained``;
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
-- ``heads``: LM head and its loss; ``causal_lm``: MambaLM.
+- ``heads``: LM head and its loss; ``causal_lm``: MambaLM;
+- ``encoder``: the bidirectional Encoder; ``masked_lm``: MaskedLM, SentenceOrderMaskedLM,
+  ReplacedTokenDetector and ElectraPretraining.
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.checkpoint.save import save_pretrained
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
-from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig
+from lnlm_ssm.models.config import PRESETS, ConfigError, ElectraConfig, EncoderConfig, MambaLMConfig
+from lnlm_ssm.models.encoder import Encoder, EncoderOutput
+from lnlm_ssm.models.masked_lm import (
+    ElectraPretraining,
+    MaskedLM,
+    MaskedLMOutput,
+    ReplacedTokenDetector,
+    SentenceOrderMaskedLM,
+    TokenDetectionOutput,
+)
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "ElectraConfig",
+    "ElectraPretraining",
+    "Encoder",
+    "EncoderConfig",
+    "EncoderOutput",
     "MambaLM",
     "MambaLMConfig",
     "MambaLMOutput",
+    "MaskedLM",
+    "MaskedLMOutput",
     "PretrainedModel",
+    "ReplacedTokenDetector",
+    "SentenceOrderMaskedLM",
+    "TokenDetectionOutput",
     "architectures",
     "from_pretrained",
     "preset",
