@@ -22,7 +22,7 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(ids) == text
     assert tok.encode("a", add_eos=True) == [97, 256] and tok.decode([97, 256, 98]) == "ab"
     assert tok.decode([0xE4, 0xB8]) == "\ufffd"  # half of a 3-byte character
-    assert tok.vocab_size == 257
+    assert tok.vocab_size == 261
     with pytest.raises(ValueError, match="ids"):
         tok.decode([300])
     with pytest.raises(TypeError, match="text"):

@@ -62,7 +62,7 @@ def test_loss_falls_and_the_run_writes_its_logs_and_model(corpus, tmp_path):
     for r in train_rows:
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "tokens"} <= set(r) and r["tokens_per_s"] > 0
     losses = [r["loss"] for r in train_rows]
-    # Untrained, the loss is about ln(257) = 5.55; the sentences use 17 lowercase words.
+    # Untrained, the loss is about ln(261) = 5.56; the sentences use 17 lowercase words.
     assert losses[0] > 5.0 and max(losses[-3:]) < losses[0] - 1.0, losses
     assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
     # ASCII text: a byte per token, and an eos (no text) after each document.
@@ -224,7 +224,7 @@ def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
         train({"steps": 1})
     with pytest.raises(ValueError, match="unknown MambaLMConfig fields"):
         train(tiny(corpus, tmp_path / "run", model={"d_modle": 32}))
-    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 257"):
+    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 261"):
         train(tiny(corpus, tmp_path / "run", model={**TINY_MODEL, "vocab_size": 100}))
 
 
