@@ -226,7 +226,8 @@ class HFTokenizer:
     RoBERTa's, or a template such as ESM's ``<cls> $A <eos>``), [PAD] from its padding settings,
     and otherwise the token of a conventional name (``[MASK]``/``<mask>``, ``[PAD]``/``<pad>``,
     ``[CLS]``/``<s>``/``<cls>``, ``[SEP]``/``</s>``/``<sep>``); None when it has none.
-    ``name`` (the file, when loaded from one) identifies it in errors.
+    ``special_tokens`` maps each role to its token's text. ``name`` (the file, when loaded from
+    one) identifies it in errors.
     """
 
     # Names of the end-of-sequence token in common tokenizer.json files (GPT-NeoX's, which
@@ -248,16 +249,18 @@ class HFTokenizer:
         )
         spec = json.loads(tokenizer.to_str())
         declared = {**_post_processor_roles(spec.get("post_processor")), **_padding_roles(spec.get("padding"))}
-        for role, names in self._ROLE_NAMES.items():
-            token = declared.get(role) or next((n for n in names if tokenizer.token_to_id(n) is not None), None)
-            setattr(self, f"{role}_token", token)
-            setattr(self, f"{role}_token_id", None if token is None else tokenizer.token_to_id(token))
+        # role -> the token's text, in SPECIAL_ROLES order.
+        self.special_tokens: dict[str, Optional[str]] = {
+            role: declared.get(role) or next((n for n in names if tokenizer.token_to_id(n) is not None), None)
+            for role, names in self._ROLE_NAMES.items()
+        }
+        ids = [None if t is None else tokenizer.token_to_id(t) for t in self.special_tokens.values()]
+        self.pad_token_id, self.mask_token_id, self.cls_token_id, self.sep_token_id = ids
         added = spec.get("added_tokens") or []
         # Added tokens are matched in raw text before the model splits it: a marker becomes one of these.
         self._added = {t["content"] for t in added}
-        roles = [getattr(self, f"{role}_token_id") for role in SPECIAL_ROLES] + [self.eos_token_id]
         self.special_token_ids = frozenset(
-            [t["id"] for t in added if t.get("special")] + [i for i in roles if i is not None]
+            [t["id"] for t in added if t.get("special")] + [i for i in ids + [self.eos_token_id] if i is not None]
         )
 
     def encode(self, text: str, *, add_eos: bool = False) -> list[int]:
@@ -273,8 +276,8 @@ class HFTokenizer:
         at once, so the file's own rules apply around it (RoBERTa's ``<mask>`` takes the space before
         it); any other marker splits the text.
         """
-        inline = {role: getattr(self, f"{role}_token") for role in SPECIAL_ROLES}
-        return _encode_with_markers(self, text, {r: t for r, t in inline.items() if t in self._added})
+        inline = {role: token for role, token in self.special_tokens.items() if token in self._added}
+        return _encode_with_markers(self, text, inline)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -86,7 +86,7 @@ def test_special_tokens_of_a_tokenizer_that_lacks_one_names_it():
         SpecialTokens.of(ByteTokenizer(), ["bos"], needed_by="x")
 
 
-def _hf_file(tmp_path, vocab, specials, post_processor=None, name="tokenizer.json"):
+def _hf_file(tmp_path, vocab, specials, post_processor=None, name="tokenizer.json", pad=None):
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -94,6 +94,8 @@ def _hf_file(tmp_path, vocab, specials, post_processor=None, name="tokenizer.jso
     hf.add_special_tokens([AddedToken(t, lstrip=t == "<mask>", special=True) for t in specials])
     if post_processor is not None:
         hf.post_processor = post_processor
+    if pad is not None:
+        hf.enable_padding(pad_id=vocab[pad], pad_token=pad)
     hf.save(str(tmp_path / name))
     return load_tokenizer(tmp_path / name)
 
@@ -135,7 +137,8 @@ def test_hf_tokenizer_honours_its_own_specials(tmp_path):
 
 @pytest.mark.skipif(not HAS_TOKENIZERS, reason="the tokenizers package is not installed")
 def test_hf_tokenizer_without_a_mask_is_refused_by_name_when_one_is_needed(tmp_path):
-    plain = _hf_file(tmp_path, {**WORDS, "</s>": 0}, ["</s>"])
+    plain = _hf_file(tmp_path, {**WORDS, "</s>": 0, "<blank>": 3}, ["</s>", "<blank>"], pad="<blank>")
     assert plain.mask_token_id is None and plain.cls_token_id is None and plain.encode("def self") == [5, 6]
+    assert plain.pad_token_id == 3  # named by the file's padding settings
     with pytest.raises(ValueError, match=r"HFTokenizer\('.*tokenizer.json'\) has no \[MASK\] token"):
         SpecialTokens.of(plain, ["mask", "cls", "sep"], needed_by="the mlm objective")
