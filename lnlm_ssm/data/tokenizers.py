@@ -168,7 +168,8 @@ def _amino_lookup() -> np.ndarray:
 class AminoAcidTokenizer:
     """Protein sequences, one token per residue: pad 0, eos 1, unk 2, then the 20 standard amino
     acids and the IUPAC extras X B Z U O (ids 3..27), then the encoder specials [MASK] 28,
-    [CLS] 29, [SEP] 30; ``vocab_size`` 31. [PAD] is the pad 0 it always had.
+    [CLS] 29, [SEP] 30; ``vocab_size`` 31. [PAD] is the pad 0 it always had. A model trained
+    before the encoder specials has the first ``text_vocab_size`` (28) ids.
 
     Letters are case-insensitive (FASTA files mark regions in lower case); any other character
     is unk, which decodes to ``?``.
@@ -178,7 +179,8 @@ class AminoAcidTokenizer:
     pad_token_id = 0
     eos_token_id = 1
     unk_token_id = 2
-    mask_token_id = 3 + len(LETTERS)
+    text_vocab_size = 3 + len(LETTERS)
+    mask_token_id = text_vocab_size
     cls_token_id = mask_token_id + 1
     sep_token_id = mask_token_id + 2
     vocab_size = mask_token_id + 3

@@ -292,7 +292,7 @@ def test_a_protein_model_keeps_its_tokenizer(tmp_path):
     fasta.write_text("".join(f">p{i}\n" + "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(120)) + "\n"
                              for i in range(40)))
     out = tmp_path / "run"
-    train(TrainConfig(preset="mamba-tiny", model={**TINY_MODEL, "vocab_size": 28}, data=str(fasta), tokenizer="amino",
+    train(TrainConfig(preset="mamba-tiny", model={**TINY_MODEL, "vocab_size": 31}, data=str(fasta), tokenizer="amino",
                       out=str(out), steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, ckpt_every=100,
                       log_every=1, backend="cpu"))
     tokenizer = load_tokenizer(out / "model")
