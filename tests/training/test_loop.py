@@ -241,6 +241,29 @@ def test_an_objective_refuses_a_preset_of_a_family_it_does_not_train(corpus, tmp
     assert not (tmp_path / "run" / "data").exists()  # refused before the corpus is tokenised
 
 
+def test_the_loop_gives_the_objective_its_tokenizer_and_evaluates_its_metrics(corpus, tmp_path, monkeypatch):
+    class WithMetric(CausalLMObjective):
+        name = "clm-with-metric"
+
+        def use_tokenizer(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, model, batch):
+            out = super().__call__(model, batch)
+            vocab = torch.tensor(float(self.tokenizer.vocab_size))
+            return type(out)(out.loss, {"twice": 2 * out.loss.detach(), "vocab": vocab})
+
+        def eval_metrics(self, eval_loss, bytes_per_token, metrics=None):
+            return {"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}
+
+    monkeypatch.setitem(OBJECTIVES, WithMetric.name, WithMetric)
+    monkeypatch.setitem(train_config.CHOICES, "objective", (*train_config.CHOICES["objective"], WithMetric.name))
+    train(tiny(corpus, tmp_path / "run", objective=WithMetric.name, steps=2))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert rows and all(r["eval_twice"] == pytest.approx(2 * r["eval_loss"], rel=1e-5) for r in rows)
+    assert all(r["eval_vocab"] == 261 for r in rows)
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True
