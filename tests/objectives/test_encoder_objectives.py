@@ -242,3 +242,13 @@ def test_protein_mlm_on_fasta(tmp_path):
     assert (batch == amino.eos_token_id).any()  # windows cross the records' ends
     changed = ids[chosen & (ids != labels) & (ids != amino.mask_token_id)]
     assert ((changed >= 3) & (changed < 28)).all()
+
+
+@pytest.mark.parametrize("name", ["mlm", "sop"])
+def test_the_loop_refuses_an_encoder_objective_on_a_causal_model(tmp_path, name):
+    from lnlm_ssm.training import TrainConfig, TrainConfigError, train
+
+    config = TrainConfig(preset="mamba-tiny", objective=name, data=str(tmp_path), out=str(tmp_path / "run"))
+    refusal = f"'{name}' trains MaskedLM models; the preset 'mamba-tiny' is a MambaLM"
+    with pytest.raises(TrainConfigError, match=refusal):
+        train(config)
