@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lnlm_ssm.data.masking import IGNORE_INDEX, MLM_MASKING, frame, mask_tokens
@@ -36,9 +37,7 @@ class MaskedLMObjective(Objective):
     """Masked LM on ``[CLS] window[:-2] [SEP]``; see the module docstring.
 
     ``tokenizer``: the one the corpus was made with (or later, ``use_tokenizer``); it must have
-    [MASK], [CLS] and [SEP]. Training draws the masks from torch's default generator on the
-    batch's device, which the loop seeds and saves in its checkpoints (a resumed run masks as
-    an uninterrupted one would).
+    [MASK], [CLS] and [SEP]. See ``mask_generator`` for where the random draws come from.
     """
 
     name = "mlm"
@@ -64,12 +63,19 @@ class MaskedLMObjective(Objective):
         return self._tokens
 
     @staticmethod
-    def mask_generator(model: nn.Module, device: torch.device) -> Optional[torch.Generator]:
-        """Where the random draws of a batch come from: torch's default generator in training, a fixed
-        seed in evaluation (``EVAL_MASKING_SEED``)."""
-        if model.training:
-            return None
-        return torch.Generator(device=device).manual_seed(EVAL_MASKING_SEED)
+    def mask_generator(model: nn.Module, device: torch.device) -> torch.Generator:
+        """A generator on ``device`` for the random draws of one batch.
+
+        In training, seeded by a draw from torch's default CPU generator (which the loop seeds and
+        saves in its checkpoints, so a resumed run masks as an uninterrupted one would) plus the
+        process's rank (every rank starts from the same seed: without it, all would mask the same
+        positions). In evaluation, seeded with ``EVAL_MASKING_SEED``.
+        """
+        if not model.training:
+            return torch.Generator(device=device).manual_seed(EVAL_MASKING_SEED)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = int(torch.randint(0, 2**62, ()))
+        return torch.Generator(device=device).manual_seed(seed + rank)
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
         tokens = self.tokens

@@ -115,6 +115,20 @@ def test_mlm_masks_afresh_in_training_and_the_same_in_evaluation():
     assert torch.equal(*labels)
 
 
+def test_training_masks_follow_torchs_seed_and_differ_between_ranks(monkeypatch):
+    model, objective, batch = StandInMaskedLM(261), MaskedLMObjective(ByteTokenizer()), _windows(rows=2, seqlen=64)
+
+    def labels_on_rank(rank):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        torch.manual_seed(0)
+        objective(model, batch)
+        return model.seen["labels"]
+
+    assert torch.equal(labels_on_rank(0), labels_on_rank(0))
+    assert not torch.equal(labels_on_rank(0), labels_on_rank(1))
+
+
 def test_mlm_eval_metrics_are_loss_and_accuracy():
     metrics = MaskedLMObjective().eval_metrics(2.5, bytes_per_token=1.0, metrics={"accuracy": 0.25})
     assert metrics == {"eval_loss": 2.5, "eval_accuracy": 0.25}
