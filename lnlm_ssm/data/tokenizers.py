@@ -83,8 +83,8 @@ def _role_id(tokenizer, role: str, needed_by: str) -> int:
 class SpecialTokens:
     """The ids an encoder objective or collator uses, taken from a tokenizer once.
 
-    ``pad``, ``mask``, ``cls``, ``sep``: the role ids (None for a role not asked for and
-    absent); ``special``: every id that is not text (never masked, never a random
+    ``pad``, ``mask``, ``cls``, ``sep``: the role ids (None where the tokenizer has none, which
+    ``of`` allows only for roles not asked for); ``special``: every id that is not text (never masked, never a random
     replacement); ``vocab_size``: the tokenizer's.
     """
 
@@ -114,8 +114,8 @@ class ByteTokenizer:
     """Text as its UTF-8 bytes: ids 0..255 are the bytes, 256 is end-of-sequence, then the encoder
     specials [PAD] 257, [MASK] 258, [CLS] 259, [SEP] 260; ``vocab_size`` 261.
 
-    The specials came after eos, so a model trained when the vocabulary was the 257 bytes and eos
-    (``text_vocab_size``) reads text the same way.
+    The specials come after eos, so a model trained when the vocabulary was the 256 bytes and eos
+    (``text_vocab_size``, 257) reads text the same way.
     """
 
     text_vocab_size = 257
