@@ -2,9 +2,17 @@
 
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.causal_lm import CausalLMObjective
+from lnlm_ssm.objectives.electra import ElectraObjective
+from lnlm_ssm.objectives.mlm import MaskedLMObjective
+from lnlm_ssm.objectives.sop import SentenceOrderObjective
 from lnlm_ssm.utils.checks import check_choice
 
-OBJECTIVES: dict[str, type[Objective]] = {CausalLMObjective.name: CausalLMObjective}
+OBJECTIVES: dict[str, type[Objective]] = {
+    CausalLMObjective.name: CausalLMObjective,
+    MaskedLMObjective.name: MaskedLMObjective,
+    SentenceOrderObjective.name: SentenceOrderObjective,
+    ElectraObjective.name: ElectraObjective,
+}
 
 
 def get_objective(name: str) -> Objective:
@@ -12,4 +20,13 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[check_choice("objective", name, tuple(OBJECTIVES))]()
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "get_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "CausalLMObjective",
+    "ElectraObjective",
+    "MaskedLMObjective",
+    "Objective",
+    "ObjectiveOutput",
+    "SentenceOrderObjective",
+    "get_objective",
+]
