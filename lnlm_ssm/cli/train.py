@@ -24,8 +24,10 @@ def add_parser(subparsers) -> None:
 def _train(args) -> int:
     result = train(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":
-        print(
-            f"trained {result['step']} steps: loss {result['loss']:.4f}, held-out loss {result['eval_loss']:.4f} "
-            f"({result['eval_bpb']:.3f} bits/byte); model in {result['model_dir']}"
-        )
+        held_out = ", ".join(_FORMATS.get(k, "{} {:.4f}").format(k, v) for k, v in result.items() if k.startswith("eval_"))
+        print(f"trained {result['step']} steps: loss {result['loss']:.4f}, held-out {held_out}; model in {result['model_dir']}")
     return 0
+
+
+# How the final evaluation's figures read; others print as "name value".
+_FORMATS = {"eval_loss": "loss {1:.4f}", "eval_bpb": "{1:.3f} bits/byte", "eval_accuracy": "accuracy {1:.3f}"}

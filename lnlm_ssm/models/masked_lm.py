@@ -28,7 +28,7 @@ rather than invent an untrained head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,18 @@ from lnlm_ssm.models import registry
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.config import ALBERT_PRESETS, ELECTRA_PRESETS, ENCODER_PRESETS, ElectraConfig, EncoderConfig
 from lnlm_ssm.models.encoder import Encoder
-from lnlm_ssm.models.heads import MaskedLMHead, ReplacedTokenHead, masked_lm_loss, replaced_token_loss
+from lnlm_ssm.models.heads import (
+    IGNORE_INDEX,
+    MaskedLMHead,
+    ReplacedTokenHead,
+    masked_lm_loss,
+    replaced_token_loss,
+)
 from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.utils.dtypes import math_dtype
 
 __all__ = [
+    "ElectraOutput",
     "ElectraPretraining",
     "MaskedLM",
     "MaskedLMOutput",
@@ -73,6 +80,48 @@ class TokenDetectionOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
     hidden_states: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ElectraOutput:
+    """ELECTRA's pre-training pass: ``generator``, the generator's output (its MLM ``loss``); ``corrupted_ids``,
+    the discriminator's input; ``replaced`` (batch, seqlen) bool, its labels; ``logits`` (batch, seqlen), its
+    outputs (> 0 says "replaced")."""
+
+    generator: MaskedLMOutput
+    corrupted_ids: torch.Tensor
+    replaced: torch.Tensor
+    logits: torch.Tensor
+
+
+class Corrupted(NamedTuple):
+    """``input_ids``: the discriminator's input; ``replaced``: (batch, seqlen) bool, its labels."""
+
+    input_ids: torch.Tensor
+    replaced: torch.Tensor
+
+
+@torch.no_grad()
+def corrupt(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    generator_logits: torch.Tensor,
+    vocab_size: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Corrupted:
+    """``input_ids`` (the uncorrupted inputs) with each labelled position (labels != -100) replaced by a
+    token sampled from the softmax of ``generator_logits`` there (over the first ``vocab_size`` ids:
+    a padded vocabulary's extra rows are never sampled); ``replaced`` is where the sample differs.
+
+    Sampled without gradient: the discriminator's loss does not reach the generator
+    through the samples. A sample equal to the original counts as original, as in the paper.
+    """
+    chosen = labels != IGNORE_INDEX
+    probs = generator_logits[chosen][:, :vocab_size].float().softmax(dim=-1)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    corrupted = input_ids.masked_scatter(chosen, sampled)
+    return Corrupted(corrupted, corrupted != input_ids)
 
 
 def _init_linear(*modules: nn.Module) -> None:
@@ -219,9 +268,9 @@ class ElectraPretraining(PretrainedModel):
 
     As in the paper, the generator uses the discriminator's embeddings (token,
     position and token type, and their norm: one module), and its MLM decoder is
-    tied to their token table. It has no forward of its own: the ELECTRA
-    objective masks, runs the generator, samples replacements from it and runs
-    the discriminator on them. ``discriminator`` alone is what is fine-tuned.
+    tied to their token table. ``forward`` is one pre-training pass (the ELECTRA
+    objective masks the inputs and weighs the two losses); as one call, it runs
+    under DDP/FSDP like any model. ``discriminator`` alone is what is fine-tuned.
     """
 
     architecture = "ElectraPretraining"
@@ -238,6 +287,28 @@ class ElectraPretraining(PretrainedModel):
             config.generator, device=device, dtype=dtype, backend=backend,
             embeddings=self.discriminator.encoder.embeddings,
         )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        *,
+        labels: torch.Tensor,
+        original_ids: torch.Tensor,
+        sampler: Optional[torch.Generator] = None,
+        vocab_size: Optional[int] = None,
+    ) -> ElectraOutput:
+        """The generator on ``input_ids`` (masked) with MLM ``labels``; its samples at the labelled positions
+        put into ``original_ids`` (``corrupt``, drawing from ``sampler``, over the first ``vocab_size`` ids,
+        default the config's); the discriminator on the result."""
+        generated = self.generator(input_ids, attention_mask, token_type_ids, position_ids, labels=labels)
+        corrupted = corrupt(
+            original_ids, labels, generated.logits, vocab_size or self.config.vocab_size, generator=sampler
+        )
+        logits = self.discriminator(corrupted.input_ids, attention_mask, token_type_ids, position_ids).logits
+        return ElectraOutput(generated, corrupted.input_ids, corrupted.replaced, logits)
 
     def tied_weights(self) -> dict[str, str]:
         shared = {

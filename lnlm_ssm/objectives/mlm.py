@@ -41,7 +41,7 @@ class MaskedLMObjective(Objective):
     """
 
     name = "mlm"
-    architectures = ("MaskedLM",)
+    architectures = ("MaskedLM", "SentenceOrderMaskedLM")
     # The specials this objective's inputs are made of.
     roles: tuple[str, ...] = ("mask", "cls", "sep")
 

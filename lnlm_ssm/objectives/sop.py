@@ -27,7 +27,7 @@ class SentenceOrderObjective(MaskedLMObjective):
     """
 
     name = "sop"
-    architectures = ("MaskedLM",)
+    architectures = ("SentenceOrderMaskedLM",)
     roles = ("mask", "cls", "sep", "pad")
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

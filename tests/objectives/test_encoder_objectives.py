@@ -19,7 +19,8 @@ from lnlm_ssm.objectives import (
     SentenceOrderObjective,
     get_objective,
 )
-from lnlm_ssm.objectives.electra import corrupt
+from lnlm_ssm.models import ElectraPretraining
+from lnlm_ssm.models.masked_lm import corrupt
 
 BYTE = SpecialTokens.of(ByteTokenizer(), ["mask", "cls", "sep", "pad"], needed_by="the tests")
 
@@ -36,7 +37,7 @@ class StandInMaskedLM(nn.Module):
         self.head = nn.Linear(width, vocab_size)
         self.sop = nn.Linear(width, 2) if sop else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
         self.seen = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                          labels=labels)
         h = self.embedding(input_ids)
@@ -57,7 +58,7 @@ class StandInDetector(nn.Module):
         self.embedding = embedding
         self.head = nn.Linear(embedding.embedding_dim, 1)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
         self.seen = input_ids
         h = torch.tanh(self.embedding(input_ids))
         return SimpleNamespace(logits=self.head(h).squeeze(-1))
@@ -69,6 +70,10 @@ class StandInElectra(nn.Module):
         shared = nn.Embedding(vocab_size, width)
         self.generator = StandInMaskedLM(vocab_size, embedding=shared)
         self.discriminator = StandInDetector(shared)
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+
+    # The pair's pre-training pass is ElectraPretraining's, on these stand-ins.
+    forward = ElectraPretraining.forward
 
 
 def _windows(rows=4, seqlen=32, seed=0):
@@ -77,8 +82,9 @@ def _windows(rows=4, seqlen=32, seed=0):
 
 def test_encoder_objectives_are_registered():
     assert {"mlm", "sop", "electra"} <= set(OBJECTIVES)
-    assert get_objective("mlm").architectures == ("MaskedLM",)
-    assert get_objective("electra").architectures == ("ElectraPretrainer",)
+    assert get_objective("mlm").architectures == ("MaskedLM", "SentenceOrderMaskedLM")
+    assert get_objective("sop").architectures == ("SentenceOrderMaskedLM",)
+    assert get_objective("electra").architectures == ("ElectraPretraining",)
 
 
 def test_mlm_loss_is_the_models_loss_on_cls_window_sep_masked():
@@ -263,6 +269,34 @@ def test_the_loop_refuses_an_encoder_objective_on_a_causal_model(tmp_path, name)
     from lnlm_ssm.training import TrainConfig, TrainConfigError, train
 
     config = TrainConfig(preset="mamba-tiny", objective=name, data=str(tmp_path), out=str(tmp_path / "run"))
-    refusal = f"'{name}' trains MaskedLM models; the preset 'mamba-tiny' is a MambaLM"
+    refusal = f"'{name}' trains (MaskedLM or )?SentenceOrderMaskedLM models; the preset 'mamba-tiny' is a MambaLM"
     with pytest.raises(TrainConfigError, match=refusal):
         train(config)
+
+
+@pytest.mark.parametrize(
+    "objective, preset, model, family",
+    [
+        ("mlm", "bert-tiny", {"n_layer": 1}, "MaskedLM"),
+        ("mlm", "hydra-tiny", {"n_layer": 1}, "MaskedLM"),
+        ("mlm", "bimamba-tiny", {"n_layer": 1}, "MaskedLM"),
+        ("sop", "albert-tiny", {"n_layer": 2}, "SentenceOrderMaskedLM"),
+        ("electra", "electra-tiny", {}, "ElectraPretraining"),
+    ],
+)
+def test_encoder_objectives_train_their_presets_end_to_end(tmp_path, objective, preset, model, family):
+    from lnlm_ssm import from_pretrained
+    from lnlm_ssm.training import TrainConfig, train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def add(a, b):\n    return a + b\n" * 60)
+    (corpus / "b.py").write_text("class Point:\n    x: int = 0\n" * 60)
+    config = TrainConfig(
+        preset=preset, objective=objective, model=model, data=str(corpus), out=str(tmp_path / "run"), steps=2,
+        batch_size=2, seq_len=32, eval_every=2, eval_batches=1, ckpt_every=2, backend="cpu",
+    )
+    result = train(config)
+    accuracy = result["eval_disc_accuracy" if objective == "electra" else "eval_accuracy"]
+    assert math.isfinite(result["eval_loss"]) and 0 <= accuracy <= 1
+    assert type(from_pretrained(result["model_dir"])).__name__ == family
