@@ -434,23 +434,29 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "bert-110m": dict(vocab_size=30522),
 }
 # The same blocks with an SSM mixer in place of attention (models.encoder.ENCODER_MIXERS: "B" BiMamba,
-# "H" Hydra), pre-norm as Caduceus and Hydra train them. BiMamba runs Mamba-2 both ways with its in/out
-# projections tied (Caduceus' bidirectional_weight_tie). Depths are chosen so that the parameter counts
-# match the attention presets' (a BiMamba or Hydra block has ~20% more parameters than BERT's).
+# "H" Hydra), pre-norm as Caduceus and Hydra train them, without a position table (the scans and convs
+# know the order, as in Caduceus; so no length limit either). BiMamba runs Mamba-2 both ways with its in/out
+# projections tied (Caduceus' bidirectional_weight_tie). The 110m depths are chosen so that the parameter
+# counts match bert-110m's (a BiMamba or Hydra block has ~20% more parameters than BERT's).
 _TINY_SSD = dict(d_state=32, headdim=32, chunk_size=64)
 _BASE_SSD = dict(d_state=64, headdim=64, chunk_size=256)
 ENCODER_PRESETS.update(
     {
         "bimamba-tiny": dict(
-            _TINY_ENCODER, layer_pattern="B", prenorm=True,
+            _TINY_ENCODER, layer_pattern="B", prenorm=True, max_position_embeddings=0,
             mixer_cfg={"B": dict(inner="Mamba2", bidirectional_weight_tie=True, **_TINY_SSD)},
         ),
-        "hydra-tiny": dict(_TINY_ENCODER, layer_pattern="H", prenorm=True, mixer_cfg={"H": _TINY_SSD}),
+        "hydra-tiny": dict(
+            _TINY_ENCODER, layer_pattern="H", prenorm=True, max_position_embeddings=0, mixer_cfg={"H": _TINY_SSD}
+        ),
         "bimamba-110m": dict(
-            vocab_size=30522, n_layer=10, layer_pattern="B", prenorm=True,
+            vocab_size=30522, n_layer=10, layer_pattern="B", prenorm=True, max_position_embeddings=0,
             mixer_cfg={"B": dict(inner="Mamba2", bidirectional_weight_tie=True, **_BASE_SSD)},
         ),
-        "hydra-110m": dict(vocab_size=30522, n_layer=10, layer_pattern="H", prenorm=True, mixer_cfg={"H": _BASE_SSD}),
+        "hydra-110m": dict(
+            vocab_size=30522, n_layer=10, layer_pattern="H", prenorm=True, max_position_embeddings=0,
+            mixer_cfg={"H": _BASE_SSD},
+        ),
     }
 )
 # One block shared by all 6 layers, on 64-wide embeddings: ALBERT's two savings (SentenceOrderMaskedLM's).
