@@ -210,7 +210,6 @@ def forward_throughput(args) -> list[dict[str, Any]]:
             rows.append({"model": name, "params": params, "seqlen": seqlen, "seconds": took,
                          "tokens_per_s": seqlen / took})
             print(f"#   {name:<13} seqlen {seqlen:>5}: {took * 1e3:9.1f} ms  {seqlen / took:9.0f} tok/s", flush=True)
-        del model
     return rows
 
 
