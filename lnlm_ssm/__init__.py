@@ -13,6 +13,7 @@ from lnlm_ssm.models import (
     ReplacedTokenDetector,
     SentenceOrderMaskedLM,
 )
+from lnlm_ssm.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 
 __all__ = ["MambaLM", "MambaLMConfig", "__version__", "from_pretrained", "ops", "quantize_"]
 __all__ += [
@@ -23,4 +24,6 @@ __all__ += [
     "MaskedLM",
     "ReplacedTokenDetector",
     "SentenceOrderMaskedLM",
+    "Seq2SeqConfig",
+    "Seq2SeqLM",
 ]

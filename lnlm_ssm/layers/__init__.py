@@ -7,19 +7,26 @@ which is which. Parameter names follow mamba_ssm's checkpoint layout exactly.
 
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.base import Mixer, declared_parameter_names
+from lnlm_ssm.layers.biased_attention import BiasedAttention
 from lnlm_ssm.layers.bidirectional import BiMamba, Hydra
 from lnlm_ssm.layers.cache import AttentionCache, InferenceCache, Mamba2Cache, MambaCache
+from lnlm_ssm.layers.cache import CrossAttentionCache, Seq2SeqCache
+from lnlm_ssm.layers.cross_attention import CrossAttention
 from lnlm_ssm.layers.embedding import EncoderEmbedding, TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import MLP, GatedMLP
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
+from lnlm_ssm.layers.position_bias import RelativePositionBias
 from lnlm_ssm.layers.quantized import QuantizedEmbedding, QuantizedLinear, quantize_
 
 __all__ = [
     "Attention",
     "AttentionCache",
     "BiMamba",
+    "BiasedAttention",
+    "CrossAttention",
+    "CrossAttentionCache",
     "EncoderEmbedding",
     "GatedMLP",
     "Hydra",
@@ -34,6 +41,8 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "RMSNorm",
+    "RelativePositionBias",
+    "Seq2SeqCache",
     "TokenEmbedding",
     "declared_parameter_names",
     "quantize_",

@@ -5,7 +5,9 @@ Shapes (see the mixer contract in ``lnlm_ssm.layers``):
 
 - ``MambaCache``: conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state);
 - ``Mamba2Cache``: conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state);
-- ``AttentionCache``: k, v (batch, max_seqlen, num_heads_kv, head_dim).
+- ``AttentionCache``: k, v (batch, max_seqlen, num_heads_kv, head_dim);
+- ``CrossAttentionCache``: k, v (batch, memory_len, num_heads, head_dim), mask (batch, memory_len);
+- ``Seq2SeqCache``: a decoder's, every layer's self-mixer cache and cross-attention memory.
 
 A conv_state holds the last d_conv inputs of the causal conv, newest last, which
 is the layout ``causal_conv1d_update`` reads and writes. ``seqlen`` counts the
@@ -148,3 +150,48 @@ class InferenceCache:
             layer.reset()
         self.seqlen = 0
         self._mask_buffer = None
+
+
+@dataclass
+class CrossAttentionCache(_LayerCache):
+    """The memory a cross-attention layer reads, projected once: k, v (batch, memory_len, num_heads, head_dim),
+    and ``mask`` (batch, memory_len) bool, False at padded memory positions (None: all real).
+
+    ``CrossAttention.memory`` writes it; decoding only reads it (``reorder`` serves beam search).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+
+
+class Seq2SeqCache:
+    """A decoder's inference state: each layer's self-mixer cache (``layers``) and cross-attention memory (``cross``).
+
+    ``seqlen`` counts the decoder positions seen; ``max_seqlen`` is the room the
+    self-mixer caches were allocated with.
+    """
+
+    def __init__(self, layers: list, cross: list[CrossAttentionCache], max_seqlen: int) -> None:
+        if len(layers) != len(cross):
+            raise ValueError(f"one self-mixer cache and one cross-attention memory per layer; got {len(layers)} and {len(cross)}")
+        self.layers = list(layers)
+        self.cross = list(cross)
+        self.max_seqlen = max_seqlen
+        self.seqlen = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross[0].batch_size
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor of every layer, memories included."""
+        return [tensor for layer in self.layers + self.cross for tensor in layer.tensors()]
+
+    def advance(self, seqlen: int) -> None:
+        self.seqlen += seqlen
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        """Rows ``batch_index`` become the new batch, in every cache and memory, in place (beam search)."""
+        for layer in self.layers + self.cross:
+            layer.reorder(batch_index)

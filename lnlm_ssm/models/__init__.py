@@ -5,7 +5,8 @@
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
 - ``heads``: LM head and its loss; ``causal_lm``: MambaLM;
 - ``encoder``: the bidirectional Encoder; ``masked_lm``: MaskedLM, SentenceOrderMaskedLM,
-  ReplacedTokenDetector and ElectraPretraining.
+  ReplacedTokenDetector and ElectraPretraining;
+- ``seq2seq``: Seq2SeqLM (T5, and T5 with Mamba decoder layers), its config and presets.
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
@@ -23,6 +24,7 @@ from lnlm_ssm.models.masked_lm import (
     TokenDetectionOutput,
 )
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
+from lnlm_ssm.models.seq2seq import SEQ2SEQ_PRESETS, Seq2SeqConfig, Seq2SeqLM, Seq2SeqLMOutput
 
 __all__ = [
     "PRESETS",
@@ -40,7 +42,11 @@ __all__ = [
     "MaskedLMOutput",
     "PretrainedModel",
     "ReplacedTokenDetector",
+    "SEQ2SEQ_PRESETS",
     "SentenceOrderMaskedLM",
+    "Seq2SeqConfig",
+    "Seq2SeqLM",
+    "Seq2SeqLMOutput",
     "TokenDetectionOutput",
     "architectures",
     "from_pretrained",
