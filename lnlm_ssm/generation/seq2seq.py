@@ -25,7 +25,7 @@ This module imports no model: it calls ``encode``, ``allocate_cache`` and
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -47,7 +47,7 @@ def generate(
     top_p: float = 1.0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Union[int, None, str] = "config",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Decoder ids (batch, 1 + up to ``max_new_tokens``) for the source ``input_ids`` (batch, source_len).
@@ -57,7 +57,8 @@ def generate(
       after ``top_k`` then ``top_p`` filtering, from ``generator``.
     - ``num_beams > 1``: beam search (greedy per beam; the sampling arguments must keep
       their defaults), with ``length_penalty`` (see the module docstring).
-    - ``eos_token_id``: default the model's ``config.eos_token_id``.
+    - ``eos_token_id``: "config" (the default): the model's ``config.eos_token_id``; None: none,
+      every row gets ``max_new_tokens``.
     """
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p, 1.0)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
@@ -70,7 +71,12 @@ def generate(
     if not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite float; got {length_penalty!r}")
     config = model.config
-    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    if eos_token_id == "config":
+        eos = config.eos_token_id
+    elif eos_token_id is None or (isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)):
+        eos = eos_token_id
+    else:
+        raise ValueError(f"eos_token_id must be a token id, None (no eos) or 'config'; got {eos_token_id!r}")
     encoded = model.encode(input_ids, attention_mask)  # checks input_ids and the mask
     batch = input_ids.shape[0]
     start = torch.full((batch, 1), config.decoder_start_token_id, dtype=input_ids.dtype, device=input_ids.device)
