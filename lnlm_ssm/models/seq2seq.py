@@ -200,9 +200,8 @@ def _expand(name: str, pattern: Any, n_layer: int, mixers: dict[str, type]) -> s
     return pattern * (n_layer // len(pattern))
 
 
-# About 1M parameters with the byte tokenizer's 257 ids and 4 special ids: 257 is pad and
-# the decoder's start, 258..260 are left to the objectives (span corruption's sentinels
-# count down from the top); end-of-sequence is the byte tokenizer's 256.
+# About 1M parameters with the byte tokenizer's 261 ids: the bytes 0..255, eos 256, then the
+# specials pad 257 (also the decoder's start, as T5's pad), mask 258, cls 259, sep 260.
 _TINY = dict(
     vocab_size=261, d_model=128, num_heads=4, head_dim=32, d_ff=384, n_encoder_layer=2, n_decoder_layer=2,
     ffn_activation="gelu_new", ffn_gated=True, pad_token_id=257, eos_token_id=256, decoder_start_token_id=257,
