@@ -16,7 +16,10 @@ scored ``sum of log-probs / length ** length_penalty`` where length counts the
 generated tokens, eos included (``length_penalty`` 0: the plain sum). A row is done
 once it has ``num_beams`` hypotheses and no running prefix can beat the worst of
 them; at ``max_new_tokens`` the running prefixes become hypotheses too. The best
-hypothesis of each row is returned.
+hypothesis of each row is returned, padded after its eos with ``pad_token_id``.
+These are HF transformers' rules (with its default ``early_stopping=False``), and
+its beam search returns the same ids but for the padding: it fills with
+``pad_token_id or eos_token_id``, which is eos for T5's pad 0.
 
 This module imports no model: it calls ``encode``, ``allocate_cache`` and
 ``decode_step`` and reads ``model.config``'s token ids; the cache has ``reorder``.

@@ -102,6 +102,21 @@ def test_tiny_presets(name, tmp_path):
     assert torch.equal(again.generate(text, max_new_tokens=4, eos_token_id=None), generated)
 
 
+def test_quantised_model_generates_and_reloads(tmp_path):
+    model = Seq2SeqLM.from_name("mamba-t5-tiny").eval()
+    text = torch.tensor([list(b"quantised")])
+    with torch.no_grad():
+        reference = model(text, decoder_input_ids=text[:, :4]).logits
+        lnlm_ssm.quantize_(model, "int8")
+        quantised = model(text, decoder_input_ids=text[:, :4]).logits
+    assert ((quantised - reference).abs().max() / reference.abs().max()).item() < 0.05
+    model.save_pretrained(tmp_path)
+    again = lnlm_ssm.from_pretrained(tmp_path)
+    assert again.quantization == "int8"
+    with torch.no_grad():
+        assert torch.equal(again(text, decoder_input_ids=text[:, :4]).logits, quantised)
+
+
 def test_presets_build():
     assert set(SEQ2SEQ_PRESETS) == {"t5-small", "t5-tiny", "mamba-t5-tiny"}
     assert Seq2SeqConfig().to_dict() == Seq2SeqConfig.from_dict(Seq2SeqConfig().to_dict()).to_dict()

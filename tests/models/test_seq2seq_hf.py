@@ -145,6 +145,26 @@ def test_greedy_generation_pads_after_eos(tmp_path):
     assert torch.equal(ours.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=12, eos_token_id=eos), expected)
 
 
+def test_beam_search_matches(tmp_path):
+    torch.manual_seed(0)
+    hf = randomized(hf_t5_v11())
+    hf.save_pretrained(tmp_path)
+    ours = lnlm_ssm.from_pretrained(tmp_path).eval()
+    greedy = ours.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=8, eos_token_id=None)
+    # Found by trying: the first row's best beam ends with this eos, the second's differs from greedy.
+    eos = 33
+    with torch.no_grad():
+        expected = hf.generate(
+            SOURCE, attention_mask=SOURCE_MASK, do_sample=False, num_beams=4, max_new_tokens=8, eos_token_id=eos
+        )
+    actual = ours.generate(SOURCE, attention_mask=SOURCE_MASK, num_beams=4, max_new_tokens=8, eos_token_id=eos)
+    # transformers fills a beam output after its eos with `pad_token_id or eos`: eos for T5's pad 0. We pad.
+    ended = (expected == eos).long().cumsum(1) > 0
+    after = ended & (ended.long().cumsum(1) > 1)
+    assert after[0].any() and not torch.equal(expected[1], greedy[1]), "the case is no longer the one chosen"
+    assert torch.equal(actual, expected.masked_fill(after, hf.config.pad_token_id))
+
+
 def test_resaved_in_our_format_loads_the_same(hf_model, tmp_path):
     _, directory = hf_model
     ours = lnlm_ssm.from_pretrained(directory)
