@@ -58,9 +58,8 @@ from lnlm_ssm.layers.cross_attention import CrossAttention
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
-from lnlm_ssm.layers.mlp import GatedMLP
+from lnlm_ssm.layers.mlp import ACTIVATIONS, MLP, GatedMLP
 from lnlm_ssm.layers.norm import RMSNorm
-from lnlm_ssm.layers.plain_mlp import ACTIVATIONS, MLP
 from lnlm_ssm.layers.position_bias import RelativePositionBias
 from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
 from lnlm_ssm.models import registry
@@ -90,7 +89,7 @@ class Seq2SeqConfig:
     - ``mixer_cfg[char]``: keyword arguments of that character's mixer on top of
       ``mixer_defaults`` (Mamba's d_state, expand, ...; Mamba-2's headdim, ...).
     - ``num_heads``, ``head_dim`` (T5's d_kv): of every attention layer, self and cross.
-    - ``ffn_activation`` (a name in ``layers.plain_mlp.ACTIVATIONS``) and ``ffn_gated``:
+    - ``ffn_activation`` (a name in ``layers.mlp.ACTIVATIONS``) and ``ffn_gated``:
       T5 v1.0 is "relu" ungated, v1.1 "gelu_new" gated; ``d_ff`` the hidden size.
     - ``relative_attention_num_buckets`` / ``relative_attention_max_distance``: the position bias.
     - ``tie_embeddings``: the head is the embedding; ``scale_decoder_output``:
@@ -211,13 +210,6 @@ SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
     "t5-tiny": _TINY,
     "mamba-t5-tiny": dict(_TINY, decoder_pattern="1"),
 }
-
-
-def seq2seq_preset(name: str, **overrides: Any) -> Seq2SeqConfig:
-    """The config of a named preset (``SEQ2SEQ_PRESETS``), with fields replaced by ``overrides``."""
-    if name not in SEQ2SEQ_PRESETS:
-        raise ConfigError(f"unknown seq2seq preset {name!r}; choose from {sorted(SEQ2SEQ_PRESETS)}")
-    return Seq2SeqConfig(**{**SEQ2SEQ_PRESETS[name], **overrides})
 
 
 def mixer_defaults(config: Seq2SeqConfig, char: str, causal: bool) -> dict[str, Any]:
@@ -379,7 +371,7 @@ class Seq2SeqLM(PretrainedModel):
     @classmethod
     def from_name(cls, name: str, *, device=None, dtype=None, backend: str = "auto", **overrides: Any) -> "Seq2SeqLM":
         """A randomly initialised model of the preset ``name`` (``SEQ2SEQ_PRESETS``), fields overridden."""
-        return cls(seq2seq_preset(name, **overrides), device=device, dtype=dtype, backend=backend)
+        return cls(registry.preset(name, **overrides), device=device, dtype=dtype, backend=backend)
 
     def tied_weights(self) -> dict[str, str]:
         if not self.config.tie_embeddings:
@@ -589,4 +581,6 @@ def _check_mask(name: str, mask: Any, like: torch.Tensor) -> Optional[torch.Tens
     return mask.to(device=like.device, dtype=torch.bool)
 
 
-registry.register(Seq2SeqLM, Seq2SeqConfig, converters=(hf_t5.CONVERTER, hf_t5.MT5_CONVERTER))
+registry.register(
+    Seq2SeqLM, Seq2SeqConfig, converters=(hf_t5.CONVERTER, hf_t5.MT5_CONVERTER), presets=SEQ2SEQ_PRESETS
+)

@@ -6,7 +6,7 @@ import torch
 
 import lnlm_ssm
 from lnlm_ssm.layers.position_bias import relative_position_bucket
-from lnlm_ssm.models import ConfigError, Seq2SeqConfig, Seq2SeqLM
+from lnlm_ssm.models import ConfigError, Seq2SeqConfig, Seq2SeqLM, preset
 from lnlm_ssm.models.seq2seq import SEQ2SEQ_PRESETS, shift_right
 from lnlm_ssm.utils.testing import assert_close
 
@@ -117,8 +117,10 @@ def test_quantised_model_generates_and_reloads(tmp_path):
         assert torch.equal(again(text, decoder_input_ids=text[:, :4]).logits, quantised)
 
 
-def test_presets_build():
+def test_presets_are_registered():
     assert set(SEQ2SEQ_PRESETS) == {"t5-small", "t5-tiny", "mamba-t5-tiny"}
+    assert preset("mamba-t5-tiny").decoder_layers() == "11"
+    assert preset("t5-small", n_decoder_layer=3) == Seq2SeqConfig(n_decoder_layer=3)
     assert Seq2SeqConfig().to_dict() == Seq2SeqConfig.from_dict(Seq2SeqConfig().to_dict()).to_dict()
 
 
