@@ -391,7 +391,6 @@ class Seq2SeqLM(PretrainedModel):
         Mamba mixers keep their own initialisation; norms are ones.
         """
         c = self.config
-        inner = c.num_heads * c.head_dim
         with torch.no_grad():
             nn.init.normal_(self.embedding.weight, std=1.0)
             if not c.tie_embeddings:
@@ -401,15 +400,16 @@ class Seq2SeqLM(PretrainedModel):
                     nn.init.normal_(stack.position_bias.weight, std=c.d_model**-0.5)
                 for layer in stack.layers:
                     if isinstance(layer.mixer, BiasedAttention):
+                        inner = layer.mixer.num_heads * layer.mixer.head_dim
                         q, kv = layer.mixer.in_proj.weight.split([inner, 2 * inner])
-                        nn.init.normal_(q, std=(c.d_model * c.head_dim) ** -0.5)
+                        nn.init.normal_(q, std=(c.d_model * layer.mixer.head_dim) ** -0.5)
                         nn.init.normal_(kv, std=c.d_model**-0.5)
                         nn.init.normal_(layer.mixer.out_proj.weight, std=inner**-0.5)
                     cross = getattr(layer, "cross_attn", None)
                     if cross is not None:
                         nn.init.normal_(cross.q_proj.weight, std=(c.d_model * c.head_dim) ** -0.5)
                         nn.init.normal_(cross.kv_proj.weight, std=c.d_model**-0.5)
-                        nn.init.normal_(cross.out_proj.weight, std=inner**-0.5)
+                        nn.init.normal_(cross.out_proj.weight, std=(c.num_heads * c.head_dim) ** -0.5)
                     nn.init.normal_(layer.mlp.fc1.weight, std=c.d_model**-0.5)
                     nn.init.normal_(layer.mlp.fc2.weight, std=c.d_ff**-0.5)
 
