@@ -140,7 +140,8 @@ def _beam_search(model, encoded, attention_mask, start, num_beams, max_new_token
                     else:
                         running.append((score, source, token))
                 if len(hypotheses[b]) == beams and (
-                    not running or hypotheses[b][-1][0] >= _best_possible(running[0][0], step + 2, max_new_tokens, length_penalty)
+                    not running
+                    or hypotheses[b][-1][0] >= _best_possible(running[0][0], step + 2, max_new_tokens, length_penalty)
                 ):
                     done[b] = True
             # Finished rows and missing beams keep a row in the batch that can never win.
@@ -152,7 +153,8 @@ def _beam_search(model, encoded, attention_mask, start, num_beams, max_new_token
         if all(done):
             break
         index = torch.tensor(rows, device=device)
-        sequences = torch.cat([sequences[index], torch.tensor(tokens, device=device, dtype=sequences.dtype)[:, None]], 1)
+        new_tokens = torch.tensor(tokens, device=device, dtype=sequences.dtype)[:, None]
+        sequences = torch.cat([sequences[index], new_tokens], dim=1)
         scores = torch.tensor(new_scores, device=device).reshape(batch, beams)
         if step + 1 < max_new_tokens:
             cache.reorder(index)

@@ -26,13 +26,34 @@ from lnlm_ssm.utils.checks import check_positive_int
 from lnlm_ssm.utils.dtypes import math_dtype
 
 
+def head_size(d_model: int, num_heads: int, head_dim: Optional[int]) -> int:
+    """``head_dim``, by default ``d_model // num_heads`` (which must then divide evenly)."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("num_heads", num_heads)
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by num_heads ({num_heads}) when head_dim is not given"
+            )
+        head_dim = d_model // num_heads
+    return check_positive_int("head_dim", head_dim)
+
+
+def check_hidden_states(hidden_states, d_model: int) -> None:
+    """``hidden_states`` is a (batch, seqlen, d_model) tensor."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 or hidden_states.shape[-1] != d_model:
+        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+        raise ValueError(f"hidden_states must be a tensor of shape (batch, seqlen, d_model={d_model}), got {got}")
+
+
 def hidden_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where ``visible`` (bool) and the minimum of ``dtype`` elsewhere: an additive attention mask."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale + bias) v`` of q (batch, q_len, heads, head_dim) and k, v (batch, k_len, heads, head_dim).
+def attend(q, k, v, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` of q (batch, q_len, heads, head_dim) and k, v (batch, k_len, heads,
+    head_dim).
 
     ``bias`` broadcasts to (batch, heads, q_len, k_len); the sum and the softmax are
     in fp32 (float64 for float64). Returns (batch, q_len, heads, head_dim) in v's dtype.
@@ -74,13 +95,7 @@ class BiasedAttention(Mixer):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
-            head_dim = d_model // num_heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = head_size(d_model, num_heads, head_dim)
         if softmax_scale is not None and not softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale!r}")
         self.d_model = d_model
@@ -108,7 +123,9 @@ class BiasedAttention(Mixer):
         device = self.out_proj.weight.device if device is None else device
         dtype = compute_dtype(self.out_proj) if dtype is None else dtype
         shape = (batch_size, max_seqlen, self.num_heads, self.head_dim)
-        return AttentionCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+        return AttentionCache(
+            k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype)
+        )
 
     def forward(
         self,
@@ -119,10 +136,9 @@ class BiasedAttention(Mixer):
         position_ids: Optional[torch.Tensor] = None,
         position_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (positions are in the bias)."""
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-            raise ValueError(f"hidden_states must be a tensor of shape (batch, seqlen, d_model={self.d_model}), got {got}")
+        """(batch, seqlen, d_model) -> (batch, seqlen, d_model); ``position_ids`` is unused (the bias holds the
+        positions)."""
+        check_hidden_states(hidden_states, self.d_model)
         batch, seqlen, _ = hidden_states.shape
         past = 0
         if cache is not None:
@@ -146,7 +162,8 @@ class BiasedAttention(Mixer):
                 f"past + seqlen={total}), got {tuple(position_bias.shape)}"
             )
 
-        q, k, v = project(self.in_proj, hidden_states, self.backend).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        qkv = project(self.in_proj, hidden_states, self.backend)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
         if cache is not None:
             cache.k[:, past:total] = k
             cache.v[:, past:total] = v

@@ -174,7 +174,9 @@ class Seq2SeqCache:
 
     def __init__(self, layers: list, cross: list[CrossAttentionCache], max_seqlen: int) -> None:
         if len(layers) != len(cross):
-            raise ValueError(f"one self-mixer cache and one cross-attention memory per layer; got {len(layers)} and {len(cross)}")
+            raise ValueError(
+                f"one self-mixer cache and one cross-attention memory per layer; got {len(layers)} and {len(cross)}"
+            )
         self.layers = list(layers)
         self.cross = list(cross)
         self.max_seqlen = max_seqlen

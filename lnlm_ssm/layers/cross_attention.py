@@ -16,11 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lnlm_ssm.layers.biased_attention import attend, hidden_bias
+from lnlm_ssm.layers.biased_attention import attend, check_hidden_states, head_size, hidden_bias
 from lnlm_ssm.layers.cache import CrossAttentionCache
 from lnlm_ssm.layers.quantized import project
 from lnlm_ssm.ops._backends import check_backend
-from lnlm_ssm.utils.checks import check_positive_int
 from lnlm_ssm.utils.dtypes import math_dtype
 
 
@@ -43,13 +42,7 @@ class CrossAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None:
-            if d_model % num_heads:
-                raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
-            head_dim = d_model // num_heads
-        check_positive_int("head_dim", head_dim)
+        head_dim = head_size(d_model, num_heads, head_dim)
         if softmax_scale is not None and not softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale!r}")
         self.d_model = d_model
@@ -75,7 +68,9 @@ class CrossAttention(nn.Module):
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.shape != memory.shape[:2]:
                 got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"mask must be a tensor of shape (batch, memory_len) = {tuple(memory.shape[:2])}, got {got}")
+                raise ValueError(
+                    f"mask must be a tensor of shape (batch, memory_len) = {tuple(memory.shape[:2])}, got {got}"
+                )
             mask = mask.to(device=memory.device, dtype=torch.bool)
         k, v = project(self.kv_proj, memory, self.backend).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
         return CrossAttentionCache(k=k, v=v, mask=mask)
@@ -83,12 +78,14 @@ class CrossAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, memory: CrossAttentionCache) -> torch.Tensor:
         """(batch, seqlen, d_model) -> (batch, seqlen, d_model), attending to ``memory`` (from ``self.memory``)."""
         if not isinstance(memory, CrossAttentionCache):
-            raise TypeError(f"memory must be the CrossAttentionCache from CrossAttention.memory, got {type(memory).__name__}")
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
-            got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-            raise ValueError(f"hidden_states must be a tensor of shape (batch, seqlen, d_model={self.d_model}), got {got}")
+            raise TypeError(
+                f"memory must be the CrossAttentionCache from CrossAttention.memory, got {type(memory).__name__}"
+            )
+        check_hidden_states(hidden_states, self.d_model)
         if hidden_states.shape[0] != memory.k.shape[0]:
-            raise ValueError(f"hidden_states has batch {hidden_states.shape[0]} but the memory batch {memory.k.shape[0]}")
+            raise ValueError(
+                f"hidden_states has batch {hidden_states.shape[0]} but the memory batch {memory.k.shape[0]}"
+            )
         q = project(self.q_proj, hidden_states, self.backend).unflatten(-1, (self.num_heads, self.head_dim))
         bias = None
         if memory.mask is not None:

@@ -127,8 +127,9 @@ class Seq2SeqConfig:
                 "relative_attention_num_buckets", "relative_attention_max_distance", "pad_vocab_size_multiple",
             ):
                 check_positive_int(name, getattr(self, name))
-            for name in ("pad_token_id", "decoder_start_token_id") + (("eos_token_id",) if self.eos_token_id is not None else ()):
-                check_nonnegative_int(name, getattr(self, name))
+            for name in ("pad_token_id", "decoder_start_token_id", "eos_token_id"):
+                if getattr(self, name) is not None:
+                    check_nonnegative_int(name, getattr(self, name))
             check_choice("ffn_activation", self.ffn_activation, sorted(ACTIVATIONS))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -144,9 +145,13 @@ class Seq2SeqConfig:
         if self.scale_decoder_output is None:
             self.scale_decoder_output = self.tie_embeddings
         elif not isinstance(self.scale_decoder_output, bool):
-            raise ConfigError(f"scale_decoder_output must be a bool or None (when tied); got {self.scale_decoder_output!r}")
+            raise ConfigError(
+                f"scale_decoder_output must be a bool or None (when tied); got {self.scale_decoder_output!r}"
+            )
         if not isinstance(self.mixer_cfg, dict) or not all(isinstance(v, dict) for v in self.mixer_cfg.values()):
-            raise ConfigError(f"mixer_cfg must map layer characters to dicts of keyword arguments; got {self.mixer_cfg!r}")
+            raise ConfigError(
+                f"mixer_cfg must map layer characters to dicts of keyword arguments; got {self.mixer_cfg!r}"
+            )
         # Tuples become lists, as they come back from config.json, so a reloaded config compares equal.
         self.mixer_cfg = {
             char: {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
@@ -193,9 +198,13 @@ def _expand(name: str, pattern: Any, n_layer: int, mixers: dict[str, type]) -> s
         raise ConfigError(f"{name} must be a non-empty string; got {pattern!r}")
     bad = sorted(set(pattern) - set(mixers))
     if bad:
-        raise ConfigError(f"{name} {pattern!r} has characters {bad} that name no mixer of this stack; known: {sorted(mixers)}")
+        raise ConfigError(
+            f"{name} {pattern!r} has characters {bad} that name no mixer of this stack; known: {sorted(mixers)}"
+        )
     if n_layer % len(pattern):
-        raise ConfigError(f"{name} {pattern!r} (length {len(pattern)}) must repeat a whole number of times in {n_layer} layers")
+        raise ConfigError(
+            f"{name} {pattern!r} (length {len(pattern)}) must repeat a whole number of times in {n_layer} layers"
+        )
     return pattern * (n_layer // len(pattern))
 
 
@@ -224,7 +233,8 @@ def _make_mixer(config: Seq2SeqConfig, mixers: dict, char: str, causal: bool, la
     try:
         return mixers[char](config.d_model, **kwargs, layer_idx=layer_idx, backend=backend, **factory)
     except TypeError as err:
-        raise ConfigError(f"the {mixers[char].__name__} of layer {layer_idx} does not take mixer_cfg[{char!r}]: {err}") from err
+        name = mixers[char].__name__
+        raise ConfigError(f"the {name} of layer {layer_idx} does not take mixer_cfg[{char!r}]: {err}") from err
 
 
 def _make_norm(config: Seq2SeqConfig, factory: dict, backend: str) -> RMSNorm:

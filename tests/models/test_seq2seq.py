@@ -133,7 +133,10 @@ def test_presets_are_registered():
         ({"ffn_activation": "tanh"}, "ffn_activation must be one of"),
         ({"eos_token_id": 50}, "eos_token_id must be < vocab_size=50"),
         ({"scale_decoder_output": 1}, "scale_decoder_output must be a bool"),
-        ({"decoder_pattern": "1", "mixer_cfg": {"1": {"headdim": 8}}}, r"Mamba of layer 0 does not take mixer_cfg\['1'\]"),
+        (
+            {"decoder_pattern": "1", "mixer_cfg": {"1": {"headdim": 8}}},
+            r"Mamba of layer 0 does not take mixer_cfg\['1'\]",
+        ),
     ],
 )
 def test_config_errors(fields, match):
@@ -176,4 +179,5 @@ def test_relative_position_buckets():
     one = relative_position_bucket(distance, bidirectional=False, num_buckets=32, max_distance=128)
     # Later keys share bucket 0; -20 would be 16 + floor(log(20/16) / log(8) * 16) = 17.
     assert one.tolist() == [0, 1, 7, 8, 31, 31, 31, 0, 0, 0]
-    assert relative_position_bucket(torch.tensor([-20]), bidirectional=False, num_buckets=32, max_distance=128).item() == 17
+    twenty = relative_position_bucket(torch.tensor([-20]), bidirectional=False, num_buckets=32, max_distance=128)
+    assert twenty.item() == 17

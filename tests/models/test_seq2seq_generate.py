@@ -46,7 +46,8 @@ def exhaustive_best(model, row, length_penalty):
         for outputs in by_length:
             ids = torch.tensor([[START] + out for out in outputs])
             n = len(outputs)
-            logits = model(SOURCE[row].expand(n, -1), SOURCE_MASK[row].expand(n, -1), decoder_input_ids=ids[:, :-1]).logits
+            source, mask = SOURCE[row].expand(n, -1), SOURCE_MASK[row].expand(n, -1)
+            logits = model(source, mask, decoder_input_ids=ids[:, :-1]).logits
             totals = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).sum((1, 2))
             scores = totals / (ids.shape[1] - 1) ** length_penalty
             i = int(scores.argmax())
@@ -78,7 +79,8 @@ def test_one_beam_is_greedy():
     model = tiny()
     greedy = model.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=5)
     assert torch.equal(model.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=5, num_beams=1), greedy)
-    assert torch.equal(model.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=5, temperature=1.0, top_k=1), greedy)
+    top_1 = model.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=5, temperature=1.0, top_k=1)
+    assert torch.equal(top_1, greedy)
 
 
 def test_encoder_and_cross_attention_keys_run_once():

@@ -138,7 +138,8 @@ def test_greedy_generation_matches(hf_model):
     expected = hf_greedy(hf, None)
     assert expected.shape == (2, 11)
     assert len(set(expected[1].tolist())) > 2, "a degenerate model repeating one token proves little"
-    assert torch.equal(ours.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=10, eos_token_id=None), expected)
+    actual = ours.generate(SOURCE, attention_mask=SOURCE_MASK, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(actual, expected)
 
 
 def test_greedy_generation_pads_after_eos(tmp_path):
@@ -198,7 +199,8 @@ def test_transformers_4_layout_with_embedding_copies(tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     ours = lnlm_ssm.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert_close(ours(SOURCE, decoder_input_ids=TARGET).logits, hf(input_ids=SOURCE, decoder_input_ids=TARGET).logits)
+        expected = hf(input_ids=SOURCE, decoder_input_ids=TARGET).logits
+        assert_close(ours(SOURCE, decoder_input_ids=TARGET).logits, expected)
     state["decoder.embed_tokens.weight"] = state["shared.weight"] + 1
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="decoder.embed_tokens.weight differs from shared.weight"):

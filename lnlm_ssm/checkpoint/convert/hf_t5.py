@@ -61,7 +61,9 @@ def _config_for(layout: str, scales_when_tied: bool):
                 "only the encoder-decoder (T5ForConditionalGeneration) is supported"
             )
         if raw.get("is_decoder", False):
-            raise CheckpointError(f"config.json of a {layout} checkpoint has is_decoder true (a decoder alone); not supported")
+            raise CheckpointError(
+                f"config.json of a {layout} checkpoint has is_decoder true (a decoder alone); not supported"
+            )
         n_layer = require(raw, "num_layers", layout)
         activation, gated = _ffn(raw, layout)
         tie = raw.get("tie_word_embeddings", True)
@@ -124,7 +126,9 @@ def _state(state: dict[str, torch.Tensor], fields: dict[str, Any]) -> dict[str, 
         elif key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             # transformers < 5 stored the embedding three times; every copy must be the one embedding.
             if shared is not None and not torch.equal(t, shared):
-                raise CheckpointError(f"the {LAYOUT} checkpoint's {key} differs from shared.weight; T5 shares one embedding")
+                raise CheckpointError(
+                    f"the {LAYOUT} checkpoint's {key} differs from shared.weight; T5 shares one embedding"
+                )
         elif key in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
             out[key.split(".")[0] + ".norm_f.weight"] = t
         elif match is None:
