@@ -3,7 +3,7 @@
 - ``config``: MambaLMConfig and the presets;
 - ``registry``: architecture -> config class, model class, converters, presets; ``preset``, ``from_pretrained``;
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
-- ``heads``: LM head and its loss; ``causal_lm``: MambaLM.
+- ``heads``: LM head and its loss; ``causal_lm``: MambaLM; ``permutation_lm``: PermutationLM (XLNet).
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
@@ -11,6 +11,7 @@ from lnlm_ssm.checkpoint.save import save_pretrained
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
 from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig
+from lnlm_ssm.models.permutation_lm import PermutationLM, PermutationLMConfig, PermutationLMOutput
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "MambaLM",
     "MambaLMConfig",
     "MambaLMOutput",
+    "PermutationLM",
+    "PermutationLMConfig",
+    "PermutationLMOutput",
     "PretrainedModel",
     "architectures",
     "from_pretrained",
