@@ -4,9 +4,11 @@ from lnlm_ssm import ops
 from lnlm_ssm._version import __version__
 from lnlm_ssm.layers.quantized import quantize_
 from lnlm_ssm.models import MambaLM, MambaLMConfig, from_pretrained
-from lnlm_ssm.models import PermutationLM, PermutationLMConfig
+from lnlm_ssm.models import AnyOrderLM, AnyOrderLMConfig, PermutationLM, PermutationLMConfig
 
 __all__ = [
+    "AnyOrderLM",
+    "AnyOrderLMConfig",
     "MambaLM",
     "MambaLMConfig",
     "PermutationLM",

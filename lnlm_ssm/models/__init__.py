@@ -3,11 +3,13 @@
 - ``config``: MambaLMConfig and the presets;
 - ``registry``: architecture -> config class, model class, converters, presets; ``preset``, ``from_pretrained``;
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
-- ``heads``: LM head and its loss; ``causal_lm``: MambaLM; ``permutation_lm``: PermutationLM (XLNet).
+- ``heads``: LM head and its loss; ``causal_lm``: MambaLM; ``permutation_lm``: PermutationLM (XLNet);
+  ``any_order_lm``: AnyOrderLM (a MambaLM in any order).
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.checkpoint.save import save_pretrained
+from lnlm_ssm.models.any_order_lm import AnyOrderLM, AnyOrderLMConfig
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
 from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig
@@ -15,6 +17,8 @@ from lnlm_ssm.models.permutation_lm import PermutationLM, PermutationLMConfig, P
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 
 __all__ = [
+    "AnyOrderLM",
+    "AnyOrderLMConfig",
     "PRESETS",
     "CheckpointError",
     "ConfigError",

@@ -2,9 +2,11 @@
 
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.causal_lm import CausalLMObjective
+from lnlm_ssm.objectives.plm import PLMObjective
 from lnlm_ssm.utils.checks import check_choice
 
 OBJECTIVES: dict[str, type[Objective]] = {CausalLMObjective.name: CausalLMObjective}
+OBJECTIVES[PLMObjective.name] = PLMObjective
 
 
 def get_objective(name: str) -> Objective:
@@ -12,4 +14,4 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[check_choice("objective", name, tuple(OBJECTIVES))]()
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "get_objective"]
+__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PLMObjective", "get_objective"]
