@@ -91,7 +91,8 @@ def draw_targets(
 
 
 def factorisation_orders(targets: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Orders (batch, seqlen) int64: each row's non-targets, then its ``targets`` (batch, seqlen) bool, each shuffled."""
+    """Orders (batch, seqlen) int64: each row's non-targets, then its ``targets`` (batch, seqlen) bool; each
+    part shuffled."""
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool or targets.ndim != 2:
         raise ValueError(f"targets must be a bool tensor (batch, seqlen); got {targets!r:.80}")
     noise = torch.rand(targets.shape, generator=generator).to(targets.device)

@@ -157,7 +157,8 @@ class AnyOrderLM(PretrainedModel):
         return generate_any_order(self, input_ids, order, **sampling)
 
     def infill(self, prefix: torch.Tensor, suffix: torch.Tensor, length: int, **sampling: Any) -> torch.Tensor:
-        """The ``length`` tokens (batch, length) between ``prefix`` (batch, p) and ``suffix`` (batch, s), left to right."""
+        """The ``length`` tokens (batch, length) between ``prefix`` (batch, p) and ``suffix`` (batch, s), filled
+        left to right."""
         total = prefix.shape[1] + length + suffix.shape[1] if isinstance(prefix, torch.Tensor) else None
         if total is not None and isinstance(suffix, torch.Tensor) and total > self.config.max_positions:
             raise ValueError(
@@ -172,7 +173,9 @@ class AnyOrderLM(PretrainedModel):
 _BYTE_VOCAB = 261  # the byte tokenizer's 257 ids and 4 special tokens
 _TINY_MAMBA2 = {"layer": "Mamba2", "d_state": 32, "headdim": 32, "chunk_size": 64}
 PRESETS: dict[str, dict[str, Any]] = {
-    "mamba-plm-tiny": dict(d_model=128, n_layer=8, vocab_size=_BYTE_VOCAB, ssm_cfg={"layer": "Mamba1"}, max_positions=512),
+    "mamba-plm-tiny": dict(
+        d_model=128, n_layer=8, vocab_size=_BYTE_VOCAB, ssm_cfg={"layer": "Mamba1"}, max_positions=512
+    ),
     "hybrid-plm-tiny": dict(
         d_model=128,
         n_layer=8,

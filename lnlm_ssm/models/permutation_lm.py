@@ -36,6 +36,7 @@ from lnlm_ssm.models import registry
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.config import ConfigError
 from lnlm_ssm.models.heads import IGNORE_INDEX
+from lnlm_ssm.ops._backends import backend_for
 from lnlm_ssm.utils.checks import check_nonnegative_int, check_positive_int
 from lnlm_ssm.utils.dtypes import math_dtype
 from lnlm_ssm.utils.files import atomic_write
@@ -82,7 +83,9 @@ class PermutationLMConfig:
                 check_positive_int(name, getattr(self, name))
             if self.d_head is None:
                 if self.d_model % self.n_head:
-                    raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}), or give d_head")
+                    raise ValueError(
+                        f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}), or give d_head"
+                    )
                 self.d_head = self.d_model // self.n_head
             check_positive_int("d_head", self.d_head)
             check_nonnegative_int("mem_len (0: no memory)", self.mem_len)
@@ -125,9 +128,9 @@ class PermutationLMOutput:
 class _FeedForward(nn.Module):
     """``LayerNorm(x + layer_2(act(layer_1(x))))``."""
 
-    def __init__(self, config: PermutationLMConfig, factory: dict) -> None:
+    def __init__(self, config: PermutationLMConfig, factory: dict, backend: str) -> None:
         super().__init__()
-        self.layer_norm = LayerNorm(config.d_model, eps=config.layer_norm_eps, **factory)
+        self.layer_norm = LayerNorm(config.d_model, eps=config.layer_norm_eps, backend=backend, **factory)
         self.layer_1 = nn.Linear(config.d_model, config.d_inner, **factory)
         self.layer_2 = nn.Linear(config.d_inner, config.d_model, **factory)
         self.activation = ACTIVATIONS[config.ff_activation]
@@ -139,7 +142,7 @@ class _FeedForward(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, config: PermutationLMConfig, factory: dict) -> None:
+    def __init__(self, config: PermutationLMConfig, factory: dict, backend: str) -> None:
         super().__init__()
         self.rel_attn = TwoStreamRelativeAttention(
             config.d_model,
@@ -147,17 +150,18 @@ class _Layer(nn.Module):
             config.d_head,
             layer_norm_eps=config.layer_norm_eps,
             dropout=config.dropout,
+            backend=backend,
             **factory,
         )
-        self.ff = _FeedForward(config, factory)
+        self.ff = _FeedForward(config, factory, backend)
 
 
 class _Transformer(nn.Module):
-    def __init__(self, config: PermutationLMConfig, factory: dict) -> None:
+    def __init__(self, config: PermutationLMConfig, factory: dict, backend: str) -> None:
         super().__init__()
         self.word_embedding = TokenEmbedding(config.vocab_size, config.vocab_size, config.d_model, **factory)
         self.mask_emb = nn.Parameter(torch.empty(1, 1, config.d_model, **factory))
-        self.layer = nn.ModuleList(_Layer(config, factory) for _ in range(config.n_layer))
+        self.layer = nn.ModuleList(_Layer(config, factory, backend) for _ in range(config.n_layer))
         self.dropout = nn.Dropout(config.dropout)
 
 
@@ -168,19 +172,21 @@ class PermutationLM(PretrainedModel):
     """XLNet's permutation LM (HF ``XLNetLMHeadModel``'s computation with ``attn_type="bi"``, ``bi_data=False``).
 
     Train it with ``objectives.PLMObjective``; ``data.permutation`` draws the
-    ``perm_mask`` and ``target_mapping`` of random factorisation orders.
+    ``perm_mask`` and ``target_mapping`` of random factorisation orders. ``backend``
+    is passed to the layer norms (the only ops here with kernels; "cpu" runs their PyTorch one).
     """
 
     architecture = "PermutationLM"
     main_weight = "transformer.word_embedding.weight"
 
-    def __init__(self, config: PermutationLMConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: PermutationLMConfig, *, device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
         if not isinstance(config, PermutationLMConfig):
             raise TypeError(f"config must be a PermutationLMConfig; got {type(config).__name__}")
         self.config = config
         factory = {"device": device, "dtype": dtype}
-        self.transformer = _Transformer(config, factory)
+        self.backend = backend
+        self.transformer = _Transformer(config, factory, backend_for("layer_norm_fn", backend))
         self.lm_loss = nn.Linear(config.d_model, config.vocab_size, **factory)
         if config.tie_embeddings:
             self.lm_loss.weight = self.transformer.word_embedding.weight
@@ -299,7 +305,9 @@ class PermutationLM(PretrainedModel):
             return None
         n_layer, d_model = self.config.n_layer, self.config.d_model
         if not isinstance(mems, (list, tuple)) or len(mems) != n_layer:
-            raise ValueError(f"mems must be a list of n_layer={n_layer} tensors (the previous output's mems); got {mems!r:.80}")
+            raise ValueError(
+                f"mems must be a list of n_layer={n_layer} tensors (the previous output's mems); got {mems!r:.80}"
+            )
         mlen = mems[0].shape[1] if isinstance(mems[0], torch.Tensor) and mems[0].ndim == 3 else None
         for i, mem in enumerate(mems):
             _check_shape(f"mems[{i}]", mem, (batch, mlen if mlen is not None else "mlen", d_model))
