@@ -136,6 +136,8 @@ class AnyOrderLM(PretrainedModel):
             if not isinstance(t, torch.Tensor) or t.shape != tokens.shape:
                 raise ValueError(f"{name} must be a tensor of shape {tuple(tokens.shape)} (as tokens)")
         limit = self.config.max_positions
+        if positions.min() < 0 or next_positions.min() < -1:
+            raise ValueError("positions must be >= 0 and next_positions >= -1 (-1: no next position)")
         if positions.max() >= limit or next_positions.max() >= limit:
             raise ValueError(
                 f"positions must be below max_positions={limit}; got up to "

@@ -247,10 +247,7 @@ class PermutationLM(PretrainedModel):
         _check_shape("token_type_ids", token_type_ids, (batch, qlen))
         _check_shape("attention_mask", attention_mask, (batch, qlen))
         _check_shape("perm_mask", perm_mask, (batch, qlen, qlen))
-        if target_mapping is not None:
-            if not isinstance(target_mapping, torch.Tensor) or target_mapping.ndim != 3:
-                _check_shape("target_mapping", target_mapping, (batch, "num_predict", qlen))
-            _check_shape("target_mapping", target_mapping, (batch, target_mapping.shape[1], qlen))
+        _check_shape("target_mapping", target_mapping, (batch, "num_predict", qlen))
         mems = self._check_mems(mems, batch)
         mlen = 0 if mems is None else mems[0].shape[1]
 
@@ -260,16 +257,16 @@ class PermutationLM(PretrainedModel):
         if target_mapping is not None:
             g = transformer.dropout(transformer.mask_emb.expand(batch, target_mapping.shape[1], -1))
 
-        hidden = torch.zeros((batch, qlen, qlen), dtype=torch.bool, device=device)
-        if attention_mask is not None:
-            hidden = hidden | (attention_mask == 0)[:, None, :].to(device)
-        if perm_mask is not None:
-            hidden = hidden | (perm_mask > 0).to(device)
-        # The memory is always visible; the content stream always sees its own token.
-        mask_g = F.pad(hidden, (mlen, 0), value=False)
-        mask_h = F.pad(hidden & ~torch.eye(qlen, dtype=torch.bool, device=device), (mlen, 0), value=False)
-        if attention_mask is None and perm_mask is None:
-            mask_g = mask_h = None
+        mask_g = mask_h = None
+        if attention_mask is not None or perm_mask is not None:
+            hidden = torch.zeros((batch, qlen, qlen), dtype=torch.bool, device=device)
+            if attention_mask is not None:
+                hidden = hidden | (attention_mask == 0)[:, None, :].to(device)
+            if perm_mask is not None:
+                hidden = hidden | (perm_mask > 0).to(device)
+            # The memory is always visible; the content stream always sees its own token.
+            mask_g = F.pad(hidden, (mlen, 0), value=False)
+            mask_h = F.pad(hidden & ~torch.eye(qlen, dtype=torch.bool, device=device), (mlen, 0), value=False)
         seg_mat = None
         if token_type_ids is not None:
             key_types = F.pad(token_type_ids, (mlen, 0), value=0)
@@ -308,18 +305,25 @@ class PermutationLM(PretrainedModel):
             raise ValueError(
                 f"mems must be a list of n_layer={n_layer} tensors (the previous output's mems); got {mems!r:.80}"
             )
-        mlen = mems[0].shape[1] if isinstance(mems[0], torch.Tensor) and mems[0].ndim == 3 else None
         for i, mem in enumerate(mems):
-            _check_shape(f"mems[{i}]", mem, (batch, mlen if mlen is not None else "mlen", d_model))
+            _check_shape(f"mems[{i}]", mem, (batch, "mlen", d_model))
+        lengths = {mem.shape[1] for mem in mems}
+        if len(lengths) > 1:
+            raise ValueError(f"mems must all hold the same number of positions; got {sorted(lengths)}")
         return list(mems)
 
 
 def _check_shape(name: str, value: Optional[torch.Tensor], shape: tuple) -> None:
+    """``value`` is None or a tensor of ``shape``, where a str entry names a size that may be anything."""
     if value is None:
         return
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+    if not (
+        isinstance(value, torch.Tensor)
+        and value.ndim == len(shape)
+        and all(isinstance(want, str) or got == want for got, want in zip(value.shape, shape))
+    ):
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{name} must be a tensor of shape {shape}; got {got}".replace("'", ""))
+        raise ValueError(f"{name} must be a tensor of shape ({', '.join(map(str, shape))}); got {got}")
 
 
 # About 1M parameters with the byte tokenizer and 4 special tokens (261 ids).

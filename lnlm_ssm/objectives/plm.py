@@ -11,8 +11,9 @@ span-aware by default, as HF's PLM collator, ``max_span_length`` 5 and
   stack computes every step anyway, and the targets are the last steps.
 
 Evaluation: ``eval_loss`` (nats per predicted token) and ``eval_bpb``, the same
-in bits per byte of source text. Different from causal LM bpb: a token is
-predicted from context on both sides.
+in bits per byte of source text; not comparable with a causal LM's bpb, as a
+token is predicted from context on both sides. Held-out batches draw the same
+targets and orders at every evaluation.
 """
 
 from __future__ import annotations
@@ -42,14 +43,18 @@ class PLMObjective(Objective):
         self.plm_probability = plm_probability
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
+        # Held-out batches draw the same targets and orders at every evaluation, so that the figures compare.
+        generator = None if model.training else torch.Generator().manual_seed(0)
         drawn = permutation_batch(
             batch,
             mode=self.mode,
             partial_k=self.partial_k,
             max_span_length=self.max_span_length,
             plm_probability=self.plm_probability,
+            generator=generator,
         )
-        architecture = getattr(model, "architecture", None)
+        # Under DDP the model is the wrapper, whose forward must run (it syncs the gradients).
+        architecture = getattr(getattr(model, "module", model), "architecture", None)
         if architecture == "PermutationLM":
             out = model(
                 batch, perm_mask=drawn.perm_mask, target_mapping=drawn.target_mapping, labels=drawn.labels

@@ -110,9 +110,9 @@ def test_bad_shapes_name_the_argument():
     ids, perm_mask, target_mapping, _ = inputs()
     with pytest.raises(ValueError, match=r"perm_mask must be a tensor of shape \(2, 12, 12\)"):
         model(ids, perm_mask=perm_mask[:, :-1])
-    with pytest.raises(ValueError, match="target_mapping must be a tensor of shape"):
+    with pytest.raises(ValueError, match=r"target_mapping must be a tensor of shape \(2, num_predict, 12\)"):
         model(ids, target_mapping=target_mapping[:, :, :-1])
-    with pytest.raises(ValueError, match="target_mapping must be a tensor of shape"):
+    with pytest.raises(ValueError, match=r"target_mapping must be a tensor of shape \(2, num_predict, 12\)"):
         model(ids, target_mapping=target_mapping[0])
     with pytest.raises(ValueError, match="labels must be a tensor of shape"):
         model(ids, target_mapping=target_mapping, labels=ids)
