@@ -4,17 +4,28 @@ from lnlm_ssm import ops
 from lnlm_ssm._version import __version__
 from lnlm_ssm.layers.quantized import quantize_
 from lnlm_ssm.models import MambaLM, MambaLMConfig, from_pretrained
+from lnlm_ssm.models import (
+    ElectraConfig,
+    ElectraPretraining,
+    Encoder,
+    EncoderConfig,
+    MaskedLM,
+    ReplacedTokenDetector,
+    SentenceOrderMaskedLM,
+)
 from lnlm_ssm.models import AnyOrderLM, AnyOrderLMConfig, PermutationLM, PermutationLMConfig
 
-__all__ = [
+__all__ = ["MambaLM", "MambaLMConfig", "__version__", "from_pretrained", "ops", "quantize_"]
+__all__ += [
+    "ElectraConfig",
+    "ElectraPretraining",
+    "Encoder",
+    "EncoderConfig",
+    "MaskedLM",
+    "ReplacedTokenDetector",
+    "SentenceOrderMaskedLM",
     "AnyOrderLM",
     "AnyOrderLMConfig",
-    "MambaLM",
-    "MambaLMConfig",
     "PermutationLM",
     "PermutationLMConfig",
-    "__version__",
-    "from_pretrained",
-    "ops",
-    "quantize_",
 ]

@@ -65,12 +65,16 @@ def _load(args, device: torch.device, dtype: torch.dtype):
     model = MambaLM.from_pretrained(args.model, device=device, dtype=dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     vocab_size = model.config.vocab_size
-    if isinstance(tokenizer, ByteTokenizer) and vocab_size != tokenizer.vocab_size:
-        raise ValueError(
-            f"{args.model} has no tokenizer.json and its vocab_size {vocab_size} is not the byte tokenizer's "
-            f"{tokenizer.vocab_size}: give the tokenizer it was trained with by --tokenizer"
-        )
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
+    # Generation needs the text ids and eos: a model trained before the built-in tokenizers gained their
+    # encoder specials ([PAD], [MASK], [CLS], [SEP]) lacks only those, and generates as before.
+    if isinstance(tokenizer, ByteTokenizer):
+        if vocab_size not in (tokenizer.text_vocab_size, tokenizer.vocab_size):
+            raise ValueError(
+                f"{args.model} has no tokenizer.json and its vocab_size {vocab_size} is not the byte tokenizer's "
+                f"({tokenizer.text_vocab_size} or {tokenizer.vocab_size}): give the tokenizer it was trained with "
+                "by --tokenizer"
+            )
+    elif getattr(tokenizer, "text_vocab_size", tokenizer.vocab_size) > model.config.padded_vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
     return model, tokenizer
 

@@ -7,20 +7,25 @@ which is which. Parameter names follow mamba_ssm's checkpoint layout exactly.
 
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.base import Mixer, declared_parameter_names
+from lnlm_ssm.layers.bidirectional import BiMamba, Hydra
 from lnlm_ssm.layers.cache import AttentionCache, InferenceCache, Mamba2Cache, MambaCache
-from lnlm_ssm.layers.embedding import TokenEmbedding
+from lnlm_ssm.layers.embedding import EncoderEmbedding, TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
-from lnlm_ssm.layers.mlp import GatedMLP
+from lnlm_ssm.layers.mlp import MLP, GatedMLP
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
 from lnlm_ssm.layers.quantized import QuantizedEmbedding, QuantizedLinear, quantize_
 
 __all__ = [
     "Attention",
     "AttentionCache",
+    "BiMamba",
+    "EncoderEmbedding",
     "GatedMLP",
+    "Hydra",
     "InferenceCache",
     "LayerNorm",
+    "MLP",
     "Mamba",
     "Mamba2",
     "Mamba2Cache",

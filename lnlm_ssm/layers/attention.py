@@ -1,4 +1,4 @@
-"""Causal multi-head self-attention (MHA / GQA / MQA) with RoPE, a sliding window and a KV cache.
+"""Multi-head self-attention (MHA / GQA / MQA), causal or not, with RoPE, a sliding window and a KV cache.
 
 Parameters as mamba_ssm's ``MHA`` so that its hybrid checkpoints load unchanged:
 ``in_proj`` maps d_model to the rows ``[q, k, v]`` (each head-major,
@@ -11,6 +11,11 @@ sees key ``s`` when ``s <= t`` (causal), ``s > t - sliding_window`` (window) and
 ``mask[:, s]`` is true (padding). A padded query would then see nothing at all;
 it is allowed to see itself so that softmax stays finite (its output is never
 used, but a NaN there would poison the gradients).
+
+With ``causal=False`` (an encoder's attention: BERT's, with ``qkv_proj_bias`` and
+``out_proj_bias``) every query sees every real key, so the mask may mark padding
+anywhere; encoders pad on the right. A padded key gets no attention score, so
+a padded row's real positions come out as that row alone would.
 
 Attention runs through torch's ``scaled_dot_product_attention``, or through
 flash-attn's ``flash_attn_func`` (>= 2.3, for its ``window_size``) when that is

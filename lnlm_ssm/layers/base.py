@@ -22,11 +22,19 @@ A model stacks mixers without knowing which is which; it relies on exactly this:
     - ``position_ids``: (batch, seqlen) positions for RoPE (attention only;
       SSM layers ignore it). Default: ``past + arange(seqlen)``.
 
+    Bidirectional mixers (``BiMamba``, ``Hydra``; encoders) see the whole
+    sequence at once: ``cache`` must be None, and ``mask`` (batch, seqlen) is
+    right padding (BERT's batches: real tokens first). A pad reaches no state in
+    either direction, so a padded row's real positions equal the row run alone;
+    the outputs at pad positions are unspecified.
+
 ``allocate_cache(batch_size, max_seqlen, *, device=None, dtype=None)``
     Allocates this layer's inference state once (zeros); see ``layers.cache``.
     SSM states are kept in fp32 (float64 for float64 layers); conv states and
     KV in ``dtype``. Each cache object has ``reset()`` (zero in place) and
     counts ``seqlen``, the positions it has seen.
+    A bidirectional mixer has no incremental decode: its ``allocate_cache`` raises
+    NotImplementedError.
 
 Parameter names follow mamba_ssm's checkpoint layout exactly, so that its state
 dicts load without renaming.

@@ -1,7 +1,12 @@
-"""GatedMLP as mamba_ssm's (SwiGLU by default): fc2(y * activation(gate)), with [y, gate] = fc1(x)."""
+"""The MLPs of a block.
+
+- ``GatedMLP`` as mamba_ssm's (SwiGLU by default): fc2(y * activation(gate)), with [y, gate] = fc1(x);
+- ``MLP``, BERT's and GPT-2's: fc2(activation(fc1(x))), with biases; the activation by its HF name (``ACTIVATIONS``).
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -9,6 +14,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from lnlm_ssm.utils.checks import check_positive_int
+
+
+# The activations by the names HF configs give them (hidden_act, activation_function).
+# "gelu" is the exact (erf) GELU; "gelu_new" and "gelu_pytorch_tanh" are both its tanh approximation.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation ``ACTIVATIONS`` names ``name``; a ValueError listing the known names otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
 
 
 # mamba_ssm's default: hidden sizes are rounded up to this, so its checkpoints' fc1/fc2 shapes come out the same.
@@ -62,3 +86,38 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, gate = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(y * self.activation(gate))
+
+
+class MLP(nn.Module):
+    """``fc2(activation(fc1(x)))``: ``fc1`` in_features -> hidden_features, ``fc2`` hidden_features -> out_features.
+
+    BERT's feed-forward (its ``intermediate.dense`` and ``output.dense``) and GPT-2's
+    (``c_fc``, ``c_proj``). ``activation``: a name in ``ACTIVATIONS`` ("gelu", the exact
+    GELU, by default). The hidden size is used as given (no rounding).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: Optional[int] = None,
+        activation: str = "gelu",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("hidden_features", hidden_features)
+        out_features = in_features if out_features is None else check_positive_int("out_features", out_features)
+        self.activation_name = activation
+        self.activation = activation_fn(activation)
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation_name!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))

@@ -3,8 +3,10 @@
 - ``config``: MambaLMConfig and the presets;
 - ``registry``: architecture -> config class, model class, converters, presets; ``preset``, ``from_pretrained``;
 - ``base``: PretrainedModel (save / load), ``backbone``: embedding + blocks + final norm;
-- ``heads``: LM head and its loss; ``causal_lm``: MambaLM; ``permutation_lm``: PermutationLM (XLNet);
-  ``any_order_lm``: AnyOrderLM (a MambaLM in any order).
+- ``heads``: LM head and its loss; ``causal_lm``: MambaLM;
+- ``encoder``: the bidirectional Encoder; ``masked_lm``: MaskedLM, SentenceOrderMaskedLM,
+  ReplacedTokenDetector and ElectraPretraining;
+- ``permutation_lm``: PermutationLM (XLNet); ``any_order_lm``: AnyOrderLM (a MambaLM in any order).
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
@@ -12,23 +14,42 @@ from lnlm_ssm.checkpoint.save import save_pretrained
 from lnlm_ssm.models.any_order_lm import AnyOrderLM, AnyOrderLMConfig
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
-from lnlm_ssm.models.config import PRESETS, ConfigError, MambaLMConfig
+from lnlm_ssm.models.config import PRESETS, ConfigError, ElectraConfig, EncoderConfig, MambaLMConfig
+from lnlm_ssm.models.encoder import Encoder, EncoderOutput
+from lnlm_ssm.models.masked_lm import (
+    ElectraPretraining,
+    MaskedLM,
+    MaskedLMOutput,
+    ReplacedTokenDetector,
+    SentenceOrderMaskedLM,
+    TokenDetectionOutput,
+)
 from lnlm_ssm.models.permutation_lm import PermutationLM, PermutationLMConfig, PermutationLMOutput
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 
 __all__ = [
+    "PRESETS",
     "AnyOrderLM",
     "AnyOrderLMConfig",
-    "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "ElectraConfig",
+    "ElectraPretraining",
+    "Encoder",
+    "EncoderConfig",
+    "EncoderOutput",
     "MambaLM",
     "MambaLMConfig",
     "MambaLMOutput",
+    "MaskedLM",
+    "MaskedLMOutput",
     "PermutationLM",
     "PermutationLMConfig",
     "PermutationLMOutput",
     "PretrainedModel",
+    "ReplacedTokenDetector",
+    "SentenceOrderMaskedLM",
+    "TokenDetectionOutput",
     "architectures",
     "from_pretrained",
     "preset",

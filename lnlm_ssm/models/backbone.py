@@ -8,10 +8,11 @@ kept in fp32 when ``residual_in_fp32``.
 Parameter names are mamba_ssm's::
 
     embedding.weight                 (padded_vocab_size, d_model)
+    position_embedding.weight        (max_position_embeddings, d_model), learned positions only (GPT-2)
     layers.{i}.norm.weight
     layers.{i}.mixer.*               Mamba, Mamba2 or Attention
     layers.{i}.norm2.weight          with an MLP (d_intermediate > 0)
-    layers.{i}.mlp.fc1.weight / fc2.weight
+    layers.{i}.mlp.fc1.weight / fc2.weight   (and .bias with mlp_bias)
     norm_f.weight
 """
 
@@ -27,7 +28,7 @@ from lnlm_ssm.layers.block_step import decode_step, mixer_step_params, mlp_step_
 from lnlm_ssm.layers.embedding import TokenEmbedding
 from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
-from lnlm_ssm.layers.mlp import GatedMLP
+from lnlm_ssm.layers.mlp import MLP, GatedMLP, activation_fn
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
 from lnlm_ssm.models.config import ConfigError, MambaLMConfig
 from lnlm_ssm.ops._backends import backend_for
@@ -59,9 +60,15 @@ class Block(nn.Module):
             raise ConfigError(f"layer {layer_idx} ({layer_type}) does not take the {cfg} given: {err}") from err
         if config.d_intermediate > 0:
             self.norm2 = make_norm(config, factory, backend)
-            self.mlp = GatedMLP(
-                config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model, **factory
-            )
+            if config.mlp_type == "plain":
+                self.mlp = MLP(
+                    config.d_model, config.d_intermediate, activation=config.mlp_act, bias=config.mlp_bias, **factory
+                )
+            else:
+                self.mlp = GatedMLP(
+                    config.d_model, hidden_features=config.d_intermediate, out_features=config.d_model,
+                    activation=activation_fn(config.mlp_act), bias=config.mlp_bias, **factory,
+                )
         else:
             self.norm2 = self.mlp = None
 
@@ -95,6 +102,11 @@ class Backbone(nn.Module):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.embedding = TokenEmbedding(config.vocab_size, config.padded_vocab_size, config.d_model, **factory)
+        self.position_embedding = (
+            nn.Embedding(config.max_position_embeddings, config.d_model, **factory)
+            if config.max_position_embeddings
+            else None
+        )
         self.layers = nn.ModuleList(
             Block(config, layer_type, i, factory=factory, backend=backend)
             for i, layer_type in enumerate(config.layer_types())

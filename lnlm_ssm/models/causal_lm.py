@@ -19,11 +19,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lnlm_ssm.checkpoint.convert import hf_llama, hf_mamba, hf_mamba2, mamba_ssm
+from lnlm_ssm.checkpoint.convert import hf_gpt2, hf_llama, hf_mamba, hf_mamba2, mamba_ssm
 from lnlm_ssm.generation.decode import generate as _generate
 from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.layers.block_step import FusedStepUnsupported
 from lnlm_ssm.layers.cache import InferenceCache
+from lnlm_ssm.layers.embedding import check_token_ids
 from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
@@ -184,6 +185,8 @@ class MambaLM(PretrainedModel):
         if position_ids is None and mask is not None and self._has_attention:
             position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)[:, -seqlen:]
 
+        if self.backbone.position_embedding is not None:
+            hidden_states = hidden_states + self._position_embedding(position_ids, cache, batch, seqlen)
         hidden_states = self.backbone(hidden_states, caches, mask, position_ids)
         if cache is not None:
             cache.advance(seqlen)
@@ -193,12 +196,23 @@ class MambaLM(PretrainedModel):
         loss = None if labels is None else causal_lm_loss(logits, labels, new_mask)
         return MambaLMOutput(logits=logits, loss=loss, cache=cache)
 
+    def _position_embedding(self, position_ids, cache, batch: int, seqlen: int) -> torch.Tensor:
+        """The learned position embedding (GPT-2's) of ``position_ids``, by default the positions after the cache's."""
+        table = self.backbone.position_embedding
+        if position_ids is None:
+            past = 0 if cache is None else cache.seqlen
+            position_ids = torch.arange(past, past + seqlen, device=table.weight.device).expand(batch, seqlen)
+        check_token_ids(position_ids, table.num_embeddings, name="position_ids", size_name="max_position_embeddings")
+        return table(position_ids)
+
     def decode_logits(self, input_ids: torch.Tensor, caches: list) -> torch.Tensor:
         """Logits (batch, vocab_size) of one decode step of ``input_ids`` (batch, 1) from the layer ``caches``.
 
         No mask and no positions: the new token is real and SSM layers need neither, so
         this is the step a CUDA graph captures (``generation``) for models without attention.
         """
+        if self.backbone.position_embedding is not None:
+            raise ValueError("decode_logits takes no positions, which a model with learned positions needs: use forward")
         hidden_states = self.backbone(self.backbone.embedding(input_ids), caches, None, None)
         return self._logits(hidden_states[:, -1])
 
@@ -216,6 +230,8 @@ class MambaLM(PretrainedModel):
         """
         if self.backend not in ("auto", "cpu"):
             raise FusedStepUnsupported(f"the fused step runs the cpu kernels; this model's backend is {self.backend!r}")
+        if self.backbone.position_embedding is not None:
+            raise FusedStepUnsupported("the fused step has no learned position embedding")
         if not isinstance(cache, InferenceCache):
             raise TypeError(f"cache must be an InferenceCache (model.allocate_cache); got {type(cache).__name__}")
         hidden = self.backbone.fused_step(cache.layers)
@@ -281,6 +297,6 @@ class MambaLM(PretrainedModel):
 registry.register(
     MambaLM,
     MambaLMConfig,
-    converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, hf_mamba2.CONVERTER, hf_llama.CONVERTER),
+    converters=(mamba_ssm.CONVERTER, hf_mamba.CONVERTER, hf_mamba2.CONVERTER, hf_llama.CONVERTER, hf_gpt2.CONVERTER),
     presets=PRESETS,
 )

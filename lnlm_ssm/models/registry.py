@@ -176,7 +176,16 @@ def _interpret(raw: dict, state: dict) -> tuple[Architecture, str, dict, dict]:
                 fields = converter.config(raw)
                 return entry, converter.layout, fields, converter.state(state, fields)
     model_type = raw.get("model_type")
-    known = sorted(c.model_type for a in _ARCHITECTURES.values() for c in a.converters if c.model_type)
+    readable = sorted(
+        name for a in _ARCHITECTURES.values() for c in a.converters if c.model_type == model_type
+        for name in c.architectures
+    )
+    if readable:
+        raise CheckpointError(
+            f"config.json of a {model_type!r} checkpoint lists the architectures {raw.get('architectures')!r}; "
+            f"lnlm_ssm reads the {model_type!r} architectures {readable}"
+        )
+    known = sorted({c.model_type for a in _ARCHITECTURES.values() for c in a.converters if c.model_type})
     found = f"model_type {model_type!r}" if model_type is not None else f"fields {sorted(raw)}"
     raise CheckpointError(
         f"unknown checkpoint layout: config.json has {found}; expected model_type {MODEL_TYPE!r}, one of the "

@@ -2,11 +2,19 @@
 
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.causal_lm import CausalLMObjective
+from lnlm_ssm.objectives.electra import ElectraObjective
+from lnlm_ssm.objectives.mlm import MaskedLMObjective
 from lnlm_ssm.objectives.plm import PLMObjective
+from lnlm_ssm.objectives.sop import SentenceOrderObjective
 from lnlm_ssm.utils.checks import check_choice
 
-OBJECTIVES: dict[str, type[Objective]] = {CausalLMObjective.name: CausalLMObjective}
-OBJECTIVES[PLMObjective.name] = PLMObjective
+OBJECTIVES: dict[str, type[Objective]] = {
+    CausalLMObjective.name: CausalLMObjective,
+    MaskedLMObjective.name: MaskedLMObjective,
+    SentenceOrderObjective.name: SentenceOrderObjective,
+    ElectraObjective.name: ElectraObjective,
+    PLMObjective.name: PLMObjective,
+}
 
 
 def get_objective(name: str) -> Objective:
@@ -14,4 +22,14 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[check_choice("objective", name, tuple(OBJECTIVES))]()
 
 
-__all__ = ["OBJECTIVES", "CausalLMObjective", "Objective", "ObjectiveOutput", "PLMObjective", "get_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "CausalLMObjective",
+    "ElectraObjective",
+    "MaskedLMObjective",
+    "Objective",
+    "ObjectiveOutput",
+    "PLMObjective",
+    "SentenceOrderObjective",
+    "get_objective",
+]

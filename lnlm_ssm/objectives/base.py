@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -39,6 +39,14 @@ class Objective(abc.ABC):
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
         """The loss (and metrics) of ``model`` on ``batch`` (batch, seqlen) of token ids."""
 
+    def use_tokenizer(self, tokenizer) -> None:
+        """Called by the loop with the corpus's tokenizer before the first batch. Objectives that need its
+        special tokens ([MASK], [CLS], ...) take them here, and raise a ValueError naming the tokenizer
+        when it lacks one; the default needs none."""
+
     @abc.abstractmethod
-    def eval_metrics(self, eval_loss: float, bytes_per_token: float) -> dict[str, float]:
-        """The evaluation figures of a mean held-out loss (``eval_loss`` among them)."""
+    def eval_metrics(
+        self, eval_loss: float, bytes_per_token: float, metrics: Optional[Mapping[str, float]] = None
+    ) -> dict[str, float]:
+        """The evaluation figures of a mean held-out loss (``eval_loss`` among them); ``metrics``: the held-out
+        means of the metrics ``__call__`` returned."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -23,5 +24,7 @@ class CausalLMObjective(Objective):
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
         return ObjectiveOutput(loss=model(batch, labels=batch).loss)
 
-    def eval_metrics(self, eval_loss: float, bytes_per_token: float) -> dict[str, float]:
+    def eval_metrics(
+        self, eval_loss: float, bytes_per_token: float, metrics: Optional[Mapping[str, float]] = None
+    ) -> dict[str, float]:
         return {"eval_loss": eval_loss, "eval_bpb": eval_loss / math.log(2) / bytes_per_token}

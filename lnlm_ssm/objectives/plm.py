@@ -12,19 +12,22 @@ span-aware by default, as HF's PLM collator, ``max_span_length`` 5 and
 
 Evaluation: ``eval_loss`` (nats per predicted token) and ``eval_bpb``, the same
 in bits per byte of source text; not comparable with a causal LM's bpb, as a
-token is predicted from context on both sides. Held-out batches draw the same
-targets and orders at every evaluation.
+token is predicted from context on both sides. The random draws come from
+``MaskedLMObjective.mask_generator``: fresh in training (per rank, resumable),
+the same at every evaluation.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from lnlm_ssm.data.permutation import permutation_batch
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
+from lnlm_ssm.objectives.mlm import MaskedLMObjective
 from lnlm_ssm.utils.checks import check_choice
 
 
@@ -43,8 +46,8 @@ class PLMObjective(Objective):
         self.plm_probability = plm_probability
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
-        # Held-out batches draw the same targets and orders at every evaluation, so that the figures compare.
-        generator = None if model.training else torch.Generator().manual_seed(0)
+        # The draws are made on the CPU (a Python loop over spans), then moved to the batch's device.
+        generator = MaskedLMObjective.mask_generator(model, torch.device("cpu"))
         drawn = permutation_batch(
             batch,
             mode=self.mode,
@@ -65,5 +68,7 @@ class PLMObjective(Objective):
             raise TypeError(f"the plm objective trains {' or '.join(self.architectures)}; got {type(model).__name__}")
         return ObjectiveOutput(loss=out.loss, metrics={"targets": drawn.targets.float().mean()})
 
-    def eval_metrics(self, eval_loss: float, bytes_per_token: float) -> dict[str, float]:
+    def eval_metrics(
+        self, eval_loss: float, bytes_per_token: float, metrics: Optional[Mapping[str, float]] = None
+    ) -> dict[str, float]:
         return {"eval_loss": eval_loss, "eval_bpb": eval_loss / math.log(2) / bytes_per_token}

@@ -254,6 +254,7 @@ class _Run:
         self.objective = get_objective(config.objective)
         self.model_class = self._model_class()
         corpus = self._corpus()
+        self.objective.use_tokenizer(corpus.load_tokenizer())
         model_config = self._model_config(corpus.vocab_size)
         state = None
         if self.resume_from is not None:
@@ -321,7 +322,8 @@ class _Run:
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
                 paused = time.perf_counter()  # evaluation and checkpoints do not count in tokens_per_s
                 if step % config.eval_every == 0 or last:
-                    metrics = self.objective.eval_metrics(self._evaluate(model, samplers["val"]), bytes_per_token)
+                    eval_loss, eval_means = self._evaluate(model, samplers["val"])
+                    metrics = self.objective.eval_metrics(eval_loss, bytes_per_token, eval_means)
                     result.update(metrics)
                     final_eval = metrics
                     if log is not None:
@@ -385,14 +387,17 @@ class _Run:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def _evaluate(self, model: nn.Module, val) -> float:
+    def _evaluate(self, model: nn.Module, val) -> tuple[float, dict[str, float]]:
+        """The mean held-out loss, and the mean of each metric the objective returns (both over ranks)."""
         model.eval()
         try:
-            losses = []
+            rows = []
             for batch in val.eval_batches(self.config.eval_batches):
                 with self.autocast():
-                    losses.append(self.objective(model, batch.to(self.device)).loss.float())
-            return dist_lib.all_reduce_mean(torch.stack(losses).mean(), self.info).item()
+                    out = self.objective(model, batch.to(self.device))
+                rows.append(torch.stack([out.loss.float(), *(v.float() for v in out.metrics.values())]))
+            means = dist_lib.all_reduce_mean(torch.stack(rows).mean(dim=0), self.info).tolist()
+            return means[0], dict(zip(out.metrics, means[1:]))
         finally:
             model.train()
 

@@ -1,4 +1,4 @@
-"""HF transformers checkpoints (Mamba, Mamba-2, Llama) load into MambaLM and give HF's logits and greedy tokens."""
+"""HF transformers checkpoints (Mamba, Mamba-2, Llama, GPT-2) load into MambaLM and give HF's logits and greedy tokens."""
 
 import json
 
@@ -50,11 +50,17 @@ def randomized(model):
     return model.eval()
 
 
+def hf_gpt2(**overrides):
+    fields = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**fields, **overrides}))
+
+
 BUILDERS = {
     "mamba": hf_mamba,
     "mamba2": hf_mamba2,
     "llama": hf_llama,
     "llama-tied-bias": lambda: hf_llama(tie_word_embeddings=True, attention_bias=True),
+    "gpt2": hf_gpt2,
 }
 
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))

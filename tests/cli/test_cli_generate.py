@@ -9,7 +9,7 @@ import torch
 from lnlm_ssm.cli import main
 from lnlm_ssm.layers import quantize_
 from lnlm_ssm.models import MambaLM, MambaLMConfig
-from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
+from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer, save_tokenizer_kind
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 
@@ -22,7 +22,7 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(ids) == text
     assert tok.encode("a", add_eos=True) == [97, 256] and tok.decode([97, 256, 98]) == "ab"
     assert tok.decode([0xE4, 0xB8]) == "\ufffd"  # half of a 3-byte character
-    assert tok.vocab_size == 257
+    assert tok.vocab_size == 261
     with pytest.raises(ValueError, match="ids"):
         tok.decode([300])
     with pytest.raises(TypeError, match="text"):
@@ -74,6 +74,16 @@ def test_generate_on_a_checkpoint_streams_the_greedy_text(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err == ""
     assert out == tok.decode(expected[0, 3:].tolist()) + "\n"
+
+
+def test_generate_reads_a_protein_model_from_before_the_encoder_specials(tmp_path, capsys):
+    # 28 ids: the amino-acid tokenizer's vocabulary before [MASK], [CLS] and [SEP] were added above it.
+    config = MambaLMConfig(d_model=32, n_layer=1, vocab_size=28, pad_vocab_size_multiple=1, ssm_cfg={"d_state": 8})
+    MambaLM(config).save_pretrained(tmp_path)
+    save_tokenizer_kind(tmp_path, "amino")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "MK", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.strip()  # the generated residues (eos may end them early)
+    assert len(out) <= 3 and set(out) <= set("ACDEFGHIKLMNPQRSTVWYXBZUO?")
 
 
 @pytest.mark.parametrize("mode", ["int8", "bf16"])

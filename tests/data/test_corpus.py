@@ -50,7 +50,7 @@ def _text_tree(tmp_path, n_docs=6):
 
 def test_amino_tokenizer_round_trip_and_vocabulary():
     tok = AminoAcidTokenizer()
-    assert tok.vocab_size == 28 and (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.vocab_size == 31 and (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     letters = "ACDEFGHIKLMNPQRSTVWYXBZUO"
     ids = tok.encode(letters)
     assert ids == list(range(3, 28))
@@ -58,8 +58,8 @@ def test_amino_tokenizer_round_trip_and_vocabulary():
     assert tok.encode(letters.lower()) == ids
     assert tok.encode("AJ*-é", add_eos=True) == [3, 2, 2, 2, 2, 1]
     assert tok.decode([0, 3, 2, 1]) == "A?"
-    with pytest.raises(ValueError, match=r"ids must be in \[0, 28\)"):
-        tok.decode([28])
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 31\)"):
+        tok.decode([31])
     with pytest.raises(TypeError, match="text must be a str"):
         tok.encode(b"ACD")
 
@@ -70,7 +70,7 @@ def test_byte_corpus_tokens_are_the_documents_joined_with_eos(tmp_path):
     corpus = prepare_corpus(src, tmp_path / "out", val_fraction=0.2)
     tokens = np.concatenate([corpus.tokens("train"), corpus.tokens("val")])
     np.testing.assert_array_equal(tokens, _expected(ByteTokenizer(), docs))
-    assert corpus.vocab_size == 257 and corpus.tokens("train").dtype == np.uint16
+    assert corpus.vocab_size == 261 and corpus.tokens("train").dtype == np.uint16
     assert corpus.manifest["n_files"] == len(docs) and corpus.manifest["n_skipped_files"] == 2
     assert not corpus.tokens("train").flags.writeable
     # Round trip: the first document decodes back to its text.
@@ -226,7 +226,7 @@ def test_manifest_records_the_corpus(tmp_path):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m == corpus.manifest
     assert m["format_version"] == 1 and m["source"] == str(src.resolve()) and m["kind"] == "text"
-    assert m["tokenizer"] == {"kind": "byte", "name": "ByteTokenizer", "vocab_size": 257, "eos_token_id": 256}
+    assert m["tokenizer"] == {"kind": "byte", "name": "ByteTokenizer", "vocab_size": 261, "eos_token_id": 256}
     assert m["dtype"] == "uint16" and m["n_tokens"] == sum(len(d.encode()) + 1 for d in docs)
     assert (tmp_path / "out" / "tokens.bin").stat().st_size == 2 * m["n_tokens"]
     assert len(m["source_fingerprint"]) == len(m["options_fingerprint"]) == 64

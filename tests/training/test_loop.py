@@ -62,7 +62,7 @@ def test_loss_falls_and_the_run_writes_its_logs_and_model(corpus, tmp_path):
     for r in train_rows:
         assert {"loss", "lr", "tokens_per_s", "grad_norm", "tokens"} <= set(r) and r["tokens_per_s"] > 0
     losses = [r["loss"] for r in train_rows]
-    # Untrained, the loss is about ln(257) = 5.55; the sentences use 17 lowercase words.
+    # Untrained, the loss is about ln(261) = 5.56; the sentences use 17 lowercase words.
     assert losses[0] > 5.0 and max(losses[-3:]) < losses[0] - 1.0, losses
     assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
     # ASCII text: a byte per token, and an eos (no text) after each document.
@@ -224,7 +224,7 @@ def test_bad_model_overrides_and_types_are_errors(corpus, tmp_path):
         train({"steps": 1})
     with pytest.raises(ValueError, match="unknown MambaLMConfig fields"):
         train(tiny(corpus, tmp_path / "run", model={"d_modle": 32}))
-    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 257"):
+    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the tokenizer's 261"):
         train(tiny(corpus, tmp_path / "run", model={**TINY_MODEL, "vocab_size": 100}))
 
 
@@ -239,6 +239,29 @@ def test_an_objective_refuses_a_preset_of_a_family_it_does_not_train(corpus, tmp
                                                "MambaLM"):
         train(tiny(corpus, tmp_path / "run", objective="encoder-only"))
     assert not (tmp_path / "run" / "data").exists()  # refused before the corpus is tokenised
+
+
+def test_the_loop_gives_the_objective_its_tokenizer_and_evaluates_its_metrics(corpus, tmp_path, monkeypatch):
+    class WithMetric(CausalLMObjective):
+        name = "clm-with-metric"
+
+        def use_tokenizer(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, model, batch):
+            out = super().__call__(model, batch)
+            vocab = torch.tensor(float(self.tokenizer.vocab_size))
+            return type(out)(out.loss, {"twice": 2 * out.loss.detach(), "vocab": vocab})
+
+        def eval_metrics(self, eval_loss, bytes_per_token, metrics=None):
+            return {"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}
+
+    monkeypatch.setitem(OBJECTIVES, WithMetric.name, WithMetric)
+    monkeypatch.setitem(train_config.CHOICES, "objective", (*train_config.CHOICES["objective"], WithMetric.name))
+    train(tiny(corpus, tmp_path / "run", objective=WithMetric.name, steps=2))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert rows and all(r["eval_twice"] == pytest.approx(2 * r["eval_loss"], rel=1e-5) for r in rows)
+    assert all(r["eval_vocab"] == 261 for r in rows)
 
 
 class FakeTerminal(io.StringIO):
@@ -292,7 +315,7 @@ def test_a_protein_model_keeps_its_tokenizer(tmp_path):
     fasta.write_text("".join(f">p{i}\n" + "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(120)) + "\n"
                              for i in range(40)))
     out = tmp_path / "run"
-    train(TrainConfig(preset="mamba-tiny", model={**TINY_MODEL, "vocab_size": 28}, data=str(fasta), tokenizer="amino",
+    train(TrainConfig(preset="mamba-tiny", model={**TINY_MODEL, "vocab_size": 31}, data=str(fasta), tokenizer="amino",
                       out=str(out), steps=2, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, ckpt_every=100,
                       log_every=1, backend="cpu"))
     tokenizer = load_tokenizer(out / "model")

@@ -32,7 +32,9 @@ class Converter:
     - ``model_type``: the config.json ``model_type`` that identifies it (None: ``detect`` decides alone);
     - ``config``: config.json dict -> our config's fields (raises CheckpointError naming a field it cannot map);
     - ``state``: (its state dict, our fields) -> a state dict with our names and shapes;
-    - ``detect``: for layouts without a ``model_type``, whether a config.json dict is theirs.
+    - ``detect``: for layouts without a ``model_type``, whether a config.json dict is theirs;
+    - ``architectures``: when the same ``model_type`` holds several models (HF ``BertModel``,
+      ``BertForMaskedLM``), the config.json ``architectures`` this converter reads (one must be listed there).
     """
 
     layout: str
@@ -40,10 +42,14 @@ class Converter:
     config: Callable[[dict], Fields]
     state: Callable[[State, Fields], State] = _same_state
     detect: Callable[[dict], bool] | None = None
+    architectures: tuple[str, ...] = ()
 
     def matches(self, raw: dict) -> bool:
         if self.model_type is not None:
-            return raw.get("model_type") == self.model_type
+            if raw.get("model_type") != self.model_type:
+                return False
+            listed = raw.get("architectures") or ()
+            return not self.architectures or any(name in listed for name in self.architectures)
         return self.detect is not None and self.detect(raw)
 
 

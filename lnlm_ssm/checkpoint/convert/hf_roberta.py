@@ -1,0 +1,48 @@
+"""HF transformers' RoBERTa (model_type "roberta"): ``RobertaForMaskedLM`` as a MaskedLM, ``RobertaModel`` as an Encoder.
+
+BERT's layout (``checkpoint.convert.hf_bert``) but for two facts: positions
+start at ``pad_token_id + 1`` and count only the non-pad tokens
+(``position_offset``), and the MLM head's activation is GELU whatever
+``hidden_act`` says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lnlm_ssm.checkpoint.convert import Converter
+from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, decoder_bias_first, encoder_fields, mlm_head_keys
+
+LAYOUT = "HF roberta"
+
+
+def _mlm_config(raw: dict[str, Any]) -> dict[str, Any]:
+    fields = encoder_fields(raw, LAYOUT)
+    return {**fields, "position_offset": fields["pad_token_id"] + 1, "head_act": "gelu"}
+
+
+def _bare_config(raw: dict[str, Any]) -> dict[str, Any]:
+    return {**_mlm_config(raw), "add_pooler": True}
+
+
+MLM = Converter(
+    layout=LAYOUT,
+    model_type="roberta",
+    architectures=("RobertaForMaskedLM",),
+    config=_mlm_config,
+    state=decoder_bias_first(
+        bert_state(
+            "roberta.", "encoder.",
+            mlm_head_keys("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
+            layout=LAYOUT,
+            unused=("roberta.pooler.",),
+        ),
+        "lm_head.decoder.bias",
+        "lm_head.bias",
+    ),
+)
+BARE = Converter(
+    layout=LAYOUT, model_type="roberta", architectures=("RobertaModel",), config=_bare_config,
+    state=bert_state("", "", {}, layout=LAYOUT, top={"pooler.dense.weight": "pooler.dense.weight",
+                                                      "pooler.dense.bias": "pooler.dense.bias"}),
+)
