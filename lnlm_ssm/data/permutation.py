@@ -11,9 +11,9 @@ targets. They are drawn in one of two ways:
 
 An order lists the non-targets first, then the targets, each part shuffled:
 any order of the context is the same to a model that sees all of it, and any
-order of the targets is a factorisation. ``perm_mask`` and ``target_mapping``
-express the order for XLNet: the context sees all of itself, and a target is
-seen only by the positions after it in the order.
+order of the targets is a factorisation. ``xlnet_inputs`` expresses the order
+for XLNet as ``perm_mask`` and ``target_mapping``: the context sees all of
+itself, and a target is seen only by the positions after it in the order.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from lnlm_ssm.utils.checks import check_choice, check_positive_int
 
-__all__ = ["IGNORE_INDEX", "PermutationBatch", "draw_targets", "factorisation_orders", "permutation_batch"]
+__all__ = ["IGNORE_INDEX", "PermutationBatch", "draw_targets", "factorisation_orders", "xlnet_inputs"]
 
 IGNORE_INDEX = -100
 TARGET_MODES = ("span", "random")
@@ -33,11 +33,11 @@ TARGET_MODES = ("span", "random")
 
 @dataclass
 class PermutationBatch:
-    """XLNet's inputs for one batch of ``input_ids`` (batch, seqlen).
+    """XLNet's inputs for one batch of ``input_ids`` (batch, seqlen) (``xlnet_inputs``).
 
     - ``order`` (batch, seqlen): the factorisation order, non-targets first;
     - ``targets`` (batch, seqlen) bool: the positions predicted;
-    - ``perm_mask`` (batch, seqlen, seqlen) float: 1 where i may not see j;
+    - ``perm_mask`` (batch, seqlen, seqlen) bool: True where i may not see j;
     - ``target_mapping`` (batch, num_predict, seqlen) float: one-hot rows at each
       row's targets, in position order; rows past a sequence's own target count are
       zero (num_predict is the largest count in the batch);
@@ -100,31 +100,17 @@ def factorisation_orders(targets: torch.Tensor, *, generator: Optional[torch.Gen
     return torch.argsort(targets.to(noise.dtype) * 2 + noise, dim=1)
 
 
-def permutation_batch(
-    input_ids: torch.Tensor,
-    *,
-    mode: str = "span",
-    partial_k: int = 6,
-    max_span_length: int = 5,
-    plm_probability: float = 1 / 6,
-    generator: Optional[torch.Generator] = None,
-) -> PermutationBatch:
-    """Draw targets and an order for ``input_ids`` (batch, seqlen) and XLNet's masks for them."""
+def xlnet_inputs(input_ids: torch.Tensor, targets: torch.Tensor, order: torch.Tensor) -> PermutationBatch:
+    """XLNet's ``perm_mask``, ``target_mapping`` and ``labels`` for ``input_ids`` (batch, seqlen) read in ``order``
+    (``factorisation_orders``) with ``targets`` (``draw_targets``) predicted."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError(f"input_ids must be a tensor of shape (batch, seqlen); got {input_ids!r:.80}")
     batch, seqlen = input_ids.shape
+    for name, t in (("targets", targets), ("order", order)):
+        if not isinstance(t, torch.Tensor) or t.shape != input_ids.shape:
+            raise ValueError(f"{name} must be a tensor of shape (batch, seqlen) = {tuple(input_ids.shape)}")
     device = input_ids.device
-    targets = draw_targets(
-        batch,
-        seqlen,
-        mode=mode,
-        partial_k=partial_k,
-        max_span_length=max_span_length,
-        plm_probability=plm_probability,
-        generator=generator,
-        device=device,
-    )
-    order = factorisation_orders(targets, generator=generator)
+    targets, order = targets.to(device), order.to(device)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(seqlen, device=device).expand(batch, seqlen))
     # i may not see j when j is a target not before i in the order (a target does not see itself).
     perm_mask = (rank[:, :, None] <= rank[:, None, :]) & targets[:, None, :]
@@ -136,4 +122,4 @@ def permutation_batch(
     target_mapping = torch.zeros(batch, num_predict, seqlen, device=device)
     target_mapping.scatter_(2, positions[:, :, None], valid[:, :, None].float())
     labels = input_ids.gather(1, positions).masked_fill(~valid, IGNORE_INDEX)
-    return PermutationBatch(input_ids, order, targets, perm_mask.float(), target_mapping, labels)
+    return PermutationBatch(input_ids, order, targets, perm_mask, target_mapping, labels)

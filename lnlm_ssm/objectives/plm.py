@@ -25,7 +25,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from lnlm_ssm.data.permutation import permutation_batch
+from lnlm_ssm.data.permutation import draw_targets, factorisation_orders, xlnet_inputs
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.mlm import MaskedLMObjective
 from lnlm_ssm.utils.checks import check_choice
@@ -48,25 +48,26 @@ class PLMObjective(Objective):
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
         # The draws are made on the CPU (a Python loop over spans), then moved to the batch's device.
         generator = MaskedLMObjective.mask_generator(model, torch.device("cpu"))
-        drawn = permutation_batch(
-            batch,
+        targets = draw_targets(
+            *batch.shape,
             mode=self.mode,
             partial_k=self.partial_k,
             max_span_length=self.max_span_length,
             plm_probability=self.plm_probability,
             generator=generator,
+            device=batch.device,
         )
+        order = factorisation_orders(targets, generator=generator)
         # Under DDP the model is the wrapper, whose forward must run (it syncs the gradients).
         architecture = getattr(getattr(model, "module", model), "architecture", None)
         if architecture == "PermutationLM":
-            out = model(
-                batch, perm_mask=drawn.perm_mask, target_mapping=drawn.target_mapping, labels=drawn.labels
-            )
+            drawn = xlnet_inputs(batch, targets, order)
+            out = model(batch, perm_mask=drawn.perm_mask, target_mapping=drawn.target_mapping, labels=drawn.labels)
         elif architecture == "AnyOrderLM":
-            out = model(batch, drawn.order, labels=batch)
+            out = model(batch, order, labels=batch)
         else:
             raise TypeError(f"the plm objective trains {' or '.join(self.architectures)}; got {type(model).__name__}")
-        return ObjectiveOutput(loss=out.loss, metrics={"targets": drawn.targets.float().mean()})
+        return ObjectiveOutput(loss=out.loss, metrics={"targets": targets.float().mean()})
 
     def eval_metrics(
         self, eval_loss: float, bytes_per_token: float, metrics: Optional[Mapping[str, float]] = None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lnlm_ssm.data.permutation import draw_targets, permutation_batch
+from lnlm_ssm.data.permutation import draw_targets, factorisation_orders, xlnet_inputs
 from lnlm_ssm.models import AnyOrderLM, PermutationLM, preset
 from lnlm_ssm.objectives import get_objective
 
@@ -12,7 +12,8 @@ from lnlm_ssm.objectives import get_objective
 def test_orders_put_the_targets_last_and_masks_follow_the_order(mode):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50, (3, 24), generator=g)
-    drawn = permutation_batch(x, mode=mode, generator=g)
+    targets = draw_targets(3, 24, mode=mode, generator=g)
+    drawn = xlnet_inputs(x, targets, factorisation_orders(targets, generator=g))
     for row in range(3):
         order, targets = drawn.order[row], drawn.targets[row]
         assert torch.equal(order.sort().values, torch.arange(24))
@@ -23,7 +24,7 @@ def test_orders_put_the_targets_last_and_masks_follow_the_order(mode):
         for i in range(24):
             for j in range(24):
                 hidden = bool(targets[j]) and rank[j] >= rank[i]
-                assert drawn.perm_mask[row, i, j] == float(hidden)
+                assert bool(drawn.perm_mask[row, i, j]) == hidden
         mapped = drawn.target_mapping[row]
         assert torch.equal(mapped.sum(0).bool(), targets)
         assert torch.equal(drawn.labels[row, :n], x[row, targets])
