@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lnlm_ssm
-from lnlm_ssm.models import AnyOrderLM, MambaLM, preset
+from lnlm_ssm.data.tokenizers import ByteTokenizer
+from lnlm_ssm.models import AnyOrderLM, MambaLM, preset, preset_architecture
 from lnlm_ssm.utils.testing import assert_close
 
 SEQ = 10
@@ -111,3 +112,11 @@ def test_bad_orders_and_lengths_are_named():
         model.infill(x, x, 20)
     with pytest.raises(ValueError, match="length must be an integer >= 1"):
         model.infill(x[:, :2], x[:, :2], 0)
+
+
+@pytest.mark.parametrize("name", ["xlnet-tiny", "mamba-plm-tiny", "hybrid-plm-tiny"])
+def test_tiny_presets_are_about_a_million_parameters_over_the_byte_vocabulary(name):
+    config = preset(name)
+    model = preset_architecture(name).model_class(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert config.vocab_size == ByteTokenizer.vocab_size and 0.7e6 < count < 1.4e6, count
