@@ -3,27 +3,43 @@
 from lnlm_ssm import ops
 from lnlm_ssm._version import __version__
 from lnlm_ssm.layers.quantized import quantize_
-from lnlm_ssm.models import MambaLM, MambaLMConfig, from_pretrained
 from lnlm_ssm.models import (
+    AnyOrderLM,
+    AnyOrderLMConfig,
     ElectraConfig,
     ElectraPretraining,
     Encoder,
     EncoderConfig,
+    MambaLM,
+    MambaLMConfig,
     MaskedLM,
+    PermutationLM,
+    PermutationLMConfig,
     ReplacedTokenDetector,
     SentenceOrderMaskedLM,
+    Seq2SeqConfig,
+    Seq2SeqLM,
+    from_pretrained,
 )
-from lnlm_ssm.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 
-__all__ = ["MambaLM", "MambaLMConfig", "__version__", "from_pretrained", "ops", "quantize_"]
-__all__ += [
+__all__ = [
+    "AnyOrderLM",
+    "AnyOrderLMConfig",
     "ElectraConfig",
     "ElectraPretraining",
     "Encoder",
     "EncoderConfig",
+    "MambaLM",
+    "MambaLMConfig",
     "MaskedLM",
+    "PermutationLM",
+    "PermutationLMConfig",
     "ReplacedTokenDetector",
     "SentenceOrderMaskedLM",
     "Seq2SeqConfig",
     "Seq2SeqLM",
+    "__version__",
+    "from_pretrained",
+    "ops",
+    "quantize_",
 ]

@@ -1,4 +1,4 @@
-"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``, ``fill-mask``).
+"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``, ``fill-mask``, ``infill``).
 
 Each subcommand module has ``add_parser(subparsers)``, which registers its
 arguments and its handler.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lnlm_ssm.cli import evaluate, fill_mask, generate, train
+from lnlm_ssm.cli import evaluate, fill_mask, generate, infill, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     fill_mask.add_parser(subparsers)
+    infill.add_parser(subparsers)
     return parser
 
 

@@ -7,10 +7,12 @@
 - ``encoder``: the bidirectional Encoder; ``masked_lm``: MaskedLM, SentenceOrderMaskedLM,
   ReplacedTokenDetector and ElectraPretraining;
 - ``seq2seq``: Seq2SeqLM (T5, and T5 with Mamba decoder layers), its config and presets.
+- ``permutation_lm``: PermutationLM (XLNet); ``any_order_lm``: AnyOrderLM (a MambaLM in any order).
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.checkpoint.save import save_pretrained
+from lnlm_ssm.models.any_order_lm import AnyOrderLM, AnyOrderLMConfig
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
 from lnlm_ssm.models.config import PRESETS, ConfigError, ElectraConfig, EncoderConfig, MambaLMConfig
@@ -23,11 +25,14 @@ from lnlm_ssm.models.masked_lm import (
     SentenceOrderMaskedLM,
     TokenDetectionOutput,
 )
+from lnlm_ssm.models.permutation_lm import PermutationLM, PermutationLMConfig, PermutationLMOutput
 from lnlm_ssm.models.registry import architectures, from_pretrained, preset, preset_architecture, preset_names, register
 from lnlm_ssm.models.seq2seq import SEQ2SEQ_PRESETS, Seq2SeqConfig, Seq2SeqLM, Seq2SeqLMOutput
 
 __all__ = [
     "PRESETS",
+    "AnyOrderLM",
+    "AnyOrderLMConfig",
     "CheckpointError",
     "ConfigError",
     "ElectraConfig",
@@ -40,6 +45,9 @@ __all__ = [
     "MambaLMOutput",
     "MaskedLM",
     "MaskedLMOutput",
+    "PermutationLM",
+    "PermutationLMConfig",
+    "PermutationLMOutput",
     "PretrainedModel",
     "ReplacedTokenDetector",
     "SEQ2SEQ_PRESETS",

@@ -4,6 +4,7 @@ from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.causal_lm import CausalLMObjective
 from lnlm_ssm.objectives.electra import ElectraObjective
 from lnlm_ssm.objectives.mlm import MaskedLMObjective
+from lnlm_ssm.objectives.plm import PLMObjective
 from lnlm_ssm.objectives.sop import SentenceOrderObjective
 from lnlm_ssm.utils.checks import check_choice
 
@@ -12,6 +13,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     MaskedLMObjective.name: MaskedLMObjective,
     SentenceOrderObjective.name: SentenceOrderObjective,
     ElectraObjective.name: ElectraObjective,
+    PLMObjective.name: PLMObjective,
 }
 
 
@@ -27,6 +29,7 @@ __all__ = [
     "MaskedLMObjective",
     "Objective",
     "ObjectiveOutput",
+    "PLMObjective",
     "SentenceOrderObjective",
     "get_objective",
 ]

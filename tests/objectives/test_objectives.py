@@ -28,8 +28,9 @@ def test_causal_lm_eval_metrics_are_loss_and_bits_per_byte():
 
 
 def test_unknown_objective_names_the_choices():
-    with pytest.raises(ValueError, match=r"objective must be one of \('clm', 'mlm', 'sop', 'electra'\), got 'span'"):
+    choices = r"\('clm', 'mlm', 'sop', 'electra', 'plm'\)"
+    with pytest.raises(ValueError, match=rf"objective must be one of {choices}, got 'span'"):
         get_objective("span")
     with pytest.raises(TrainConfigError, match="objective must be one of"):
         TrainConfig(objective="span")
-    assert set(OBJECTIVES) == {"clm", "mlm", "sop", "electra"} and TrainConfig().objective == "clm"
+    assert set(OBJECTIVES) == {"clm", "mlm", "sop", "electra", "plm"} and TrainConfig().objective == "clm"
