@@ -53,6 +53,7 @@ from torch import nn
 from lnlm_ssm.checkpoint.convert import hf_t5
 from lnlm_ssm.generation.seq2seq import generate as _generate
 from lnlm_ssm.layers.biased_attention import BiasedAttention
+from lnlm_ssm.layers.bidirectional import BiMamba, Hydra
 from lnlm_ssm.layers.cache import Seq2SeqCache
 from lnlm_ssm.layers.cross_attention import CrossAttention
 from lnlm_ssm.layers.embedding import TokenEmbedding
@@ -74,7 +75,7 @@ from lnlm_ssm.utils.files import atomic_write
 __all__ = ["DECODER_MIXERS", "ENCODER_MIXERS", "SEQ2SEQ_PRESETS", "Seq2SeqConfig", "Seq2SeqLM", "Seq2SeqLMOutput"]
 
 # Pattern character -> the mixer of that layer, per stack.
-ENCODER_MIXERS: dict[str, type] = {"A": BiasedAttention}
+ENCODER_MIXERS: dict[str, type] = {"A": BiasedAttention, "B": BiMamba, "H": Hydra}
 DECODER_MIXERS: dict[str, type] = {"A": BiasedAttention, "1": Mamba, "2": Mamba2}
 # The mixers that take the stack's relative position bias.
 _BIASED = (BiasedAttention,)
@@ -214,10 +215,19 @@ _TINY = dict(
     vocab_size=261, d_model=128, num_heads=4, head_dim=32, d_ff=384, n_encoder_layer=2, n_decoder_layer=2,
     ffn_activation="gelu_new", ffn_gated=True, pad_token_id=257, eos_token_id=256, decoder_start_token_id=257,
 )
+# The SSM stacks: a Mamba-1 decoder under T5's encoder; Hydra encoding for a Mamba-2 decoder; and a hybrid
+# of both with attention, each layer keeping its cross-attention.
+_TINY_SSD = dict(d_state=32, headdim=32, chunk_size=64)
 SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
     "t5-small": {},
     "t5-tiny": _TINY,
     "mamba-t5-tiny": dict(_TINY, decoder_pattern="1"),
+    "hydra-mamba2-t5-tiny": dict(
+        _TINY, encoder_pattern="H", decoder_pattern="2", mixer_cfg={"H": _TINY_SSD, "2": _TINY_SSD}
+    ),
+    "hybrid-t5-tiny": dict(
+        _TINY, encoder_pattern="HA", decoder_pattern="2A", mixer_cfg={"H": _TINY_SSD, "2": _TINY_SSD}
+    ),
 }
 
 

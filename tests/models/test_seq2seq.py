@@ -87,7 +87,7 @@ def test_tied_head_reads_the_scaled_decoder_output():
         )
 
 
-@pytest.mark.parametrize("name", ["t5-tiny", "mamba-t5-tiny"])
+@pytest.mark.parametrize("name", ["t5-tiny", "mamba-t5-tiny", "hydra-mamba2-t5-tiny", "hybrid-t5-tiny"])
 def test_tiny_presets(name, tmp_path):
     model = Seq2SeqLM.from_name(name).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -181,3 +181,16 @@ def test_relative_position_buckets():
     assert one.tolist() == [0, 1, 7, 8, 31, 31, 31, 0, 0, 0]
     twenty = relative_position_bucket(torch.tensor([-20]), bidirectional=False, num_buckets=32, max_distance=128)
     assert twenty.item() == 17
+
+
+@pytest.mark.parametrize("name", ["hydra-mamba2-t5-tiny", "hybrid-t5-tiny"])
+def test_ssm_encoders_ignore_right_padding(name):
+    torch.manual_seed(0)
+    model = Seq2SeqLM.from_name(name).eval()
+    source = torch.tensor([list(b"hello world"), list(b"hi there!!!")])
+    mask = torch.ones_like(source)
+    mask[1, 8:] = 0
+    target = torch.tensor([[257, 104, 105], [257, 104, 105]])
+    padded = model(source, attention_mask=mask, decoder_input_ids=target).logits[1]
+    alone = model(source[1:, :8], decoder_input_ids=target[1:]).logits[0]
+    assert_close(padded, alone)
