@@ -174,3 +174,23 @@ def test_rng_states_round_trip():
     ckpt.restore_rng(state)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]
+
+
+@pytest.mark.parametrize(
+    "objective, preset, model",
+    [
+        ("mlm", "hydra-tiny", {"d_model": 32, "n_layer": 1, "num_heads": 2}),
+        ("electra", "electra-tiny", {"discriminator": {"d_model": 32, "n_layer": 1, "num_heads": 2, "d_intermediate": 64}}),
+    ],
+)
+def test_a_resumed_encoder_run_masks_and_samples_as_the_uninterrupted_one(
+    corpus, tmp_path, monkeypatch, objective, preset, model
+):
+    config = dict(objective=objective, preset=preset, model=model, steps=6, ckpt_every=3, eval_every=3)
+    straight_run = tmp_path / "straight"
+    train(tiny(corpus, straight_run, **config))
+    resumed = tmp_path / "resumed"
+    train_until_killed(monkeypatch, tiny(corpus, resumed, **config), 5)
+    train(tiny(corpus, resumed, resume=True, **config))
+    assert rows(resumed, "train") == rows(straight_run, "train")
+    assert rows(resumed, "eval") == rows(straight_run, "eval")
