@@ -165,9 +165,10 @@ def single_process(corpus, tmp_path_factory):
 def check_run(out, reference):
     losses, eval_losses = rows(out)
     ref_losses, ref_eval = reference
-    assert len(losses) == FLAGS["steps"] and len(eval_losses) == len(ref_eval) == 1
+    assert len(losses) == FLAGS["steps"] and len(ref_eval) == 1
     assert_close(torch.tensor(losses), torch.tensor(ref_losses), torch.float32)
-    assert_close(torch.tensor(eval_losses), torch.tensor(ref_eval), torch.float32)
+    # The final evaluation (a resumed run also has the one its first part ended with).
+    assert_close(torch.tensor(eval_losses[-1:]), torch.tensor(ref_eval), torch.float32)
     # The checkpoint holds the plain model's full state: a single process loads it, and it is the export.
     state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     model = MambaLM(MambaLMConfig.from_dict(state["model_config"]))

@@ -34,9 +34,11 @@ permutation of each, and ``to_plain``/``from_plain`` convert full state dicts,
 so checkpoints hold the plain model's layout.
 
 Vocab-parallel embedding and head (``loss_parallel``) are not done: the LM head
-reads a vocabulary slice of a weight tied to the embedding, which DTensor's
-sharded cross entropy does not take on our padded vocabularies; they cost
-``2 * vocab * d_model`` parameters per rank.
+multiplies only the real vocabulary's rows of its padded weight (``lm_logits``),
+a slice that on a row-sharded weight would gather it whole, and the loss is
+taken inside ``MambaLM.forward``, where ``loss_parallel`` would have to enclose
+the loop's backward too. Replicated, they cost ``vocab * d_model`` parameters
+per rank (twice that untied).
 
 Mamba-1 is not split: its x_proj reduces over the sharded channels in the middle
 of the layer, an all-reduce the layer code has no seam for.
@@ -322,11 +324,12 @@ def plain_orders(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
     return found
 
 
+_WRAPPERS = ("module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
 def _clean(name: str) -> str:
-    # DDP's module., activation checkpointing's and torch.compile's wrappers: not in checkpoint keys.
-    for marker in ("module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(marker, "")
-    return name
+    # DDP's, activation checkpointing's and torch.compile's wrappers: not in checkpoint keys.
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)
 
 
 def to_plain(tensors: dict[str, Any], orders: dict[str, tuple[int, torch.Tensor]]) -> dict[str, Any]:
