@@ -64,7 +64,7 @@ FLAGS = dict(
          "attn_cfg num_heads_kv = 1 must be divisible by tensor_parallel = 2"),
         (dict(layer_pattern="A", attn_cfg={**ATTN, "num_heads": 6, "num_heads_kv": 3}), 3, r"d_intermediate \(rounded up to a multiple of 128\) = 128 must be divisible "
                                       "by tensor_parallel = 3"),
-        (dict(ssm_cfg={"layer": "Mamba1"}), 2, "this model has Mamba-1 layers"),
+        (dict(ssm_cfg={"layer": "Mamba1"}), 2, r"this model has \['Mamba1'\] layers"),
     ],
 )
 def test_a_config_that_cannot_be_split_names_the_field(overrides, tp, message):
@@ -72,6 +72,18 @@ def test_a_config_that_cannot_be_split_names_the_field(overrides, tp, message):
     with pytest.raises(TensorParallelError, match=message):
         check_tensor_parallel(config, tp)
     check_tensor_parallel(config, 1)
+
+
+def test_only_mamba_lm_models_are_split():
+    from lnlm_ssm.models import preset_architecture
+    from lnlm_ssm.training.parallel.pipeline import Pipeline
+    from lnlm_ssm.training.parallel.tensor import tensor_parallel
+
+    encoder = preset_architecture("bert-tiny").model_class(preset("bert-tiny"))
+    with pytest.raises(TensorParallelError, match="tensor parallelism splits MambaLM models; got a "):
+        tensor_parallel(encoder, mesh=None)
+    with pytest.raises(TypeError, match="pipeline parallelism splits MambaLM models; got a "):
+        Pipeline(encoder, layout=None, device=torch.device("cpu"))
 
 
 def test_segment_order_and_plain_layout_round_trip():

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.heads import causal_lm_loss, lm_logits
 
 __all__ = ["SCHEDULES", "Pipeline", "PipelineStageModule", "stage_layers"]
@@ -104,6 +105,8 @@ class Pipeline:
     """
 
     def __init__(self, model: nn.Module, layout, device: torch.device) -> None:
+        if not isinstance(model, MambaLM):
+            raise TypeError(f"pipeline parallelism splits MambaLM models; got a {type(model).__name__}")
         self.layout, self.device = layout, device
         stages, stage = layout.pipeline, layout.pp_rank
         layers = stage_layers(model.config.n_layer, stages)[stage]

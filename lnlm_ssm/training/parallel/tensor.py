@@ -57,6 +57,7 @@ from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
+from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import MambaLMConfig
 
 __all__ = [
@@ -83,10 +84,11 @@ def check_tensor_parallel(config: MambaLMConfig, tp: int) -> None:
     if tp == 1:
         return
     types = set(config.layer_types())
-    if "Mamba1" in types:
+    unsupported = sorted(types - {"Mamba2", "Attention"})
+    if unsupported:
         raise TensorParallelError(
-            "tensor parallelism splits Mamba-2 and attention layers; this model has Mamba-1 layers "
-            "(ssm_cfg layer 'Mamba1' or '1' in layer_pattern): train it with data or pipeline parallelism"
+            f"tensor parallelism splits Mamba-2 and attention layers; this model has {unsupported} layers "
+            "(Mamba-1's x_proj reduces over the split channels mid-layer): train it with data or pipeline parallelism"
         )
     fields: list[tuple[str, int]] = []
     if "Mamba2" in types:
@@ -282,6 +284,8 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     Every rank must build the same model (rank 0's values are the ones kept).
     Checks the config first (``check_tensor_parallel``). Make the optimizer after.
     """
+    if not isinstance(model, MambaLM):
+        raise TensorParallelError(f"tensor parallelism splits MambaLM models; got a {type(model).__name__}")
     if mesh.ndim != 1:
         raise ValueError(f"mesh must be the 1-D tensor-parallel mesh; got {mesh.ndim} dimensions")
     tp = mesh.size()
