@@ -39,6 +39,8 @@ from lnlm_ssm.models.heads import causal_lm_loss, lm_logits
 __all__ = ["SCHEDULES", "Pipeline", "PipelineStageModule", "stage_layers"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+# The two names of a tied embedding and head.
+_EMBEDDING, _HEAD = "backbone.embedding.weight", "lm_head.weight"
 
 
 def stage_layers(n_layer: int, stages: int) -> list[range]:
@@ -212,18 +214,32 @@ class Pipeline:
         for _, part in parts:
             for merged, group in zip(groups, part["param_groups"]):
                 merged["params"] += group["params"]
+        if self.tied:
+            # The plain model's optimizer keeps a tied weight's moments once, under the embedding's name; the
+            # last stage's copy has the same ones (same start, same summed gradients).
+            state.pop(_HEAD, None)
+            groups = [dict(group, params=[p for p in group["params"] if p != _HEAD]) for group in groups]
         return model_sd, {"state": state, "param_groups": groups}
 
     def load_full_state_dicts(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Any], optim_sd: dict[str, Any]
     ) -> None:
-        """Load this stage's part of full dicts (``full_state_dicts``'s, which every rank must pass)."""
+        """Load this stage's part of full dicts (``full_state_dicts``'s or any layout's: the plain model's),
+        which every rank must pass."""
         names = set(get_model_state_dict(module))
         missing = sorted(names - set(model_sd))
         if missing:
             raise ValueError(f"model_sd lacks this stage's {missing[:3]}...: pass the whole model's dicts on every rank")
         params = {name for name, _ in module.named_parameters()}
         options = StateDictOptions(full_state_dict=True)
+        if self.tied and self.last and not self.first:  # the head's copy takes the embedding's moments
+            optim_sd = {
+                "state": {**optim_sd["state"], _HEAD: optim_sd["state"][_EMBEDDING]},
+                "param_groups": [
+                    dict(g, params=[_HEAD if p == _EMBEDDING else p for p in g["params"]])
+                    for g in optim_sd["param_groups"]
+                ],
+            }
         set_model_state_dict(module, {k: v for k, v in model_sd.items() if k in names}, options=options)
         optim_sd = {
             "state": {k: {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in v.items()}
