@@ -120,12 +120,14 @@ class Pipeline:
         self.module = PipelineStageModule(model, layers, first=self.first, last=self.last)
         self.tied = model.config.tie_embeddings
         self.group = layout.mesh["pp"].get_group()
-        # The pair (first stage, last stage) of each data-parallel rank, for the tied weights' gradients.
+        if layout.tensor > 1:
+            raise ValueError("pipeline stages are not split by tensor parallelism yet: give layout.tensor = 1")
+        # The pair (first stage, last stage) of each data-parallel rank, for the tied weights' gradients;
+        # every rank makes every group (new_group is a collective), in the mesh's (pp, dp) rank order.
         self.tied_group = None
-        if self.tied:
-            inner = layout.data * layout.tensor
+        if self.tied and stages > 1:
             for dp in range(layout.data):
-                ranks = [dp * layout.tensor, (stages - 1) * inner + dp * layout.tensor]
+                ranks = [dp, (stages - 1) * layout.data + dp]
                 group = dist.new_group(ranks)
                 if layout.dp_rank == dp:
                     self.tied_group = group
