@@ -8,7 +8,8 @@
 #   3. tests: every CUDA, Triton and flash-attn test (each backend against the reference in
 #      fp32/bf16/fp16; the GPU-only ones are those skipped on CPU) -> tests.log, and
 #      the scan at offsets past int32 (marked slow) -> tests-int32.log
-#   4. benchmarks: scan_speed.py --device cuda for selective_scan and ssd -> JSON + PNG
+#   4. benchmarks: scan_speed.py --device cuda for selective_scan and ssd -> JSON + PNG; on 2+ GPUs,
+#      the training loop on 1 GPU, TP 2 and PP 2 (nccl) -> parallel/losses.txt
 #   5. the summary table (benchmarks/gpu_summary.py), printed last -> summary.txt
 #
 # Run from the repository root on a machine with a CUDA GPU and a CUDA build of
@@ -92,6 +93,33 @@ for op in selective_scan ssd; do
   step "bench-$op" 55 "$OUT/bench-$op.log" "$PY" benchmarks/scan_speed.py --device cuda --op "$op" \
     --budget-s 8 --out "$OUT/$op"
 done
+
+# 4b. tensor and pipeline parallelism on nccl (needs 2 GPUs): the losses of 1 GPU, TP 2 and PP 2 on one global batch
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  PAR=(--preset hybrid-tiny --model 'ssm_cfg={"layer":"Mamba2","d_state":32,"headdim":32,"chunk_size":64,"ngroups":2}'
+       --steps 20 --batch-size 8 --seq-len 128 --dtype fp32 --eval-every 20 --max-bytes 2000000)
+  step parallel-1gpu 90 "$OUT/parallel-1gpu.log" env CUDA_VISIBLE_DEVICES=0 "$PY" -m lnlm_ssm.train "${PAR[@]}" \
+    --out "$OUT/parallel/one"
+  step parallel-tp2 90 "$OUT/parallel-tp2.log" "$PY" -m torch.distributed.run --nproc-per-node 2 --standalone \
+    -m lnlm_ssm.train "${PAR[@]}" --tensor-parallel 2 --out "$OUT/parallel/tp2"
+  step parallel-pp2 90 "$OUT/parallel-pp2.log" "$PY" -m torch.distributed.run --nproc-per-node 2 --standalone \
+    -m lnlm_ssm.train "${PAR[@]}" --pipeline-parallel 2 --microbatches 4 --out "$OUT/parallel/pp2"
+  "$PY" - "$OUT/parallel" >"$OUT/parallel/losses.txt" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+runs = {}
+for name in ("one", "tp2", "pp2"):
+    path = Path(sys.argv[1]) / name / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.open()] if path.exists() else []
+    runs[name] = [r["loss"] for r in rows if r["kind"] == "train"]
+for step, ref in enumerate(runs["one"], 1):
+    others = "  ".join(
+        f"{name} {runs[name][step - 1]:.5f} (rel {abs(runs[name][step - 1] - ref) / ref:.1e})"
+        for name in ("tp2", "pp2") if len(runs[name]) >= step
+    )
+    print(f"step {step:3d}  one {ref:.5f}  {others}")
+EOF
+fi
 
 # 5. the summary, last
 "$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"

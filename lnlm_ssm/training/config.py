@@ -35,6 +35,7 @@ from lnlm_ssm.models import preset_names
 from lnlm_ssm.objectives import OBJECTIVES
 from lnlm_ssm.ops._backends import BACKENDS
 from lnlm_ssm.training.distributed import MODES
+from lnlm_ssm.training.parallel.pipeline import SCHEDULES
 from lnlm_ssm.utils.checks import check_choice
 
 __all__ = ["TrainConfig", "TrainConfigError", "add_arguments", "config_from_args"]
@@ -49,6 +50,7 @@ CHOICES = {
     "objective": tuple(OBJECTIVES),
     "preset": tuple(preset_names()),
     "report_to": REPORT_TO,
+    "pp_schedule": tuple(SCHEDULES),
 }
 
 
@@ -108,6 +110,14 @@ class TrainConfig:
         default=False, metadata=_help("recompute each block in backward instead of storing its activations")
     )
     distributed: str = field(default="none", metadata=_help("data parallelism under torchrun: none, ddp, fsdp"))
+    tensor_parallel: int = field(
+        default=1, metadata=_help("ranks that split each layer's heads (training.parallel.tensor)")
+    )
+    pipeline_parallel: int = field(
+        default=1, metadata=_help("ranks that split the stack of blocks into stages (training.parallel.pipeline)")
+    )
+    microbatches: int = field(default=4, metadata=_help("micro-batches of each step's pipeline schedule"))
+    pp_schedule: str = field(default="1f1b", metadata=_help("pipeline schedule: gpipe, 1f1b"))
     backend: str = field(default="auto", metadata=_help("op backend: auto, reference, cpu, triton, cuda"))
     max_bytes: Optional[int] = field(default=None, metadata=_help("read at most this many bytes of the corpus"))
     device: Optional[str] = field(
@@ -123,7 +133,7 @@ class TrainConfig:
             except ValueError as exc:
                 raise TrainConfigError(str(exc)) from None
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
-                    "ckpt_every", "keep_last")
+                    "ckpt_every", "keep_last", "tensor_parallel", "pipeline_parallel", "microbatches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -136,6 +146,13 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum}): "
                 "every micro-batch has the same number of sequences"
             )
+        if self.pipeline_parallel > 1 and (self.grad_accum > 1 or self.objective != "clm"):
+            raise TrainConfigError(
+                f"pipeline_parallel runs the clm objective with grad_accum 1 (its micro-batches are microbatches); "
+                f"got objective {self.objective!r}, grad_accum {self.grad_accum}"
+            )
+        if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
+            raise TrainConfigError("tensor_parallel and pipeline_parallel do not compose yet: give one of them")
         if not self.lr > 0:
             raise TrainConfigError(f"lr must be > 0; got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lnlm_ssm.training.parallel.tensor import from_plain, plain_orders, to_plain
 from lnlm_ssm.utils.checks import check_choice
 
 __all__ = [
@@ -146,16 +147,18 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return (buffer / info.world_size).to(tensor.device)
 
 
-def _broadcast_from_rank0(model: nn.Module) -> None:
+def _broadcast_from_rank0(model: nn.Module, group) -> None:
     # fully_shard keeps each rank's own slice of its own initial values: without this,
     # ranks seeded differently would train a patchwork. DDP does the same at construction.
+    # A tensor-parallel DTensor is broadcast shard by shard, within the data-parallel group.
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor, src=0)
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            dist.broadcast(local, group=group, group_src=0)
 
 
-def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """``model`` on ``info.device``, data-parallel as ``mode`` says.
+def wrap_model(model: nn.Module, mode: str, info: DistInfo, mesh=None) -> nn.Module:
+    """``model`` on ``info.device``, data-parallel as ``mode`` says, over ``mesh`` (default: every rank).
 
     - ``"none"``: the model itself.
     - ``"ddp"``: ``DistributedDataParallel``; every rank holds all the weights.
@@ -166,6 +169,13 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
 
     Both start every rank from rank 0's weights. ``"ddp"`` and ``"fsdp"`` need the
     process group of ``setup()`` under torchrun.
+
+    ``mesh``: the 1-D data-parallel ``DeviceMesh`` of a layout with model
+    parallelism (``training.parallel.Layout``), whose ranks hold the same part of
+    the model. A model split over other ranks too (tensor parallel: DTensor
+    parameters; a pipeline stage) is made data-parallel by FSDP2 (``"fsdp"``, as
+    FSDP2 + TP) or by ``replicate`` (``"ddp"``: DDP's all-reduce of gradients on
+    FSDP2's machinery, which takes DTensors and which pipeline stages know).
     """
     _check_info(info)
     if not isinstance(model, nn.Module):
@@ -179,18 +189,29 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
             f"mode={mode!r} needs a process group: launch with `torchrun --nproc-per-node N ...` and call "
             "setup() first, or use mode='none' in a single process"
         )
-    if mode == "ddp":
+    from torch.distributed.tensor import DTensor
+
+    # DDP holds whole plain tensors of the whole model; a model split over other ranks takes replicate.
+    model_parallel = mesh is not None and mesh.size() != info.world_size
+    if mode == "ddp" and not model_parallel and not any(isinstance(p, DTensor) for p in model.parameters()):
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        group = None if mesh is None else mesh.get_group()
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _broadcast_from_rank0(model)
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    for block in getattr(getattr(model, "backbone", None), "layers", ()):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if mesh is None:
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if mode == "ddp":
+        from torch.distributed._composable.replicate_with_fsdp import replicate as shard
+    else:
+        shard = fully_shard
+    _broadcast_from_rank0(model, mesh.get_group())
+    blocks = getattr(getattr(model, "backbone", None), "layers", ())
+    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:  # a pipeline stage's blocks
+        shard(block, mesh=mesh)
+    shard(model, mesh=mesh)
     return model
 
 
@@ -229,7 +250,14 @@ def full_state_dicts(
     def snapshot(t: torch.Tensor) -> torch.Tensor:
         return t.clone() if t.untyped_storage().data_ptr() in live else t
 
-    return _map_tensors(model_sd, snapshot), _map_tensors(optim_sd, snapshot)
+    model_sd, optim_sd = _map_tensors(model_sd, snapshot), _map_tensors(optim_sd, snapshot)
+    # Tensor parallelism holds some parameters in a per-rank order of their rows: put them back.
+    orders = plain_orders(model)
+    if orders and model_sd:
+        model_sd = to_plain(model_sd, orders)
+        if optim_sd is not None:
+            optim_sd = {**optim_sd, "state": to_plain(optim_sd["state"], orders)}
+    return model_sd, optim_sd
 
 
 def _storages(tensors) -> set[int]:
@@ -273,6 +301,11 @@ def load_full_state_dicts(
     if (optimizer is None) != (optim_sd is None):
         raise ValueError("give both optimizer and optim_sd, or neither (to load the model alone)")
     options = _state_dict_options(broadcast_from_rank0=_distributed(info))
+    orders = plain_orders(model)
+    if orders and model_sd:
+        model_sd = from_plain(model_sd, orders)
+        if optim_sd:
+            optim_sd = {**optim_sd, "state": from_plain(optim_sd["state"], orders)}
     if optim_sd is not None:
         # Optimizer.load_state_dict adopts tensors already on the right device as its state,
         # which would tie the caller's dict (and any optimizer loaded from it) to this one.

@@ -44,8 +44,11 @@ from lnlm_ssm.data.sampler import WindowSampler
 from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.models import ConfigError, preset, preset_architecture
-from lnlm_ssm.objectives import get_objective
+from lnlm_ssm.objectives import ObjectiveOutput, get_objective
 from lnlm_ssm.training import distributed as dist_lib
+from lnlm_ssm.training.parallel import Layout
+from lnlm_ssm.training.parallel.pipeline import Pipeline
+from lnlm_ssm.training.parallel.tensor import tensor_parallel
 from lnlm_ssm.training.state import (
     TrainCheckpointError,
     capture_rng,
@@ -118,16 +121,29 @@ class _Run:
     def __init__(self, config: TrainConfig, info: dist_lib.DistInfo) -> None:
         if config.device is not None:
             info = dataclasses.replace(info, device=torch.device(config.device))
-        if info.world_size > 1 and config.distributed == "none":
+        # The data-parallel ranks: those that each take a slice of the batch (the others split the model).
+        model_ranks = config.tensor_parallel * config.pipeline_parallel
+        data_ranks, rest = divmod(info.world_size, model_ranks)
+        if rest:
             raise TrainConfigError(
-                f"running in {info.world_size} processes with distributed='none' would train {info.world_size} "
+                f"the number of processes ({info.world_size}) must be a multiple of tensor_parallel x "
+                f"pipeline_parallel ({config.tensor_parallel} x {config.pipeline_parallel})"
+            )
+        if data_ranks > 1 and config.distributed == "none":
+            raise TrainConfigError(
+                f"running in {info.world_size} processes with distributed='none' would train {data_ranks} "
                 "separate models: pass --distributed ddp or fsdp"
             )
-        local_batch, rest = divmod(config.batch_size, info.world_size * config.grad_accum)
+        local_batch, rest = divmod(config.batch_size, data_ranks * config.grad_accum)
         if rest or not local_batch:
             raise TrainConfigError(
-                f"batch_size ({config.batch_size}) must be a multiple of world_size x grad_accum "
-                f"({info.world_size} x {config.grad_accum}): every micro-batch has the same size"
+                f"batch_size ({config.batch_size}) must be a multiple of data-parallel ranks x grad_accum "
+                f"({data_ranks} x {config.grad_accum}): every micro-batch has the same size"
+            )
+        if config.pipeline_parallel > 1 and local_batch % config.microbatches:
+            raise TrainConfigError(
+                f"microbatches ({config.microbatches}) must divide the batch of each data-parallel rank "
+                f"({config.batch_size} / {data_ranks} = {local_batch})"
             )
         self.config, self.info = config, info
         self.main = dist_lib.is_main(info)
@@ -229,8 +245,18 @@ class _Run:
             for block in blocks:
                 # An instance attribute, so state-dict keys and the FSDP wrapping of blocks stay as they are.
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        self.layout = Layout.of(self.info, tensor=self.config.tensor_parallel, pipeline=self.config.pipeline_parallel)
+        self.pipeline = None
+        if self.layout.tensor > 1:
+            tensor_parallel(model.to(self.device), self.layout.mesh["tp"])
+        if self.layout.pipeline > 1:
+            self.pipeline = Pipeline(model.to(self.device), self.layout, self.device)
+            model = self.pipeline.module
         groups = param_groups(model, self.config.weight_decay)
-        wrapped = dist_lib.wrap_model(model, self.config.distributed, self.info)
+        data_mesh = None if self.layout.mesh is None else self.layout.mesh["dp"]
+        wrapped = dist_lib.wrap_model(model, self.config.distributed, self.info, mesh=data_mesh)
+        if self.pipeline is not None:
+            self.pipeline.attach(wrapped, self.config.microbatches, self.config.pp_schedule)
         params = dict(model.named_parameters())
         for group in groups:
             group["params"] = [params[name] for name in group["params"]]
@@ -264,15 +290,18 @@ class _Run:
         samplers = {
             split: WindowSampler(
                 corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                rank=info.rank, world_size=info.world_size,
+                rank=self.layout.dp_rank, world_size=self.layout.data,
             )
             for split in ("train", "val")
         }
         step = tokens = 0
         if state is not None:
             # Rank 0's dicts are broadcast; the other ranks pass empty ones (full ones break DDP's load there).
-            model_sd, optim_sd = (state["model"], state["optimizer"]) if self.main else ({}, {})
-            dist_lib.load_full_state_dicts(model, self.optimizer, model_sd, optim_sd, info)
+            if self.pipeline is not None:  # every stage takes its part of the dicts it read itself
+                self.pipeline.load_full_state_dicts(model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                model_sd, optim_sd = (state["model"], state["optimizer"]) if self.main else ({}, {})
+                dist_lib.load_full_state_dicts(model, self.optimizer, model_sd, optim_sd, info)
             samplers["train"].load_state_dict(state["sampler"])
             restore_rng(state["rng"])
             step, tokens = state["step"], state["progress"]["tokens"]
@@ -361,6 +390,13 @@ class _Run:
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.pipeline is not None:
+            with self.autocast():
+                loss = self.pipeline.step(batch.to(self.device))
+            grad_norm = self.pipeline.clip_grad_norm_(model, config.grad_clip or math.inf)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return dist_lib.all_reduce_mean(loss, self.info).item(), grad_norm.item()
         micro_batches = batch.to(self.device).chunk(config.grad_accum)
         total = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
@@ -394,15 +430,23 @@ class _Run:
             rows = []
             for batch in val.eval_batches(self.config.eval_batches):
                 with self.autocast():
-                    out = self.objective(model, batch.to(self.device))
+                    if self.pipeline is not None:  # the clm objective (TrainConfig): a loss, no other metric
+                        out = ObjectiveOutput(loss=self.pipeline.eval_loss(batch.to(self.device)))
+                    else:
+                        out = self.objective(model, batch.to(self.device))
                 rows.append(torch.stack([out.loss.float(), *(v.float() for v in out.metrics.values())]))
             means = dist_lib.all_reduce_mean(torch.stack(rows).mean(dim=0), self.info).tolist()
             return means[0], dict(zip(out.metrics, means[1:]))
         finally:
             model.train()
 
+    def _full_state_dicts(self, model: nn.Module, optimizer):
+        if self.pipeline is not None:
+            return self.pipeline.full_state_dicts(model, optimizer)
+        return dist_lib.full_state_dicts(model, optimizer, self.info)
+
     def _save(self, model, sampler, model_config, step: int, tokens: int) -> Path:
-        model_sd, optim_sd = dist_lib.full_state_dicts(model, self.optimizer, self.info)
+        model_sd, optim_sd = self._full_state_dicts(model, self.optimizer)
         if self.main:
             # RNG states are rank 0's: the loop draws nothing random outside the sampler, whose state is global.
             save_checkpoint(
@@ -457,7 +501,7 @@ class _Run:
         """The final weights as a checkpoint of the preset's family in out/model, with the tokenizer it was
         trained with and its model card."""
         model_dir = self.out / "model"
-        model_sd, _ = dist_lib.full_state_dicts(model, None, self.info)
+        model_sd, _ = self._full_state_dicts(model, None)
         if self.main:
             export = self.model_class(model_config)
             export.load_state_dict(model_sd)
