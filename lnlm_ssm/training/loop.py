@@ -22,6 +22,7 @@ same steps an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import math
@@ -41,10 +42,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
 from lnlm_ssm.data.sampler import WindowSampler
-from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, save_tokenizer_kind
+from lnlm_ssm.data.finetune import Encoder, RowSampler, label_ids, read_rows
+from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, TOKENIZER_KIND_FILE, load_tokenizer, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
-from lnlm_ssm.models import ConfigError, preset, preset_architecture
-from lnlm_ssm.objectives import get_objective
+from lnlm_ssm.models import CheckpointError, ConfigError, architectures, from_pretrained, preset, preset_architecture
+from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective, get_objective
 from lnlm_ssm.training import distributed as dist_lib
 from lnlm_ssm.training.state import (
     TrainCheckpointError,
@@ -165,6 +167,52 @@ class _Run:
             dist_lib.barrier(self.info)
         return corpus
 
+    def _finetune_setup(self) -> tuple[nn.Module, dict[str, RowSampler]]:
+        """The pretrained model a fine-tuning objective trains (with the head it needs: labels from a classifier
+        checkpoint, else from the training rows) and the samplers of the JSONL rows ("val": eval_data's)."""
+        config, objective, info = self.config, self.objective, self.info
+        fmt = objective.data_format
+        rows = read_rows(config.data, fmt)
+        model_class = architectures()[objective.architectures[0]].model_class
+        try:
+            pretrained = from_pretrained(config.init_from, dtype=torch.float32)
+            label2id = pretrained.config.label2id if isinstance(pretrained, model_class) else None
+            if fmt in ("classify", "token") and label2id is None:
+                label2id = label_ids(rows, fmt)
+            if not isinstance(pretrained, model_class):
+                pretrained = model_class.from_pretrained(
+                    config.init_from, dtype=torch.float32, **objective.head_arguments(label2id)
+                )
+        except CheckpointError as exc:
+            raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
+        tokenizer, self.tokenizer_files = self._finetune_tokenizer()
+        vocab = pretrained.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise TrainConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
+            )
+        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id)
+        kwargs = dict(batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size)
+        samplers = {"train": RowSampler(config.data, encoder, rows=rows, **kwargs)}
+        if config.eval_data is not None:
+            samplers["val"] = RowSampler(config.eval_data, encoder, **kwargs)
+        if objective.needs_reference:
+            reference = pretrained if config.ref_model is None else from_pretrained(config.ref_model, dtype=torch.float32)
+            # A copy: the model trained is built from pretrained's weights, and the reference never moves.
+            reference = copy.deepcopy(reference).to(self.device).eval().requires_grad_(False)
+            objective.reference = reference
+        return pretrained, samplers
+
+    def _finetune_tokenizer(self):
+        """The tokenizer of --init-from's directory where it holds one, else --tokenizer's; and the files that
+        name it, which the exported model gets."""
+        init = Path(self.config.init_from)
+        files = [init / name for name in (TOKENIZER_KIND_FILE, "tokenizer.json") if (init / name).is_file()]
+        if files:
+            return load_tokenizer(init), files
+        name = self.config.tokenizer
+        return (BUILTIN_TOKENIZERS[name]() if name in BUILTIN_TOKENIZERS else load_tokenizer(name)), []
+
     def _model_class(self) -> type:
         """The preset's model class, which must be one the objective trains."""
         architecture = preset_architecture(self.config.preset)
@@ -217,9 +265,12 @@ class _Run:
                 f"cannot resume from {path} with different data settings; fields (checkpoint, this run): {differ}"
             )
 
-    def _build_model(self, model_config) -> nn.Module:
-        """The model, wrapped for data parallelism; sets ``self.optimizer`` and ``self.autocast``."""
+    def _build_model(self, model_config, pretrained: Optional[nn.Module] = None) -> nn.Module:
+        """The model (with ``pretrained``'s weights, if given), wrapped for data parallelism; sets
+        ``self.optimizer`` and ``self.autocast``."""
         model = self.model_class(model_config, backend=self.config.backend)
+        if pretrained is not None:
+            model.load_state_dict(pretrained.state_dict())
         if self.config.activation_checkpointing:
             blocks = getattr(getattr(model, "backbone", None), "layers", None)
             if blocks is None:
@@ -251,22 +302,31 @@ class _Run:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.objective = get_objective(config.objective)
-        self.model_class = self._model_class()
-        corpus = self._corpus()
-        model_config = self._model_config(corpus.vocab_size)
+        options = getattr(OBJECTIVES[config.objective], "options", {})
+        self.objective = get_objective(config.objective, **{arg: getattr(config, f) for arg, f in options.items()})
+        self.finetune = isinstance(self.objective, FinetuneObjective)
+        pretrained = None
+        if self.finetune:
+            pretrained, samplers = self._finetune_setup()
+            model_config, bytes_per_token = pretrained.config, math.nan
+            self.model_class = type(pretrained)
+        else:
+            self.model_class = self._model_class()
+            corpus = self._corpus()
+            model_config = self._model_config(corpus.vocab_size)
+            samplers = {
+                split: WindowSampler(
+                    corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                    rank=info.rank, world_size=info.world_size,
+                )
+                for split in ("train", "val")
+            }
+            bytes_per_token = corpus.bytes_per_token("val")
         state = None
         if self.resume_from is not None:
             state = load_checkpoint(self.resume_from)
             self._check_resumable(state, model_config)
-        model = self._build_model(model_config)
-        samplers = {
-            split: WindowSampler(
-                corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                rank=info.rank, world_size=info.world_size,
-            )
-            for split in ("train", "val")
-        }
+        model = self._build_model(model_config, pretrained)
         step = tokens = 0
         if state is not None:
             # Rank 0's dicts are broadcast; the other ranks pass empty ones (full ones break DDP's load there).
@@ -276,7 +336,6 @@ class _Run:
             restore_rng(state["rng"])
             step, tokens = state["step"], state["progress"]["tokens"]
         first_step, first_tokens = step, tokens
-        bytes_per_token = corpus.bytes_per_token("val")
         tokens_per_step = config.batch_size * config.seq_len
 
         resume_step = None if state is None else step
@@ -293,13 +352,16 @@ class _Run:
         final_eval: dict[str, float] = {}
         saved = self.resume_from
         start = last_log_time = time.perf_counter()
-        last_log_step = step
+        last_log_tokens = tokens
         try:
             while step < config.steps:
                 lr = lr_at(step, config)
-                loss, grad_norm = self._step(model, samplers["train"].next_batch(), lr)
+                batch = samplers["train"].next_batch()
+                # Fine-tuning batches count their real tokens (this rank's, times the ranks).
+                step_tokens = batch.num_tokens * info.world_size if self.finetune else tokens_per_step
+                loss, grad_norm, step_metrics = self._step(model, batch, lr)
                 step += 1
-                tokens += tokens_per_step
+                tokens += step_tokens
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss is {loss} at step {step}: lower --lr (now {config.lr}) or --grad-clip"
@@ -308,9 +370,9 @@ class _Run:
                 last = step == config.steps
                 now = time.perf_counter()
                 if step % config.log_every == 0 or last:
-                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                    last_log_step, last_log_time = step, now
-                    scalars = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+                    tokens_per_s = (tokens - last_log_tokens) / (now - last_log_time)
+                    last_log_tokens, last_log_time = tokens, now
+                    scalars = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, **step_metrics)
                     if log is not None:
                         log.write("train", step, **scalars, tokens=tokens, elapsed_s=now - start)
                     # Not tokens and elapsed_s: they are TensorBoard's step and wall-time axes.
@@ -320,8 +382,9 @@ class _Run:
                     speed = (tokens - first_tokens) / (now - start)
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
                 paused = time.perf_counter()  # evaluation and checkpoints do not count in tokens_per_s
-                if step % config.eval_every == 0 or last:
-                    metrics = self.objective.eval_metrics(self._evaluate(model, samplers["val"]), bytes_per_token)
+                if (step % config.eval_every == 0 or last) and "val" in samplers:
+                    eval_loss, eval_means = self._evaluate(model, samplers["val"])
+                    metrics = {**self.objective.eval_metrics(eval_loss, bytes_per_token), **eval_means}
                     result.update(metrics)
                     final_eval = metrics
                     if log is not None:
@@ -354,20 +417,25 @@ class _Run:
             "checkpoint": str(saved),
         }
 
-    def _step(self, model: nn.Module, batch: torch.Tensor, lr: float) -> tuple[float, float]:
-        """One optimizer step on this rank's ``batch``; returns (loss, gradient norm), both averaged over ranks."""
+    def _step(self, model: nn.Module, batch, lr: float) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step on this rank's ``batch``; returns (loss, gradient norm, the objective's metrics),
+        averaged over ranks (and micro-batches)."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = batch.to(self.device).chunk(config.grad_accum)
         total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(micro_batches):
             with self._grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
-                    loss = self.objective(model, micro).loss
+                    out = self.objective(model, micro)
+                loss = out.loss
                 # Micro-batches have equal token counts, so the mean of their means is the batch mean.
                 (loss / config.grad_accum).backward()
             total += loss.detach()
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
         # max_norm=inf measures the norm without clipping, for the log.
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
         self.optimizer.step()
@@ -375,7 +443,8 @@ class _Run:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         mean_loss = dist_lib.all_reduce_mean(total / config.grad_accum, self.info)
-        return mean_loss.item(), grad_norm.item()
+        metrics = {k: dist_lib.all_reduce_mean(v / config.grad_accum, self.info).item() for k, v in sums.items()}
+        return mean_loss.item(), grad_norm.item(), metrics
 
     @staticmethod
     def _grad_sync(model: nn.Module, sync: bool):
@@ -385,14 +454,22 @@ class _Run:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def _evaluate(self, model: nn.Module, val) -> float:
+    def _evaluate(self, model: nn.Module, val) -> tuple[float, dict[str, float]]:
+        """The mean held-out loss, and ``eval_<name>``: the mean of each metric the objective returns."""
         model.eval()
         try:
-            losses = []
+            losses, metrics = [], {}
             for batch in val.eval_batches(self.config.eval_batches):
                 with self.autocast():
-                    losses.append(self.objective(model, batch.to(self.device)).loss.float())
-            return dist_lib.all_reduce_mean(torch.stack(losses).mean(), self.info).item()
+                    out = self.objective(model, batch.to(self.device))
+                losses.append(out.loss.float())
+                for name, value in out.metrics.items():
+                    metrics.setdefault(name, []).append(value.float())
+            means = {
+                f"eval_{k}": dist_lib.all_reduce_mean(torch.stack(v).mean(), self.info).item()
+                for k, v in metrics.items()
+            }
+            return dist_lib.all_reduce_mean(torch.stack(losses).mean(), self.info).item(), means
         finally:
             model.train()
 
@@ -458,7 +535,10 @@ class _Run:
             export.load_state_dict(model_sd)
             export.save_pretrained(model_dir, card=card)
             tokenizer = self.config.tokenizer
-            if tokenizer in ("byte", "amino"):
+            if self.finetune and self.tokenizer_files:
+                for file in self.tokenizer_files:
+                    shutil.copyfile(file, model_dir / file.name)
+            elif tokenizer in ("byte", "amino"):
                 save_tokenizer_kind(model_dir, tokenizer)
             else:
                 # A tokenizer.json or a directory holding one (prepare_corpus has checked it exists).
