@@ -1,4 +1,4 @@
-"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``).
+"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``, ``predict``).
 
 Each subcommand module has ``add_parser(subparsers)``, which registers its
 arguments and its handler.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lnlm_ssm.cli import evaluate, generate, train
+from lnlm_ssm.cli import evaluate, generate, predict, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(subparsers)
     train.add_parser(subparsers)
     evaluate.add_parser(subparsers)
+    predict.add_parser(subparsers)
     return parser
 
 

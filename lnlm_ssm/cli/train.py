@@ -24,8 +24,9 @@ def add_parser(subparsers) -> None:
 def _train(args) -> int:
     result = train(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":
-        print(
-            f"trained {result['step']} steps: loss {result['loss']:.4f}, held-out loss {result['eval_loss']:.4f} "
-            f"({result['eval_bpb']:.3f} bits/byte); model in {result['model_dir']}"
-        )
+        if "eval_bpb" in result:
+            held_out = f"held-out loss {result['eval_loss']:.4f} ({result['eval_bpb']:.3f} bits/byte)"
+        else:
+            held_out = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_")) or "no eval data"
+        print(f"trained {result['step']} steps: loss {result['loss']:.4f}, {held_out}; model in {result['model_dir']}")
     return 0

@@ -96,8 +96,9 @@ def _label_name(value: Any, name: str, path: Path, line: int) -> str:
     return str(value)
 
 
-def read_rows(path: Union[str, Path], fmt: str) -> list[tuple[int, dict]]:
-    """``(line number, row)`` of every row of the JSONL file ``path`` in format ``fmt``, each checked."""
+def read_rows(path: Union[str, Path], fmt: str, *, labelled: bool = True) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of every row of the JSONL file ``path`` in format ``fmt``, each checked
+    (without their labels when not ``labelled``: rows to predict)."""
     check_choice("format", fmt, FORMATS)
     path = Path(path)
     if not path.is_file():
@@ -113,16 +114,18 @@ def read_rows(path: Union[str, Path], fmt: str) -> list[tuple[int, dict]]:
                 raise DataError(f"{_where(path, line_no)}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{_where(path, line_no)}: a row must be a JSON object; got {type(row).__name__}")
-            _check_row(row, fmt, path, line_no)
+            _check_row(row, fmt, path, line_no, labelled)
             rows.append((line_no, row))
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows
 
 
-def _check_row(row: dict, fmt: str, path: Path, line: int) -> None:
+def _check_row(row: dict, fmt: str, path: Path, line: int, labelled: bool) -> None:
     if fmt == "classify":
         _field(row, "text", str, path, line)
+        if not labelled:
+            return
         if "label" not in row:
             raise DataError(f"{_where(path, line)}: the row has no field 'label' (fields: {sorted(row)})")
         _label_name(row["label"], "label", path, line)
@@ -133,6 +136,8 @@ def _check_row(row: dict, fmt: str, path: Path, line: int) -> None:
                 raise DataError(f"{_where(path, line)}: field 'tokens' must be a list of non-empty strings")
         else:
             _field(row, "text", str, path, line)
+        if not labelled:
+            return
         labels = _field(row, "labels", list, path, line)
         for value in labels:
             _label_name(value, "labels", path, line)

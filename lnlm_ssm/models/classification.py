@@ -160,8 +160,9 @@ class _Classifier(PretrainedModel):
                     f"{model.architecture}.from_pretrained"
                 )
             stored = model.config.to_dict()
-            differ = {k: (stored[k], v) for k, v in ClassifierConfig(**{**stored, **head}).to_dict().items()
-                      if k in head and stored[k] != v}
+            # id2label's ids may be ints, as in HF's Python configs; config.json's are strings.
+            asked = {k: {str(i): n for i, n in v.items()} if k == "id2label" else v for k, v in head.items()}
+            differ = {k: (stored[k], v) for k, v in asked.items() if stored[k] != v}
             if differ:
                 raise CheckpointError(
                     f"{str(path_or_repo_id)!r} holds a {cls.__name__} whose head differs from the one asked for; "
