@@ -294,10 +294,14 @@ class RowSampler:
         local = picked[self.rank * self.local_batch_size : (self.rank + 1) * self.local_batch_size]
         return collate([self.examples[i] for i in local], self.encoder.fmt)
 
-    def eval_batches(self) -> list[FinetuneBatch]:
-        """Every row once, in file order, in batches of ``batch_size`` (this rank's rows of each)."""
+    def eval_batches(self, n_batches: Optional[int] = None) -> list[FinetuneBatch]:
+        """The rows in file order, once, in batches of ``batch_size`` (this rank's rows of each): the first
+        ``n_batches`` batches, or all of them (None)."""
+        if n_batches is not None:
+            check_positive_int("n_batches", n_batches)
         batches = []
-        for start in range(0, len(self.examples), self.batch_size):
+        stop = len(self.examples) if n_batches is None else min(len(self.examples), n_batches * self.batch_size)
+        for start in range(0, stop, self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(self.examples))))[self.rank :: self.world_size]
             if rows:
                 batches.append(collate([self.examples[i] for i in rows], self.encoder.fmt))

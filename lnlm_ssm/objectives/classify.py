@@ -17,7 +17,8 @@ class ClassifyObjective(FinetuneObjective):
     data_format = "classify"
 
     def head_arguments(self, label2id):
-        return label_head(label2id)
+        # Fixed up front (not inferred on the first forward), so a resumed run's config equals the checkpoint's.
+        return {**label_head(label2id), "problem_type": "single_label_classification"}
 
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])

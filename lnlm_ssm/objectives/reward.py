@@ -20,7 +20,7 @@ class RewardObjective(FinetuneObjective):
     data_format = "pairs"
 
     def head_arguments(self, label2id):
-        return {"num_labels": 1}
+        return {"num_labels": 1, "problem_type": "regression"}
 
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
         input_ids, mask = pair_sequences(batch)

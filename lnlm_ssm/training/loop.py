@@ -176,9 +176,10 @@ class _Run:
         model_class = architectures()[objective.architectures[0]].model_class
         try:
             pretrained = from_pretrained(config.init_from, dtype=torch.float32)
-            label2id = pretrained.config.label2id if isinstance(pretrained, model_class) else None
-            if fmt in ("classify", "token") and label2id is None:
-                label2id = label_ids(rows, fmt)
+            label2id = None
+            if fmt in ("classify", "token"):
+                resumed_head = isinstance(pretrained, model_class)
+                label2id = pretrained.config.label2id if resumed_head else label_ids(rows, fmt)
             if not isinstance(pretrained, model_class):
                 pretrained = model_class.from_pretrained(
                     config.init_from, dtype=torch.float32, **objective.head_arguments(label2id)
