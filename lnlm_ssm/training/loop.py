@@ -178,13 +178,17 @@ class _Run:
             pretrained = from_pretrained(config.init_from, dtype=torch.float32)
             label2id = None
             if fmt in ("classify", "token"):
-                resumed_head = isinstance(pretrained, model_class)
-                label2id = pretrained.config.label2id if resumed_head else label_ids(rows, fmt)
-            if not isinstance(pretrained, model_class):
-                pretrained = model_class.from_pretrained(
-                    config.init_from, dtype=torch.float32, **objective.head_arguments(label2id)
+                has_head = isinstance(pretrained, model_class)
+                label2id = pretrained.config.label2id if has_head else label_ids(rows, fmt)
+            if config.model and (isinstance(pretrained, model_class) or not objective.head_arguments(label2id)):
+                raise TrainConfigError(
+                    f"--model sets fields of a new head (pooling, ...) in fine-tuning; the objective "
+                    f"{objective.name!r} puts none on {config.init_from}"
                 )
-        except CheckpointError as exc:
+            if not isinstance(pretrained, model_class):
+                head = {**objective.head_arguments(label2id), **config.model}
+                pretrained = model_class.from_pretrained(config.init_from, dtype=torch.float32, **head)
+        except (CheckpointError, ConfigError, TypeError) as exc:
             raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
         tokenizer, self.tokenizer_files = self._finetune_tokenizer()
         vocab = pretrained.config.vocab_size
