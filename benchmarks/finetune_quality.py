@@ -59,6 +59,7 @@ from lnlm_ssm.utils.benchmark import median  # noqa: E402
 
 PACKAGES = ("email", "asyncio", "xml", "unittest", "multiprocessing", "importlib")
 FAMILIES = {"mamba": "mamba-tiny", "hybrid": "hybrid-tiny", "attention": "gpt-tiny"}
+TASKS = ("classify", "tag", "prefer")
 TAGS = {tokenize.NAME: "NAME", tokenize.OP: "OP", tokenize.NUMBER: "NUMBER", tokenize.STRING: "STRING",
         tokenize.COMMENT: "COMMENT"}
 SNIPPET = 200
@@ -177,23 +178,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models and budgets (CI)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {list(FAMILIES)}")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {list(TASKS)}")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="default 150 (--quick: 30)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task (default 200, --quick 20)")
+    parser.add_argument("--d-model", type=int, default=None, help="replace the presets' width (--quick: 64)")
+    parser.add_argument("--n-layer", type=int, default=None, help="replace the presets' depth (--quick: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/out/finetune_quality-<time>)")
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        parser.error(f"--families: unknown {unknown}; choose from {list(FAMILIES)}")
+    tasks_run = [t for t in args.tasks.split(",") if t]
+    for flag, given, known in (("--families", families, FAMILIES), ("--tasks", tasks_run, TASKS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; choose from {list(known)}")
     out = Path(args.out or HERE / "out" / f"finetune_quality-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         model = {"d_model": 64, "n_layer": 2}
-        pre = dict(steps=40, batch_size=8, seq_len=128, max_bytes=2_000_000)
-        tune_steps, sizes = 40, {"classify": 48, "tag": 192, "prefer": 192}
+        pre = dict(steps=30, batch_size=8, seq_len=128, max_bytes=2_000_000)
+        tune_steps, tune_batch, sizes = 20, 8, {"classify": 32, "tag": 160, "prefer": 160}
     else:
         model = {}
         pre = dict(steps=150, batch_size=16, seq_len=128, max_bytes=20_000_000)
-        tune_steps, sizes = 200, {"classify": 400, "tag": 3200, "prefer": 3200}
+        tune_steps, tune_batch, sizes = 200, 16, {"classify": 400, "tag": 3200, "prefer": 3200}
+    for name, value in (("d_model", args.d_model), ("n_layer", args.n_layer)):
+        if value is not None:
+            model[name] = value
+    pre["steps"] = args.pretrain_steps or pre["steps"]
+    tune_steps = args.steps or tune_steps
     tasks = build_tasks(out, sizes, args.seed)
     common = dict(device="cpu", dtype="fp32", seed=args.seed, log_every=1, keep_last=1)
     results = []
@@ -204,34 +217,40 @@ def main(argv=None) -> int:
         else:
             fields = dict(model)
         started = time.perf_counter()
-        base, _ = run(TrainConfig(preset=preset_name, model=fields, out=str(out / family / "pretrain"), lr=1e-3,
-                                  min_lr=1e-4, warmup_steps=pre["steps"] // 10, eval_every=pre["steps"],
+        base, _ = run(TrainConfig(preset=preset_name, model=fields, out=str(out / family / "pretrain"), lr=3e-3,
+                                  min_lr=3e-4, warmup_steps=pre["steps"] // 10, eval_every=pre["steps"],
                                   ckpt_every=pre["steps"], **pre, **common))
         init = str(out / family / "pretrain" / "model")
         row: dict[str, Any] = {"family": family, "preset": preset_name, "pretrain_eval_bpb": base["eval_bpb"]}
         tune = dict(init_from=init, steps=tune_steps, lr=1e-3, min_lr=1e-4, warmup_steps=tune_steps // 10,
-                    eval_every=tune_steps, ckpt_every=tune_steps, batch_size=16, seq_len=256, eval_batches=64,
+                    eval_every=tune_steps, ckpt_every=tune_steps, batch_size=tune_batch, seq_len=256, eval_batches=64,
                     **common)
-        for pooling in ("mean", "last"):
+        for pooling in ("mean", "last") if "classify" in tasks_run else ():
             final, speed = run(TrainConfig(objective="classify", data=str(tasks["classify"][0]),
                                            eval_data=str(tasks["classify"][1]), model={"pooling": pooling},
                                            out=str(out / family / f"classify-{pooling}"), **tune))
             row[f"classify_{pooling}_acc"] = final["eval_accuracy"]
             row[f"classify_{pooling}_tok_s"] = speed
-        final, speed = run(TrainConfig(objective="token-classify", data=str(tasks["tag"][0]),
-                                       eval_data=str(tasks["tag"][1]), out=str(out / family / "tag"), **tune))
-        row["tag_acc"], row["tag_tok_s"] = final["eval_accuracy"], speed
-        final, speed = run(TrainConfig(objective="dpo", data=str(tasks["prefer"][0]),
-                                       eval_data=str(tasks["prefer"][1]), out=str(out / family / "prefer"), **tune))
-        row["prefer_reward_acc"], row["prefer_tok_s"] = final["eval_reward_accuracy"], speed
+        if "tag" in tasks_run:
+            final, speed = run(TrainConfig(objective="token-classify", data=str(tasks["tag"][0]),
+                                           eval_data=str(tasks["tag"][1]), out=str(out / family / "tag"), **tune))
+            row["tag_acc"], row["tag_tok_s"] = final["eval_accuracy"], speed
+        if "prefer" in tasks_run:
+            final, speed = run(TrainConfig(objective="dpo", data=str(tasks["prefer"][0]),
+                                           eval_data=str(tasks["prefer"][1]), out=str(out / family / "prefer"),
+                                           **tune))
+            row["prefer_reward_acc"], row["prefer_tok_s"] = final["eval_reward_accuracy"], speed
         row["wall_s"] = time.perf_counter() - started
         results.append(row)
         print(json.dumps(row))
-    (out / "results.json").write_text(json.dumps({"quick": args.quick, "rows": results}, indent=2) + "\n")
-    print(f"\n{'family':10s} {'cls mean':>9s} {'cls last':>9s} {'tag':>7s} {'prefer':>7s} {'tok/s (cls)':>12s}")
+    settings = dict(quick=args.quick, model=model, pretrain=pre, tune_steps=tune_steps, tune_batch=tune_batch,
+                    sizes=sizes, seed=args.seed)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": results}, indent=2) + "\n")
+    columns = [c for c in ("classify_mean_acc", "classify_last_acc", "tag_acc", "prefer_reward_acc",
+                           "classify_mean_tok_s", "tag_tok_s", "prefer_tok_s") if c in results[0]]
+    print("\n" + f"{'family':10s}" + "".join(f"{c:>22s}" for c in columns))
     for r in results:
-        print(f"{r['family']:10s} {r['classify_mean_acc']:9.3f} {r['classify_last_acc']:9.3f} {r['tag_acc']:7.3f} "
-              f"{r['prefer_reward_acc']:7.3f} {r['classify_mean_tok_s']:12.0f}")
+        print(f"{r['family']:10s}" + "".join(f"{r[c]:22.3f}" for c in columns))
     print(f"results in {out / 'results.json'}")
     return 0
 

@@ -6,7 +6,7 @@ Parameter names::
     backbone.*          the backbone family's (``BACKBONES``): a MambaLM's, so its weights load as they are
     score.weight/bias   (num_labels, d_model): the new head
 
-``SequenceClassifier.from_pretrained`` reads a classifier checkpoint, or any
+``from_pretrained`` (of either) reads a checkpoint of its own class, or any
 checkpoint of a backbone family (ours, mamba_ssm, HF), whose LM head it drops for
 a new, randomly initialised ``score``. The config stores ``id2label`` and
 ``label2id`` as HF does: ``{"0": "neg"}`` and ``{"neg": 0}`` in config.json.
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lnlm_ssm.checkpoint.load import CheckpointError
+from lnlm_ssm.layers.quantized import quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
 from lnlm_ssm.models.base import PretrainedModel
@@ -173,6 +174,11 @@ class _Classifier(PretrainedModel):
             raise CheckpointError(
                 f"{str(path_or_repo_id)!r} holds a {model.architecture}, which has no backbone a "
                 f"{cls.__name__} can use; backbones: {sorted(BACKBONES)}"
+            )
+        if quantization_of(model) is not None:
+            raise CheckpointError(
+                f"{str(path_or_repo_id)!r} holds a model quantised to {quantization_of(model)} for inference: put "
+                "a head on the unquantised weights"
             )
         config = ClassifierConfig(backbone=model.config.to_dict(), backbone_architecture=model.architecture, **head)
         weight = model.backbone.embedding.weight

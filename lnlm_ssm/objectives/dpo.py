@@ -39,7 +39,9 @@ def completion_logprobs(model: nn.Module, batch, *, shared_prefix: bool = True) 
     rows, prompt_len = prompt.shape
     width = completions.shape[1]
     if shared_prefix:
-        cache = model.allocate_cache(rows, prompt_len + width, track_grad=torch.is_grad_enabled())
+        # Under DDP the wrapper runs the forwards; the cache is the wrapped model's.
+        owner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        cache = owner.allocate_cache(rows, prompt_len + width, track_grad=torch.is_grad_enabled())
         # The prompt's last position predicts each completion's first token.
         first = model(prompt, attention_mask=batch["prompt_mask"], cache=cache, num_last_tokens=1).logits
         both = torch.arange(rows, device=prompt.device).repeat(2)

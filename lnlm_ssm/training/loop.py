@@ -14,9 +14,17 @@ A step draws ``batch_size`` sequences (the global batch; each rank takes its
 slice), splits its slice into ``grad_accum`` micro-batches, asks the objective
 (``config.objective``, see ``lnlm_ssm.objectives``) for each one's loss, and
 takes one AdamW step with the learning rate of ``lr_at``. Evaluation reports
-the objective's own metrics of the held-out loss. A resumed run restores the weights,
-the optimizer, the data sampler and the random generators, so it computes the
-same steps an uninterrupted run would have.
+the objective's own metrics of the held-out loss, and ``eval_<name>``, the mean of
+each metric the objective returns (``eval_accuracy``, the DPO rewards). A resumed
+run restores the weights, the optimizer, the data sampler and the random
+generators, so it computes the same steps an uninterrupted run would have.
+
+A fine-tuning objective (``objectives.FinetuneObjective``: classify, token-classify,
+sft, reward, dpo) starts from ``config.init_from`` (with a new head where the
+objective needs one) instead of a preset, and reads JSONL rows (``data.finetune``)
+from ``config.data`` and ``config.eval_data`` (no evaluation without it) instead of
+a corpus; ``seq_len`` is then the most tokens a row keeps. Its model/ holds the
+tokenizer of --init-from's directory where it has one.
 """
 
 from __future__ import annotations
@@ -102,10 +110,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` to ``config.steps`` steps; returns the final metrics.
 
-    The result holds ``step``, ``loss`` (the last step's), ``eval_loss`` and
-    ``eval_bpb`` (the final held-out evaluation), ``tokens`` (seen in the whole
-    run), ``tokens_per_s`` and ``elapsed_s`` (this process's share of the run),
-    and the paths ``run_dir``, ``model_dir`` and ``checkpoint``.
+    The result holds ``step``, ``loss`` (the last step's), the final held-out
+    evaluation (``eval_loss`` and ``eval_bpb``, or a fine-tuning objective's
+    ``eval_*``; none without eval data), ``tokens`` (seen in the whole run; real
+    tokens when fine-tuning), ``tokens_per_s`` and ``elapsed_s`` (this process's
+    share of the run), and the paths ``run_dir``, ``model_dir`` and ``checkpoint``.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig; got {type(config).__name__}")
@@ -176,16 +185,17 @@ class _Run:
         model_class = architectures()[objective.architectures[0]].model_class
         try:
             pretrained = from_pretrained(config.init_from, dtype=torch.float32)
+            # A checkpoint of the objective's family is trained as it is (a classifier keeps its labels).
+            ready = isinstance(pretrained, model_class)
             label2id = None
             if fmt in ("classify", "token"):
-                has_head = isinstance(pretrained, model_class)
-                label2id = pretrained.config.label2id if has_head else label_ids(rows, fmt)
-            if config.model and (isinstance(pretrained, model_class) or not objective.head_arguments(label2id)):
+                label2id = pretrained.config.label2id if ready else label_ids(rows, fmt)
+            if config.model and (ready or not objective.head_arguments(label2id)):
                 raise TrainConfigError(
                     f"--model sets fields of a new head (pooling, ...) in fine-tuning; the objective "
                     f"{objective.name!r} puts none on {config.init_from}"
                 )
-            if not isinstance(pretrained, model_class):
+            if not ready:
                 head = {**objective.head_arguments(label2id), **config.model}
                 pretrained = model_class.from_pretrained(config.init_from, dtype=torch.float32, **head)
         except (CheckpointError, ConfigError, TypeError) as exc:

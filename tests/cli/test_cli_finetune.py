@@ -106,3 +106,8 @@ def test_bad_rows_name_the_file_line_and_field(base, tmp_path, capsys):
     assert "eval.jsonl, line 1: field 'label' holds the label 'eggs'" in capsys.readouterr().err
     assert main(["train", "--objective", "classify", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "--init-from" in capsys.readouterr().err
+    assert main(flags(base, data, tmp_path / "pool", "classify", "--model", "pooling=max")) == 2
+    assert "pooling must be one of" in capsys.readouterr().err
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}])
+    assert main(flags(base, sft, tmp_path / "sft", "sft", "--model", "pooling=mean")) == 2
+    assert "puts none on" in capsys.readouterr().err
