@@ -18,8 +18,9 @@ Labels are names: an int label is the name ``str(label)``, mapped to an id throu
 ``label2id`` (``label_ids`` builds it from a training file). A row with a missing
 field, a value of the wrong type, an empty text or completion, or a label the
 mapping lacks is a ``DataError`` naming the file, the line and the field; no row is
-ever skipped. Rows longer than ``max_len`` tokens lose their oldest tokens (text,
-prompt); a completion is cut at its end only when it alone is too long.
+ever skipped. Rows longer than ``max_len`` tokens lose their oldest tokens (a text to
+classify, a prompt); a completion is cut at its end only when it alone is too long,
+and a row of tagged tokens keeps its first ``max_len``.
 
 Batches are right-padded (``attention_mask`` 1 real, 0 pad), except the prompts of
 pairs, left-padded so that both completions continue each prompt's last token.

@@ -94,14 +94,14 @@ def test_dpo_learns_a_synthetic_preference():
     with torch.no_grad():
         before = objective(model, held_out).metrics["reward_margin"].item()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train = synthetic_rows(16 * 15, seed=0)
-    for step in range(15):
-        loss = objective(model, pairs_batch(train[16 * step : 16 * (step + 1)])).loss
+    train = synthetic_rows(8 * 12, seed=0)
+    for step in range(12):
+        loss = objective(model, pairs_batch(train[8 * step : 8 * (step + 1)])).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
         metrics = objective(model, held_out).metrics
     assert abs(before) < 1e-5  # the policy starts as the reference
-    assert metrics["reward_accuracy"].item() >= 0.75, metrics  # chance: 0.5
+    assert metrics["reward_accuracy"].item() >= 0.7, metrics  # chance: 0.5
     assert metrics["reward_margin"].item() > 0
