@@ -16,9 +16,8 @@ Pooling (sequence classification) takes one vector per row from the hidden state
 - ``mean``: the mean over the real tokens, the default: on SSM stacks it trains far
   better than ``last`` (``benchmarks/finetune_quality.py``'s 6-package snippet task, a
   2-layer d_model 64 Mamba pretrained 150 steps, then 150 steps at lr 1e-3: held-out
-  accuracy 0.30 with mean, 0.18 with last, chance 0.17; on a 1M-parameter Mamba,
-  200 steps: 0.71 and 0.23). A causal stack's last state forgets; the mean keeps
-  every position's evidence;
+  accuracy 0.30 with mean, 0.18 with last, chance 0.17; an earlier trial on a
+  1M-parameter Mamba, 200 steps: 0.71 and 0.23);
 - ``last``: the last real token, HF's convention for decoder-only models;
 - ``first``: the first real token, the [CLS] of encoders.
 
