@@ -3,8 +3,14 @@
 
 Usage::
 
-    python benchmarks/finetune_quality.py --quick     # CI: tiny models and budgets (a few minutes on 2 cores)
-    python benchmarks/finetune_quality.py             # ~1M-parameter models (at most ~20 min on 2 cores)
+    python benchmarks/finetune_quality.py --quick     # CI smoke run: tiny models, 20 steps (7 min, shared 2 cores)
+    python benchmarks/finetune_quality.py             # ~1M-parameter models, 150 + 4 x 200 steps per family
+    python benchmarks/finetune_quality.py --families mamba --tasks classify --d-model 64 --n-layer 2 \
+        --pretrain-steps 150 --steps 150              # the pooling comparison (17 min on a shared 2-core machine)
+
+``--quick`` checks that every stage runs; at 20 steps its classification stays at
+chance. The pooling comparison above gave held-out accuracy 0.304 (mean) and 0.183
+(last), chance 0.167 (2026-12-03).
 
 Setup
 -----
