@@ -44,6 +44,13 @@ def completion_logprobs(model: nn.Module, batch, *, shared_prefix: bool = True) 
         cache = owner.allocate_cache(rows, prompt_len + width, track_grad=torch.is_grad_enabled())
         # The prompt's last position predicts each completion's first token.
         first = model(prompt, attention_mask=batch["prompt_mask"], cache=cache, num_last_tokens=1).logits
+        if any(layer.seqlen != prompt_len for layer in cache.layers):
+            # FSDP2 rebuilds the dataclass arguments of the blocks it wraps: they write copies of the cache.
+            raise ValueError(
+                "the model's layers did not fill the cache they were given (a wrapper such as FSDP copies its "
+                "arguments), so the completions cannot continue from the prompt: use shared_prefix=False "
+                "(--no-dpo-shared-prefix)"
+            )
         both = torch.arange(rows, device=prompt.device).repeat(2)
         cache = cache.select(both)
         rest = model(completions[:, :-1], attention_mask=completion_mask[:, :-1], cache=cache).logits
@@ -63,7 +70,7 @@ class DPOObjective(FinetuneObjective):
     name = "dpo"
     architectures = ("MambaLM",)
     data_format = "pairs"
-    options = {"beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing"}
+    options = {"beta": "dpo_beta", "label_smoothing": "dpo_label_smoothing", "shared_prefix": "dpo_shared_prefix"}
     needs_reference = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, *, shared_prefix: bool = True) -> None:

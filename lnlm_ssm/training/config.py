@@ -126,6 +126,11 @@ class TrainConfig:
     dpo_label_smoothing: float = field(
         default=0.0, metadata=_help("dpo: the assumed share of pairs whose preference is flipped (conservative DPO)")
     )
+    dpo_shared_prefix: bool = field(
+        default=True,
+        metadata=_help("dpo: run each pair's prompt once and continue both completions from its state (not under "
+                       "fsdp, whose wrappers copy the state)"),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -174,6 +179,11 @@ class TrainConfig:
             raise TrainConfigError(f"dpo_beta must be > 0; got {self.dpo_beta}")
         if not 0 <= self.dpo_label_smoothing < 0.5:
             raise TrainConfigError(f"dpo_label_smoothing must be in [0, 0.5); got {self.dpo_label_smoothing}")
+        if self.objective == "dpo" and self.distributed == "fsdp" and self.dpo_shared_prefix:
+            raise TrainConfigError(
+                "dpo under fsdp needs --no-dpo-shared-prefix: FSDP copies the state each block is given, so the "
+                "completions could not continue from the prompt's"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-able values; ``TrainConfig(**config.to_dict())`` gives an equal config."""

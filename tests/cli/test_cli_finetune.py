@@ -111,3 +111,5 @@ def test_bad_rows_name_the_file_line_and_field(base, tmp_path, capsys):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}])
     assert main(flags(base, sft, tmp_path / "sft", "sft", "--model", "pooling=mean")) == 2
     assert "puts none on" in capsys.readouterr().err
+    assert main(flags(base, data, tmp_path / "fsdp", "dpo", "--distributed", "fsdp")) == 2
+    assert "--no-dpo-shared-prefix" in capsys.readouterr().err
