@@ -14,6 +14,7 @@ JSON to --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import copy
 import json
 import platform
@@ -23,11 +24,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-try:
-    import lnlm_ssm  # noqa: F401
-except ModuleNotFoundError as _exc:  # a checkout that was never `pip install`ed
-    if _exc.name != "lnlm_ssm":
-        raise
+if importlib.util.find_spec("lnlm_ssm") is None:  # a checkout that was never `pip install`ed
     sys.path.insert(0, str(HERE.parent))
 
 from lnlm_ssm.data.finetune import FinetuneBatch  # noqa: E402

@@ -39,6 +39,7 @@ in ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import random
@@ -50,11 +51,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-try:
-    import lnlm_ssm  # noqa: F401
-except ModuleNotFoundError as _exc:  # a checkout that was never `pip install`ed
-    if _exc.name != "lnlm_ssm":
-        raise
+if importlib.util.find_spec("lnlm_ssm") is None:  # a checkout that was never `pip install`ed
     sys.path.insert(0, str(HERE.parent))
 
 from lnlm_ssm.data.corpus import default_corpus_dir  # noqa: E402
