@@ -19,6 +19,8 @@ from lnlm_ssm.models import (
     SentenceOrderMaskedLM,
     Seq2SeqConfig,
     Seq2SeqLM,
+    SequenceClassifier,
+    TokenClassifier,
     from_pretrained,
 )
 
@@ -38,6 +40,8 @@ __all__ = [
     "SentenceOrderMaskedLM",
     "Seq2SeqConfig",
     "Seq2SeqLM",
+    "SequenceClassifier",
+    "TokenClassifier",
     "__version__",
     "from_pretrained",
     "ops",

@@ -1,4 +1,4 @@
-"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``, ``fill-mask``, ``infill``).
+"""The ``lnlm-ssm`` command line: one module per subcommand (``generate``, ``train``, ``eval``, ``fill-mask``, ``infill``, ``predict``).
 
 Each subcommand module has ``add_parser(subparsers)``, which registers its
 arguments and its handler.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lnlm_ssm.cli import evaluate, fill_mask, generate, infill, train
+from lnlm_ssm.cli import evaluate, fill_mask, generate, infill, predict, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(subparsers)
     fill_mask.add_parser(subparsers)
     infill.add_parser(subparsers)
+    predict.add_parser(subparsers)
     return parser
 
 

@@ -95,7 +95,8 @@ class Attention(Mixer):
         backend: for the projections (``decode_linear``, or ``weight_only_linear`` once quantised);
             ``scaled_dot_product_attention`` picks its kernel itself.
 
-    The cache path is for inference: it writes k and v into the cache in place.
+    The cache path is for inference: it writes k and v into the cache in place (out of place, with their
+    graph, when the cache tracks gradients: ``layers.cache``).
     """
 
     def __init__(
@@ -228,8 +229,8 @@ class Attention(Mixer):
             k = apply_rotary(k, cos, sin, self.rotary_emb_interleaved)
 
         if cache is not None:
-            cache.k[:, past:total] = k
-            cache.v[:, past:total] = v
+            cache.write("k", k, start=past)
+            cache.write("v", v, start=past)
             cache.seqlen = total
             k = cache.k[:, :total].to(q.dtype)
             v = cache.v[:, :total].to(q.dtype)

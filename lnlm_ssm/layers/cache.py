@@ -24,7 +24,14 @@ import torch
 
 
 class _LayerCache:
-    """reset / reorder shared by the cache dataclasses: they act on every tensor field, in place."""
+    """reset / reorder / write shared by the cache dataclasses: they act on every tensor field.
+
+    ``track_grad`` (set by ``InferenceCache(track_grad=True)``): the layers ``write`` new states by rebinding
+    them with their autograd graph instead of copying them in, detached, so that a forward continued from
+    this cache differentiates through the positions the cache has seen (training on a shared prefix).
+    """
+
+    track_grad = False
 
     def tensors(self) -> list[torch.Tensor]:
         """Every state tensor of this cache."""
@@ -59,6 +66,36 @@ class _LayerCache:
         for tensor in self.tensors():
             # index_select makes a copy first, so repeated or permuted rows read the old values.
             tensor.copy_(tensor.index_select(0, batch_index.to(tensor.device)))
+
+    def write(self, name: str, value: torch.Tensor, start: Optional[int] = None) -> None:
+        """Set the state ``name`` to ``value``, or (``start`` given) its positions ``start:start + len`` (dim 1).
+
+        In place: a whole state detached (the scans saved the old one for their backward), positions as given
+        (attention reads them back in the same forward). With ``track_grad``, out of place, keeping the graph.
+        """
+        old = getattr(self, name)
+        if start is not None:
+            if self.track_grad:
+                end = start + value.shape[1]
+                value = torch.cat([old[:, :start], value.to(old.dtype), old[:, end:]], dim=1)
+            else:
+                old[:, start : start + value.shape[1]] = value
+                return
+        if self.track_grad:
+            setattr(self, name, value.to(old.dtype))
+        else:
+            old.copy_(value.detach())
+
+    def select(self, batch_index: torch.Tensor) -> "_LayerCache":
+        """A new cache of rows ``batch_index`` (rows may repeat), out of place: gradients flow back to this one."""
+        fields = {
+            f.name: value.index_select(0, batch_index.to(value.device))
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        selected = dataclasses.replace(self, **fields)
+        selected.track_grad = self.track_grad
+        return selected
 
 
 @dataclass
@@ -101,8 +138,14 @@ class InferenceCache:
     buffer of ``max_seqlen`` columns so that decoding appends without copying.
     """
 
-    def __init__(self, layers: list, batch_size: int, max_seqlen: int, device: torch.device) -> None:
+    def __init__(
+        self, layers: list, batch_size: int, max_seqlen: int, device: torch.device, *, track_grad: bool = False
+    ) -> None:
         self.layers = list(layers)
+        # See _LayerCache: a training forward through this cache keeps the graph of the states it writes.
+        self.track_grad = track_grad
+        for layer in self.layers:
+            layer.track_grad = track_grad
         self.batch_size = batch_size
         self.max_seqlen = max_seqlen
         self.device = torch.device(device)
@@ -129,6 +172,18 @@ class InferenceCache:
         if new_mask is not None:
             self._mask_buffer[:, self.seqlen : end] = new_mask
         return self._mask_buffer[:, :end]
+
+    def select(self, batch_index: torch.Tensor) -> "InferenceCache":
+        """A new cache of rows ``batch_index`` (rows may repeat, the batch may grow), out of place: DPO runs a
+        prompt once and continues both completions from its rows."""
+        layers = [layer.select(batch_index) for layer in self.layers]
+        selected = InferenceCache(
+            layers, len(batch_index), self.max_seqlen, self.device, track_grad=self.track_grad
+        )
+        selected.seqlen = self.seqlen
+        if self._mask_buffer is not None:
+            selected._mask_buffer = self._mask_buffer.index_select(0, batch_index.to(self.device))
+        return selected
 
     def advance(self, seqlen: int) -> None:
         self.seqlen += seqlen

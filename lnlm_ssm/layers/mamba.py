@@ -123,7 +123,7 @@ class Mamba(SSMMixer):
         if cache is None:
             x = causal_conv1d_fn(x, conv_weight(self.conv1d), self.conv1d.bias, activation="silu", backend=self.backend)
         else:
-            x = conv_with_cache(x, self.conv1d, cache.conv_state, self.backend)
+            x = conv_with_cache(x, self.conv1d, cache, self.backend)
         if keep is not None:
             x = x * keep[:, None, :]
 
@@ -148,7 +148,7 @@ class Mamba(SSMMixer):
             y = result
         else:
             y, last_state = result
-            cache.ssm_state.copy_(last_state.detach())
+            cache.write("ssm_state", last_state)
         return self.out_proj(y.transpose(1, 2))
 
     def _step(self, hidden_states, cache: MambaCache, keep: Optional[torch.Tensor]) -> torch.Tensor:

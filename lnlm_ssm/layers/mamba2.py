@@ -185,7 +185,7 @@ class Mamba2(SSMMixer):
                 xBC, conv_weight(self.conv1d), self.conv1d.bias, activation="silu", backend=self.backend
             )
         else:
-            xBC = conv_with_cache(xBC, self.conv1d, cache.conv_state, self.backend)
+            xBC = conv_with_cache(xBC, self.conv1d, cache, self.backend)
         x, B, C = self._split_xbc(xBC.transpose(1, 2))
         if keep is not None:
             x = x * keep[:, :, None, None]
@@ -210,7 +210,7 @@ class Mamba2(SSMMixer):
             y = result
         else:
             y, final_states = result
-            cache.ssm_state.copy_(final_states.detach())
+            cache.write("ssm_state", final_states)
         return self._gate_and_project(y.reshape(batch, seqlen, self.d_inner), z)
 
     def _step(self, hidden_states, cache: Mamba2Cache, keep: Optional[torch.Tensor]) -> torch.Tensor:

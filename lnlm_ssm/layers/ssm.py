@@ -72,14 +72,15 @@ def conv_weight(conv1d: nn.Conv1d) -> torch.Tensor:
     return conv1d.weight.squeeze(1)
 
 
-def conv_with_cache(x, conv1d: nn.Conv1d, conv_state: torch.Tensor, backend: str) -> torch.Tensor:
-    """silu(causal conv) of x (batch, dim, seqlen) continued from ``conv_state``, which then takes x in.
+def conv_with_cache(x, conv1d: nn.Conv1d, cache, backend: str) -> torch.Tensor:
+    """silu(causal conv) of x (batch, dim, seqlen) continued from ``cache.conv_state``, which then takes x in.
 
     conv_state (batch, dim, d_conv) holds the last d_conv inputs, newest last (the
     layout ``causal_conv1d_update`` keeps); ``causal_conv1d_fn`` reads only the
     newest d_conv - 1 of them as its initial states. The state is refreshed here
     rather than from the op's final states, which lack the oldest column.
     """
+    conv_state = cache.conv_state
     out = causal_conv1d_fn(
         x,
         conv_weight(conv1d),
@@ -90,9 +91,9 @@ def conv_with_cache(x, conv1d: nn.Conv1d, conv_state: torch.Tensor, backend: str
     )
     width, seqlen = conv_state.shape[-1], x.shape[-1]
     if seqlen >= width:
-        conv_state.copy_(x[..., seqlen - width :].detach())
+        cache.write("conv_state", x[..., seqlen - width :])
     else:
-        conv_state.copy_(torch.cat([conv_state[..., seqlen:], x.detach().to(conv_state.dtype)], dim=-1))
+        cache.write("conv_state", torch.cat([conv_state[..., seqlen:], x.to(conv_state.dtype)], dim=-1))
     return out
 
 
@@ -123,7 +124,8 @@ class SSMMixer(Mixer):
         past = check_hidden_states(hidden_states, self.d_model, cache)
         batch, seqlen, _ = hidden_states.shape
         keep = chunk_mask(mask, batch, past, seqlen, hidden_states.dtype)
-        if cache is not None and seqlen == 1:
+        # The decode step updates the state in place: a cache that tracks gradients takes the scan.
+        if cache is not None and seqlen == 1 and not cache.track_grad:
             out = self._step(hidden_states, cache, keep)
         else:
             out = self._scan(hidden_states, cache, keep)

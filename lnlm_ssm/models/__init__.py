@@ -8,6 +8,7 @@
   ReplacedTokenDetector and ElectraPretraining;
 - ``seq2seq``: Seq2SeqLM (T5, and T5 with Mamba decoder layers), its config and presets.
 - ``permutation_lm``: PermutationLM (XLNet); ``any_order_lm``: AnyOrderLM (a MambaLM in any order).
+- ``classification``: SequenceClassifier and TokenClassifier, task heads on a pretrained backbone.
 """
 
 from lnlm_ssm.checkpoint.load import CheckpointError
@@ -15,6 +16,7 @@ from lnlm_ssm.checkpoint.save import save_pretrained
 from lnlm_ssm.models.any_order_lm import AnyOrderLM, AnyOrderLMConfig
 from lnlm_ssm.models.base import PretrainedModel
 from lnlm_ssm.models.causal_lm import MambaLM, MambaLMOutput
+from lnlm_ssm.models.classification import ClassifierConfig, ClassifierOutput, SequenceClassifier, TokenClassifier
 from lnlm_ssm.models.config import PRESETS, ConfigError, ElectraConfig, EncoderConfig, MambaLMConfig
 from lnlm_ssm.models.encoder import Encoder, EncoderOutput
 from lnlm_ssm.models.masked_lm import (
@@ -34,6 +36,8 @@ __all__ = [
     "AnyOrderLM",
     "AnyOrderLMConfig",
     "CheckpointError",
+    "ClassifierConfig",
+    "ClassifierOutput",
     "ConfigError",
     "ElectraConfig",
     "ElectraPretraining",
@@ -56,6 +60,8 @@ __all__ = [
     "Seq2SeqLM",
     "Seq2SeqLMOutput",
     "TokenDetectionOutput",
+    "SequenceClassifier",
+    "TokenClassifier",
     "architectures",
     "from_pretrained",
     "preset",

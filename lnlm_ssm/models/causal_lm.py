@@ -116,10 +116,14 @@ class MambaLM(PretrainedModel):
 
     # -- inference state -----------------------------------------------------------------------
 
-    def allocate_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> InferenceCache:
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, *, device=None, dtype=None, track_grad: bool = False
+    ) -> InferenceCache:
         """Every layer's inference state for ``batch_size`` rows and up to ``max_seqlen`` positions (zeros).
 
         Defaults: the model's device and dtype (SSM states are kept in fp32 by the layers).
+        ``track_grad``: forwards through the cache keep the autograd graph of its states
+        (``layers.cache``), for training on a prefix run once (``objectives.dpo``).
         """
         check_positive_int("batch_size", batch_size)
         check_positive_int("max_seqlen", max_seqlen)
@@ -130,7 +134,7 @@ class MambaLM(PretrainedModel):
             block.mixer.allocate_cache(batch_size, max_seqlen, device=device, dtype=dtype)
             for block in self.backbone.layers
         ]
-        return InferenceCache(layers, batch_size, max_seqlen, device)
+        return InferenceCache(layers, batch_size, max_seqlen, device, track_grad=track_grad)
 
     # -- forward -------------------------------------------------------------------------------
 

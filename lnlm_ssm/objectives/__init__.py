@@ -2,24 +2,31 @@
 
 from lnlm_ssm.objectives.base import Objective, ObjectiveOutput
 from lnlm_ssm.objectives.causal_lm import CausalLMObjective
+from lnlm_ssm.objectives.classify import ClassifyObjective
+from lnlm_ssm.objectives.dpo import DPOObjective
 from lnlm_ssm.objectives.electra import ElectraObjective
+from lnlm_ssm.objectives.finetune import FinetuneObjective
 from lnlm_ssm.objectives.mlm import MaskedLMObjective
 from lnlm_ssm.objectives.plm import PLMObjective
+from lnlm_ssm.objectives.reward import RewardObjective
+from lnlm_ssm.objectives.sft import SFTObjective
 from lnlm_ssm.objectives.sop import SentenceOrderObjective
+from lnlm_ssm.objectives.token_classify import TokenClassifyObjective
 from lnlm_ssm.utils.checks import check_choice
 
+# Pre-training objectives (they train on corpus windows), then fine-tuning ones (on JSONL rows).
 OBJECTIVES: dict[str, type[Objective]] = {
-    CausalLMObjective.name: CausalLMObjective,
-    MaskedLMObjective.name: MaskedLMObjective,
-    SentenceOrderObjective.name: SentenceOrderObjective,
-    ElectraObjective.name: ElectraObjective,
-    PLMObjective.name: PLMObjective,
+    o.name: o
+    for o in (
+        CausalLMObjective, MaskedLMObjective, SentenceOrderObjective, ElectraObjective, PLMObjective,
+        ClassifyObjective, TokenClassifyObjective, SFTObjective, RewardObjective, DPOObjective,
+    )
 }
 
 
-def get_objective(name: str) -> Objective:
-    """A new instance of the objective called ``name`` (see ``OBJECTIVES``)."""
-    return OBJECTIVES[check_choice("objective", name, tuple(OBJECTIVES))]()
+def get_objective(name: str, **options) -> Objective:
+    """A new instance of the objective called ``name`` (see ``OBJECTIVES``), given its constructor ``options``."""
+    return OBJECTIVES[check_choice("objective", name, tuple(OBJECTIVES))](**options)
 
 
 __all__ = [
@@ -32,4 +39,10 @@ __all__ = [
     "PLMObjective",
     "SentenceOrderObjective",
     "get_objective",
+    "ClassifyObjective",
+    "DPOObjective",
+    "FinetuneObjective",
+    "RewardObjective",
+    "SFTObjective",
+    "TokenClassifyObjective",
 ]

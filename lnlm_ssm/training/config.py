@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from lnlm_ssm.models import preset_names
-from lnlm_ssm.objectives import OBJECTIVES
+from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective
 from lnlm_ssm.ops._backends import BACKENDS
 from lnlm_ssm.training.distributed import MODES
 from lnlm_ssm.training.parallel.pipeline import SCHEDULES
@@ -123,6 +123,24 @@ class TrainConfig:
     device: Optional[str] = field(
         default=None, metadata=_help("torch device (default: this rank's cuda device, else cpu)")
     )
+    init_from: Optional[str] = field(
+        default=None,
+        metadata=_help("fine-tuning objectives: the checkpoint to start from (anything from_pretrained reads); "
+                       "--data is then a JSONL file of rows (lnlm_ssm.data.finetune)"),
+    )
+    eval_data: Optional[str] = field(default=None, metadata=_help("fine-tuning: a JSONL file of held-out rows"))
+    ref_model: Optional[str] = field(
+        default=None, metadata=_help("dpo: the frozen reference model (default: the --init-from weights)")
+    )
+    dpo_beta: float = field(default=0.1, metadata=_help("dpo: beta, the strength of the KL penalty"))
+    dpo_label_smoothing: float = field(
+        default=0.0, metadata=_help("dpo: the assumed share of pairs whose preference is flipped (conservative DPO)")
+    )
+    dpo_shared_prefix: bool = field(
+        default=True,
+        metadata=_help("dpo: run each pair's prompt once and continue both completions from its state (not under "
+                       "fsdp, whose wrappers copy the state)"),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -162,6 +180,27 @@ class TrainConfig:
                 raise TrainConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not all(0 <= b < 1 for b in self.betas):
             raise TrainConfigError(f"betas must both be in [0, 1); got {self.betas}")
+        finetune = issubclass(OBJECTIVES[self.objective], FinetuneObjective)
+        if finetune and (self.init_from is None or self.data is None):
+            raise TrainConfigError(
+                f"the objective {self.objective!r} fine-tunes a pretrained model: give --init-from (a checkpoint) "
+                "and --data (a JSONL file of rows)"
+            )
+        if not finetune:
+            given = [n for n in ("init_from", "eval_data", "ref_model") if getattr(self, n) is not None]
+            if given:
+                raise TrainConfigError(f"{', '.join(given)} are for the fine-tuning objectives, not {self.objective!r}")
+        if self.ref_model is not None and not getattr(OBJECTIVES[self.objective], "needs_reference", False):
+            raise TrainConfigError(f"ref_model is for dpo, not {self.objective!r}")
+        if not self.dpo_beta > 0:
+            raise TrainConfigError(f"dpo_beta must be > 0; got {self.dpo_beta}")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise TrainConfigError(f"dpo_label_smoothing must be in [0, 0.5); got {self.dpo_label_smoothing}")
+        if self.objective == "dpo" and self.distributed == "fsdp" and self.dpo_shared_prefix:
+            raise TrainConfigError(
+                "dpo under fsdp needs --no-dpo-shared-prefix: FSDP copies the state each block is given, so the "
+                "completions could not continue from the prompt's"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-able values; ``TrainConfig(**config.to_dict())`` gives an equal config."""
@@ -234,6 +273,7 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
 
 
 _OPTIONAL_TYPES = {"data": str, "max_bytes": int, "device": str}
+_OPTIONAL_TYPES.update(init_from=str, eval_data=str, ref_model=str)
 
 
 # --------------------------------------------------------------------------- command line

@@ -14,14 +14,23 @@ A step draws ``batch_size`` sequences (the global batch; each rank takes its
 slice), splits its slice into ``grad_accum`` micro-batches, asks the objective
 (``config.objective``, see ``lnlm_ssm.objectives``) for each one's loss, and
 takes one AdamW step with the learning rate of ``lr_at``. Evaluation reports
-the objective's own metrics of the held-out loss. A resumed run restores the weights,
-the optimizer, the data sampler and the random generators, so it computes the
-same steps an uninterrupted run would have.
+the objective's own metrics of the held-out loss, and ``eval_<name>``, the mean of
+each metric the objective returns (``eval_accuracy``, the DPO rewards). A resumed
+run restores the weights, the optimizer, the data sampler and the random
+generators, so it computes the same steps an uninterrupted run would have.
+
+A fine-tuning objective (``objectives.FinetuneObjective``: classify, token-classify,
+sft, reward, dpo) starts from ``config.init_from`` (with a new head where the
+objective needs one) instead of a preset, and reads JSONL rows (``data.finetune``)
+from ``config.data`` and ``config.eval_data`` (no evaluation without it) instead of
+a corpus; ``seq_len`` is then the most tokens a row keeps. Its model/ holds the
+tokenizer of --init-from's directory where it has one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import math
@@ -41,10 +50,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
 from lnlm_ssm.data.sampler import WindowSampler
-from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, save_tokenizer_kind
+from lnlm_ssm.data.finetune import Encoder, RowSampler, label_ids, read_rows
+from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, TOKENIZER_KIND_FILE, load_tokenizer, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
-from lnlm_ssm.models import ConfigError, preset, preset_architecture
-from lnlm_ssm.objectives import ObjectiveOutput, get_objective
+from lnlm_ssm.models import CheckpointError, ConfigError, architectures, from_pretrained, preset, preset_architecture
+from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective, ObjectiveOutput, get_objective
 from lnlm_ssm.training import distributed as dist_lib
 from lnlm_ssm.training.parallel import Layout
 from lnlm_ssm.training.parallel.pipeline import Pipeline
@@ -103,10 +113,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` to ``config.steps`` steps; returns the final metrics.
 
-    The result holds ``step``, ``loss`` (the last step's), ``eval_loss`` and
-    ``eval_bpb`` (the final held-out evaluation), ``tokens`` (seen in the whole
-    run), ``tokens_per_s`` and ``elapsed_s`` (this process's share of the run),
-    and the paths ``run_dir``, ``model_dir`` and ``checkpoint``.
+    The result holds ``step``, ``loss`` (the last step's), the final held-out
+    evaluation (``eval_loss`` and ``eval_bpb``, or a fine-tuning objective's
+    ``eval_*``; none without eval data), ``tokens`` (seen in the whole run; real
+    tokens when fine-tuning), ``tokens_per_s`` and ``elapsed_s`` (this process's
+    share of the run), and the paths ``run_dir``, ``model_dir`` and ``checkpoint``.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig; got {type(config).__name__}")
@@ -181,6 +192,58 @@ class _Run:
             dist_lib.barrier(self.info)
         return corpus
 
+    def _finetune_setup(self) -> tuple[nn.Module, dict[str, RowSampler]]:
+        """The pretrained model a fine-tuning objective trains (with the head it needs: labels from a classifier
+        checkpoint, else from the training rows) and the samplers of the JSONL rows ("val": eval_data's)."""
+        config, objective, info = self.config, self.objective, self.info
+        fmt = objective.data_format
+        rows = read_rows(config.data, fmt)
+        model_class = architectures()[objective.architectures[0]].model_class
+        try:
+            pretrained = from_pretrained(config.init_from, dtype=torch.float32)
+            # A checkpoint of the objective's family is trained as it is (a classifier keeps its labels).
+            ready = isinstance(pretrained, model_class)
+            label2id = None
+            if fmt in ("classify", "token"):
+                label2id = pretrained.config.label2id if ready else label_ids(rows, fmt)
+            if config.model and (ready or not objective.head_arguments(label2id)):
+                raise TrainConfigError(
+                    f"--model sets fields of a new head (pooling, ...) in fine-tuning; the objective "
+                    f"{objective.name!r} puts none on {config.init_from}"
+                )
+            if not ready:
+                head = {**objective.head_arguments(label2id), **config.model}
+                pretrained = model_class.from_pretrained(config.init_from, dtype=torch.float32, **head)
+        except (CheckpointError, ConfigError, TypeError) as exc:
+            raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
+        tokenizer, self.tokenizer_files = self._finetune_tokenizer()
+        vocab = pretrained.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise TrainConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
+            )
+        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id)
+        kwargs = dict(batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size)
+        samplers = {"train": RowSampler(config.data, encoder, rows=rows, **kwargs)}
+        if config.eval_data is not None:
+            samplers["val"] = RowSampler(config.eval_data, encoder, **kwargs)
+        if objective.needs_reference:
+            reference = pretrained if config.ref_model is None else from_pretrained(config.ref_model, dtype=torch.float32)
+            # A copy: the model trained is built from pretrained's weights, and the reference never moves.
+            reference = copy.deepcopy(reference).to(self.device).eval().requires_grad_(False)
+            objective.reference = reference
+        return pretrained, samplers
+
+    def _finetune_tokenizer(self):
+        """The tokenizer of --init-from's directory where it holds one, else --tokenizer's; and the files that
+        name it, which the exported model gets."""
+        init = Path(self.config.init_from)
+        files = [init / name for name in (TOKENIZER_KIND_FILE, "tokenizer.json") if (init / name).is_file()]
+        if files:
+            return load_tokenizer(init), files
+        name = self.config.tokenizer
+        return (BUILTIN_TOKENIZERS[name]() if name in BUILTIN_TOKENIZERS else load_tokenizer(name)), []
+
     def _model_class(self) -> type:
         """The preset's model class, which must be one the objective trains."""
         architecture = preset_architecture(self.config.preset)
@@ -233,9 +296,12 @@ class _Run:
                 f"cannot resume from {path} with different data settings; fields (checkpoint, this run): {differ}"
             )
 
-    def _build_model(self, model_config) -> nn.Module:
-        """The model, wrapped for data parallelism; sets ``self.optimizer`` and ``self.autocast``."""
+    def _build_model(self, model_config, pretrained: Optional[nn.Module] = None) -> nn.Module:
+        """The model (with ``pretrained``'s weights, if given), wrapped for data parallelism; sets
+        ``self.optimizer`` and ``self.autocast``."""
         model = self.model_class(model_config, backend=self.config.backend)
+        if pretrained is not None:
+            model.load_state_dict(pretrained.state_dict())
         if self.config.activation_checkpointing:
             blocks = getattr(getattr(model, "backbone", None), "layers", None)
             if blocks is None:
@@ -277,23 +343,34 @@ class _Run:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.objective = get_objective(config.objective)
-        self.model_class = self._model_class()
-        corpus = self._corpus()
-        self.objective.use_tokenizer(corpus.load_tokenizer())
-        model_config = self._model_config(corpus.vocab_size)
+        options = getattr(OBJECTIVES[config.objective], "options", {})
+        self.objective = get_objective(config.objective, **{arg: getattr(config, f) for arg, f in options.items()})
+        self.finetune = isinstance(self.objective, FinetuneObjective)
+        pretrained = None
+        if self.finetune:
+            pretrained, samplers = self._finetune_setup()
+            model_config, bytes_per_token = pretrained.config, math.nan
+            self.model_class = type(pretrained)
+        else:
+            self.model_class = self._model_class()
+            corpus = self._corpus()
+            self.objective.use_tokenizer(corpus.load_tokenizer())
+            model_config = self._model_config(corpus.vocab_size)
+            bytes_per_token = corpus.bytes_per_token("val")
         state = None
         if self.resume_from is not None:
             state = load_checkpoint(self.resume_from)
             self._check_resumable(state, model_config)
-        model = self._build_model(model_config)
-        samplers = {
-            split: WindowSampler(
-                corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                rank=self.layout.dp_rank, world_size=self.layout.data,
-            )
-            for split in ("train", "val")
-        }
+        model = self._build_model(model_config, pretrained)
+        if not self.finetune:
+            # Each data-parallel replica draws its own slice; the ranks of one replica (TP, PP) draw the same.
+            samplers = {
+                split: WindowSampler(
+                    corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                    rank=self.layout.dp_rank, world_size=self.layout.data,
+                )
+                for split in ("train", "val")
+            }
         step = tokens = 0
         if state is not None:
             # Rank 0's dicts are broadcast; the other ranks pass empty ones (full ones break DDP's load there).
@@ -306,7 +383,6 @@ class _Run:
             restore_rng(state["rng"])
             step, tokens = state["step"], state["progress"]["tokens"]
         first_step, first_tokens = step, tokens
-        bytes_per_token = corpus.bytes_per_token("val")
         tokens_per_step = config.batch_size * config.seq_len
 
         resume_step = None if state is None else step
@@ -323,13 +399,16 @@ class _Run:
         final_eval: dict[str, float] = {}
         saved = self.resume_from
         start = last_log_time = time.perf_counter()
-        last_log_step = step
+        last_log_tokens = tokens
         try:
             while step < config.steps:
                 lr = lr_at(step, config)
-                loss, grad_norm = self._step(model, samplers["train"].next_batch(), lr)
+                batch = samplers["train"].next_batch()
+                # Fine-tuning batches count their real tokens (this rank's, times the ranks).
+                step_tokens = batch.num_tokens * info.world_size if self.finetune else tokens_per_step
+                loss, grad_norm, step_metrics = self._step(model, batch, lr)
                 step += 1
-                tokens += tokens_per_step
+                tokens += step_tokens
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss is {loss} at step {step}: lower --lr (now {config.lr}) or --grad-clip"
@@ -338,9 +417,9 @@ class _Run:
                 last = step == config.steps
                 now = time.perf_counter()
                 if step % config.log_every == 0 or last:
-                    tokens_per_s = (step - last_log_step) * tokens_per_step / (now - last_log_time)
-                    last_log_step, last_log_time = step, now
-                    scalars = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+                    tokens_per_s = (tokens - last_log_tokens) / (now - last_log_time)
+                    last_log_tokens, last_log_time = tokens, now
+                    scalars = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s, **step_metrics)
                     if log is not None:
                         log.write("train", step, **scalars, tokens=tokens, elapsed_s=now - start)
                     # Not tokens and elapsed_s: they are TensorBoard's step and wall-time axes.
@@ -350,7 +429,7 @@ class _Run:
                     speed = (tokens - first_tokens) / (now - start)
                     bar.update(step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", speed=f"{_si(speed)} tok/s")
                 paused = time.perf_counter()  # evaluation and checkpoints do not count in tokens_per_s
-                if step % config.eval_every == 0 or last:
+                if (step % config.eval_every == 0 or last) and "val" in samplers:
                     eval_loss, eval_means = self._evaluate(model, samplers["val"])
                     metrics = self.objective.eval_metrics(eval_loss, bytes_per_token, eval_means)
                     result.update(metrics)
@@ -385,8 +464,9 @@ class _Run:
             "checkpoint": str(saved),
         }
 
-    def _step(self, model: nn.Module, batch: torch.Tensor, lr: float) -> tuple[float, float]:
-        """One optimizer step on this rank's ``batch``; returns (loss, gradient norm), both averaged over ranks."""
+    def _step(self, model: nn.Module, batch, lr: float) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step on this rank's ``batch``; returns (loss, gradient norm, the objective's metrics),
+        averaged over ranks (and micro-batches)."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -399,13 +479,17 @@ class _Run:
             return dist_lib.all_reduce_mean(loss, self.info).item(), grad_norm.item()
         micro_batches = batch.to(self.device).chunk(config.grad_accum)
         total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(micro_batches):
             with self._grad_sync(model, i == len(micro_batches) - 1):
                 with self.autocast():
-                    loss = self.objective(model, micro).loss
+                    out = self.objective(model, micro)
+                loss = out.loss
                 # Micro-batches have equal token counts, so the mean of their means is the batch mean.
                 (loss / config.grad_accum).backward()
             total += loss.detach()
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
         # max_norm=inf measures the norm without clipping, for the log.
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
         self.optimizer.step()
@@ -413,7 +497,8 @@ class _Run:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         mean_loss = dist_lib.all_reduce_mean(total / config.grad_accum, self.info)
-        return mean_loss.item(), grad_norm.item()
+        metrics = {k: dist_lib.all_reduce_mean(v / config.grad_accum, self.info).item() for k, v in sums.items()}
+        return mean_loss.item(), grad_norm.item(), metrics
 
     @staticmethod
     def _grad_sync(model: nn.Module, sync: bool):
@@ -507,7 +592,10 @@ class _Run:
             export.load_state_dict(model_sd)
             export.save_pretrained(model_dir, card=card)
             tokenizer = self.config.tokenizer
-            if tokenizer in ("byte", "amino"):
+            if self.finetune and self.tokenizer_files:
+                for file in self.tokenizer_files:
+                    shutil.copyfile(file, model_dir / file.name)
+            elif tokenizer in ("byte", "amino"):
                 save_tokenizer_kind(model_dir, tokenizer)
             else:
                 # A tokenizer.json or a directory holding one (prepare_corpus has checked it exists).
