@@ -218,7 +218,8 @@ class _Run:
             raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
         tokenizer, self.tokenizer_files = self._finetune_tokenizer()
         vocab = pretrained.config.vocab_size
-        if tokenizer.vocab_size > vocab:
+        # Text encodes to the first text_vocab_size ids (a model from before the encoder specials has those).
+        if getattr(tokenizer, "text_vocab_size", tokenizer.vocab_size) > vocab:
             raise TrainConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
             )
@@ -476,7 +477,7 @@ class _Run:
             grad_norm = self.pipeline.clip_grad_norm_(model, config.grad_clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            return dist_lib.all_reduce_mean(loss, self.info).item(), grad_norm.item()
+            return dist_lib.all_reduce_mean(loss, self.info).item(), grad_norm.item(), {}
         micro_batches = batch.to(self.device).chunk(config.grad_accum)
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}

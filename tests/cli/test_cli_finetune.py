@@ -40,7 +40,7 @@ def test_classify_train_resume_and_predict(base, tmp_path, capsys):
     common = ["--eval-data", str(held_out), "--eval-every", "2", "--ckpt-every", "2"]
     straight = tmp_path / "straight"
     assert main(flags(base, data, straight, "classify", "--steps", "4", *common)) == 0
-    assert "eval_accuracy" in capsys.readouterr().out
+    assert "held-out loss" in (out := capsys.readouterr().out) and "accuracy" in out
     rows = read_metrics(straight / "metrics.jsonl")
     assert all("accuracy" in r for r in rows if r["kind"] == "train")
     assert all("eval_accuracy" in r for r in rows if r["kind"] == "eval")
