@@ -112,8 +112,8 @@ FAMILIES = {
 
 QUICK = dict(steps=12, batch_size=4, seq_len=64, eval_batches=2, lrs=[1e-3], seqlens=[256, 512], repeats=1,
              speed_preset_layers=2, hf_batch=1, hf_seq_len=128)
-FULL = dict(steps=150, batch_size=16, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3],
-            seqlens=[512, 1024, 2048, 4096, 8192], repeats=3, speed_preset_layers=None, hf_batch=1, hf_seq_len=512)
+FULL = dict(steps=120, batch_size=8, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3],
+            seqlens=[512, 1024, 2048, 4096, 8192], repeats=2, speed_preset_layers=None, hf_batch=1, hf_seq_len=512)
 
 
 def seconds(fn, repeats: int) -> float:
