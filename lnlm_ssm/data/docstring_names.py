@@ -3,7 +3,9 @@
 The pairs come from the Python standard library's source (``data.corpus.default_corpus_dir``),
 parsed with ``ast``: every public (not ``_``-prefixed) function or method with a
 docstring gives ``{"input": <the docstring's first paragraph, whitespace collapsed,
-at most max_input characters>, "target": <its name>}``. The split is by source file
+at most max_input characters>, "target": <its name>}``. Installed packages
+(``site-packages``) and test suites (directories named ``test``, ``tests``,
+``idle_test``) are not read: they are not the stdlib's own functions. The split is by source file
 (``file_split``: a hash of the file's path relative to the root, so it does not
 depend on the machine or the order files are read), so no file gives both training
 and test rows. Files that do not parse (the stdlib's test data has a few) are skipped.
@@ -23,6 +25,7 @@ from lnlm_ssm.utils.checks import check_positive_int
 
 __all__ = ["docstring_pairs", "file_split", "write_jsonl"]
 
+SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 # One file in TEST_EVERY (by the hash of its relative path) is a test file.
 TEST_EVERY = 5
 
@@ -55,7 +58,11 @@ def docstring_pairs(
     root = Path(root) if root is not None else default_corpus_dir()
     if not root.is_dir():
         raise FileNotFoundError(f"root must be a directory of Python source; {str(root)!r} is not one")
-    files = [p for p in sorted(root.rglob("*.py")) if file_split(str(p.relative_to(root))) == split]
+    files = [
+        path for path in sorted(root.rglob("*.py"))
+        if not SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1])
+        and file_split(str(path.relative_to(root))) == split
+    ]
     pairs = []
     for path in files[:max_files]:
         try:
