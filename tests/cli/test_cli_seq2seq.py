@@ -8,7 +8,7 @@ import torch
 import lnlm_ssm
 from lnlm_ssm.cli import main
 from lnlm_ssm.data.tokenizers import ByteTokenizer
-from lnlm_ssm.models import Seq2SeqLM
+from lnlm_ssm.models import MaskedLM, Seq2SeqLM, preset
 from lnlm_ssm.training.metrics import read_metrics
 
 TINY = ["d_model=32", "num_heads=2", "head_dim=16", "d_ff=64", "n_encoder_layer=2", "n_decoder_layer=2"]
@@ -77,3 +77,9 @@ def test_seq2seq_training_on_jsonl_pairs(tmp_path, capsys):
     assert "bad.jsonl, line 7: field 'target' must be a non-empty string; got nothing" in capsys.readouterr().err
     assert main(flags("t5-tiny", tmp_path, tmp_path / "dir_run", "seq2seq")) == 2
     assert "a .jsonl file" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_model_that_does_not_generate(tmp_path, capsys):
+    MaskedLM(preset("bert-tiny", n_layer=1)).save_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    assert "holds a MaskedLM; generate takes a MambaLM or a Seq2SeqLM" in capsys.readouterr().err

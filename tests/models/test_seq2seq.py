@@ -118,7 +118,7 @@ def test_quantised_model_generates_and_reloads(tmp_path):
 
 
 def test_presets_are_registered():
-    assert set(SEQ2SEQ_PRESETS) == {"t5-small", "t5-tiny", "mamba-t5-tiny"}
+    assert set(SEQ2SEQ_PRESETS) == {"t5-small", "t5-tiny", "mamba-t5-tiny", "hydra-mamba2-t5-tiny", "hybrid-t5-tiny"}
     assert preset("mamba-t5-tiny").decoder_layers() == "11"
     assert preset("t5-small", n_decoder_layer=3) == Seq2SeqConfig(n_decoder_layer=3)
     assert Seq2SeqConfig().to_dict() == Seq2SeqConfig.from_dict(Seq2SeqConfig().to_dict()).to_dict()
