@@ -16,7 +16,8 @@ from lnlm_ssm.objectives.span import SpanCorruptionObjective
 from lnlm_ssm.objectives.token_classify import TokenClassifyObjective
 from lnlm_ssm.utils.checks import check_choice
 
-# Pre-training objectives (they train on corpus windows), then fine-tuning ones (on JSONL rows).
+# Pre-training objectives (they train on corpus windows; seq2seq on its own JSONL pairs, from a preset), then
+# fine-tuning ones (on JSONL rows, from --init-from).
 OBJECTIVES: dict[str, type[Objective]] = {
     o.name: o
     for o in (
