@@ -1,4 +1,10 @@
-"""``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...``: continue a prompt, streaming to stdout."""
+"""``lnlm-ssm generate --model PATH_OR_PRESET --prompt TEXT ...``: continue a prompt, streaming to stdout.
+
+A ``Seq2SeqLM`` checkpoint (T5) reads the prompt, with EOS appended as T5's inputs
+end, as its encoder's input, and the decoded output is printed once it is complete;
+its sentinel ids (span corruption's, above the tokenizer's vocabulary) print as
+T5's ``<extra_id_N>``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from lnlm_ssm.data.tokenizers import ByteTokenizer, load_tokenizer
 from lnlm_ssm.layers.quantized import QUANTIZATION_MODES, quantize_
 from lnlm_ssm.models.causal_lm import MambaLM
 from lnlm_ssm.models.config import PRESETS
+from lnlm_ssm.models.registry import from_pretrained
+from lnlm_ssm.models.seq2seq import Seq2SeqLM
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,9 +70,20 @@ def _load(args, device: torch.device, dtype: torch.dtype):
         )
         model = MambaLM.from_name(args.model, vocab_size=tokenizer.vocab_size, device=device, dtype=dtype)
         return model, tokenizer
-    model = MambaLM.from_pretrained(args.model, device=device, dtype=dtype)
+    model = from_pretrained(args.model, device=device, dtype=dtype)
+    if not isinstance(model, (MambaLM, Seq2SeqLM)):
+        raise ValueError(
+            f"--model {args.model} holds a {type(model).__name__}; generate takes a MambaLM or a Seq2SeqLM checkpoint"
+        )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     vocab_size = model.config.vocab_size
+    if isinstance(model, Seq2SeqLM):
+        if tokenizer.eos_token_id is None or tokenizer.vocab_size > vocab_size:
+            raise ValueError(
+                f"a Seq2SeqLM needs a tokenizer with an eos token and at most its vocab_size {vocab_size} tokens; "
+                f"got {tokenizer!r} ({tokenizer.vocab_size} tokens): give the one it was trained with by --tokenizer"
+            )
+        return model, tokenizer
     # Generation needs the text ids and eos: a model trained before the built-in tokenizers gained their
     # encoder specials ([PAD], [MASK], [CLS], [SEP]) lacks only those, and generates as before.
     if isinstance(tokenizer, ByteTokenizer):
@@ -99,6 +118,8 @@ def _generate(args) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
+    if isinstance(model, Seq2SeqLM):
+        return _generate_seq2seq(args, model, tokenizer, prompt_ids, generator)
 
     new_ids: list[int] = []
     written = 0
@@ -126,5 +147,31 @@ def _generate(args) -> int:
         generator=generator,
     )
     sys.stdout.write(tokenizer.decode(new_ids)[written:] + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _generate_seq2seq(args, model: Seq2SeqLM, tokenizer, prompt_ids: list[int], generator) -> int:
+    """Print the decoder's output for the encoder input ``prompt_ids`` (the module docstring)."""
+    if args.repetition_penalty != 1.0:
+        raise ValueError(f"--repetition-penalty is not supported by a Seq2SeqLM; got {args.repetition_penalty}")
+    eos = tokenizer.eos_token_id
+    source = torch.tensor([prompt_ids + [eos]], dtype=torch.long, device=next(model.parameters()).device)
+    out = model.generate(
+        source, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_token_id=eos, generator=generator,
+    )
+    ids = out[0, 1:].tolist()  # after the decoder start token
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    top = model.config.vocab_size - 1
+    pieces, run = [], []
+    for i in ids:
+        if i >= tokenizer.vocab_size:
+            pieces += [tokenizer.decode(run), f"<extra_id_{top - i}>"]
+            run = []
+        else:
+            run.append(i)
+    sys.stdout.write("".join(pieces) + tokenizer.decode(run) + "\n")
     sys.stdout.flush()
     return 0

@@ -210,9 +210,10 @@ def _expand(name: str, pattern: Any, n_layer: int, mixers: dict[str, type]) -> s
 
 
 # About 1M parameters with the byte tokenizer's 261 ids: the bytes 0..255, eos 256, then the
-# specials pad 257 (also the decoder's start, as T5's pad), mask 258, cls 259, sep 260.
+# specials pad 257 (also the decoder's start, as T5's pad), mask 258, cls 259, sep 260; and above them,
+# as ByT5 does, 100 ids for span corruption's sentinels (360 down to 261).
 _TINY = dict(
-    vocab_size=261, d_model=128, num_heads=4, head_dim=32, d_ff=384, n_encoder_layer=2, n_decoder_layer=2,
+    vocab_size=361, d_model=128, num_heads=4, head_dim=32, d_ff=384, n_encoder_layer=2, n_decoder_layer=2,
     ffn_activation="gelu_new", ffn_gated=True, pad_token_id=257, eos_token_id=256, decoder_start_token_id=257,
 )
 # The SSM stacks: a Mamba-1 decoder under T5's encoder; Hydra encoding for a Mamba-2 decoder; and a hybrid

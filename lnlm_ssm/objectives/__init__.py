@@ -9,16 +9,20 @@ from lnlm_ssm.objectives.finetune import FinetuneObjective
 from lnlm_ssm.objectives.mlm import MaskedLMObjective
 from lnlm_ssm.objectives.plm import PLMObjective
 from lnlm_ssm.objectives.reward import RewardObjective
+from lnlm_ssm.objectives.seq2seq import Seq2SeqObjective
 from lnlm_ssm.objectives.sft import SFTObjective
 from lnlm_ssm.objectives.sop import SentenceOrderObjective
+from lnlm_ssm.objectives.span import SpanCorruptionObjective
 from lnlm_ssm.objectives.token_classify import TokenClassifyObjective
 from lnlm_ssm.utils.checks import check_choice
 
-# Pre-training objectives (they train on corpus windows), then fine-tuning ones (on JSONL rows).
+# Pre-training objectives (they train on corpus windows; seq2seq on its own JSONL pairs, from a preset), then
+# fine-tuning ones (on JSONL rows, from --init-from).
 OBJECTIVES: dict[str, type[Objective]] = {
     o.name: o
     for o in (
         CausalLMObjective, MaskedLMObjective, SentenceOrderObjective, ElectraObjective, PLMObjective,
+        SpanCorruptionObjective, Seq2SeqObjective,
         ClassifyObjective, TokenClassifyObjective, SFTObjective, RewardObjective, DPOObjective,
     )
 }
@@ -37,7 +41,9 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "PLMObjective",
+    "Seq2SeqObjective",
     "SentenceOrderObjective",
+    "SpanCorruptionObjective",
     "get_objective",
     "ClassifyObjective",
     "DPOObjective",

@@ -34,6 +34,9 @@ class Objective(abc.ABC):
 
     name: str
     architectures: ClassVar[tuple[str, ...]]
+    # Ids the objective uses above the tokenizer's (span corruption's sentinels): the loop gives the model a
+    # vocabulary this much larger than the tokenizer's.
+    extra_ids: ClassVar[int] = 0
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
@@ -43,6 +46,13 @@ class Objective(abc.ABC):
         """Called by the loop with the corpus's tokenizer before the first batch. Objectives that need its
         special tokens ([MASK], [CLS], ...) take them here, and raise a ValueError naming the tokenizer
         when it lacks one; the default needs none."""
+
+    def samplers(self, data, *, seq_len: int, batch_size: int, seed: int, rank: int, world_size: int):
+        """None (the default): the objective trains on the loop's corpus windows. An objective that reads its own
+        data from ``data`` (the --data path) returns {"train": sampler, "val": sampler}, each with
+        ``next_batch()``, ``eval_batches(n)``, ``state_dict()`` and ``load_state_dict(state)`` as
+        ``data.sampler.WindowSampler``'s; called after ``use_tokenizer``."""
+        return None
 
     @abc.abstractmethod
     def eval_metrics(

@@ -257,14 +257,17 @@ class _Run:
         return architecture.model_class
 
     def _model_config(self, vocab_size: int):
-        """The config of the preset's model (any family), with the tokenizer's vocab and the --model overrides."""
+        """The config of the preset's model (any family), with the tokenizer's vocab plus the objective's
+        ``extra_ids`` (span corruption's sentinels) and the --model overrides."""
+        extra = self.objective.extra_ids
         try:
-            model_config = preset(self.config.preset, **{"vocab_size": vocab_size, **self.config.model})
+            model_config = preset(self.config.preset, **{"vocab_size": vocab_size + extra, **self.config.model})
         except ConfigError as exc:
             raise TrainConfigError(f"--model: {exc}") from None
-        if model_config.vocab_size < vocab_size:
+        if model_config.vocab_size < vocab_size + extra:
+            with_extra = f" plus the {extra} extra ids of the objective {self.objective.name!r}" if extra else ""
             raise TrainConfigError(
-                f"model vocab_size {model_config.vocab_size} is smaller than the tokenizer's {vocab_size}"
+                f"model vocab_size {model_config.vocab_size} is smaller than the tokenizer's {vocab_size}{with_extra}"
             )
         return model_config
 
@@ -365,12 +368,12 @@ class _Run:
         model = self._build_model(model_config, pretrained)
         if not self.finetune:
             # Each data-parallel replica draws its own slice; the ranks of one replica (TP, PP) draw the same.
-            samplers = {
-                split: WindowSampler(
-                    corpus, split, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
-                    rank=self.layout.dp_rank, world_size=self.layout.data,
-                )
-                for split in ("train", "val")
+            sampling = dict(
+                seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed, rank=self.layout.dp_rank,
+                world_size=self.layout.data,
+            )
+            samplers = self.objective.samplers(config.data, **sampling) or {
+                split: WindowSampler(corpus, split, **sampling) for split in ("train", "val")
             }
         step = tokens = 0
         if state is not None:

@@ -92,7 +92,7 @@ def test_tiny_presets(name, tmp_path):
     model = Seq2SeqLM.from_name(name).eval()
     params = sum(p.numel() for p in model.parameters())
     assert 0.8e6 < params < 1.3e6, params
-    assert model.config.vocab_size == 261 and model.config.decoder_start_token_id == model.config.pad_token_id
+    assert model.config.vocab_size == 361 and model.config.decoder_start_token_id == model.config.pad_token_id
     text = torch.tensor([list(b"hello world")])
     generated = model.generate(text, max_new_tokens=4, eos_token_id=None)
     assert generated.shape == (1, 5)

@@ -28,10 +28,15 @@ def test_causal_lm_eval_metrics_are_loss_and_bits_per_byte():
 
 
 def test_unknown_objective_names_the_choices():
-    choices = r"\('clm', 'mlm', 'sop', 'electra', 'plm', 'classify', 'token-classify', 'sft', 'reward', 'dpo'\)"
-    with pytest.raises(ValueError, match=rf"objective must be one of {choices}, got 'span'"):
-        get_objective("span")
+    choices = (
+        r"\('clm', 'mlm', 'sop', 'electra', 'plm', 'span', 'seq2seq', 'classify', 'token-classify', 'sft', "
+        r"'reward', 'dpo'\)"
+    )
+    with pytest.raises(ValueError, match=rf"objective must be one of {choices}, got 'ul2'"):
+        get_objective("ul2")
     with pytest.raises(TrainConfigError, match="objective must be one of"):
-        TrainConfig(objective="span")
-    assert set(OBJECTIVES) == {"clm", "mlm", "sop", "electra", "plm", "classify", "token-classify", "sft", "reward", "dpo"}
+        TrainConfig(objective="ul2")
+    assert set(OBJECTIVES) == {
+        "clm", "mlm", "sop", "electra", "plm", "span", "seq2seq", "classify", "token-classify", "sft", "reward", "dpo"
+    }
     assert TrainConfig().objective == "clm"
