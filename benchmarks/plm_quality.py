@@ -3,8 +3,8 @@
 
 Usage::
 
-    python benchmarks/plm_quality.py --quick      # CI's smoke run: a few steps, short windows (~2 min)
-    python benchmarks/plm_quality.py              # the run of record (<= 20 min on 2 cores)
+    python benchmarks/plm_quality.py --quick      # CI's smoke run: 7.7k tokens per model (~2.5 min, loaded)
+    python benchmarks/plm_quality.py              # the run of record: 154k tokens per model, 2 lrs (<= 20 min)
 
 The question
 ------------
@@ -60,6 +60,13 @@ windows of ``--seq-len`` tokens (the corpus's validation split). The middle is
   cannot see the suffix at all: the only thing it can do is condition on the
   prefix, so its ``infill`` is its ``mid | prefix`` (marked ``prefix only``).
 - ``suffix gain``: ``mid | prefix - infill``: what reading the suffix bought.
+
+A first look (100 steps x 8 x 128 = 102k tokens, lr 1e-3 only, the loaded
+2-core machine): left to right the CLM Mambas reached 2.12 (mamba) and 2.17
+(hybrid) nats, their PLM twins 3.18 and 3.18; on the middle the PLM twins
+gained nothing from the suffix (3.169 given both sides vs 3.169 given the
+prefix) and stayed ~1 nat behind the CLM models given the prefix alone (2.11,
+2.17); XLNet reached 3.05 left to right and gained 0.017 from the suffix.
 
 Reading the numbers: the models are small and far from converged, so the table
 says who learns fastest early at this size, not who wins at scale; a gap
@@ -128,8 +135,10 @@ FAMILIES = {
 }
 
 QUICK = dict(steps=30, batch_size=4, seq_len=64, eval_batches=2, lrs=[1e-3], max_bytes=2_000_000)
-# Sized on the 2-core machine (shared): see the docstring of main's --steps for the measured rates.
-FULL = dict(steps=300, batch_size=8, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3], max_bytes=None)
+# Sized on the shared 2-core machine: 5 runs of 102k tokens (batch 8 x 128, 100 steps) took 710 s under a
+# load of ~5 (720 tok/s; Mamba-1 the slowest family). At that rate this run's 10 x 154k tokens take ~36 min;
+# our processes had about a third of the machine, so alone ~12 min. Not yet timed on an idle machine.
+FULL = dict(steps=150, batch_size=8, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3], max_bytes=None)
 
 
 def middle(seq_len: int) -> tuple[int, int]:
