@@ -296,6 +296,8 @@ def write_plot(path: Path, results: list[dict], title: str) -> Optional[str]:
         xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(results))]
         axes.bar(xs, [r[key] for r in results], width, color=f"C{k}", label=label)
     axes.set_xticks(range(len(results)), [f"{r['model']}\nlr {r['lr']:g}" for r in results], fontsize=8)
+    # Headroom above the tallest bar: the legend goes there.
+    axes.set_ylim(0, 1.3 * max(r[key] for r in results for key, _ in bars))
     axes.set_ylabel("held-out loss (nats / token; a token is a byte)")
     axes.set_title(title, fontsize=9)
     axes.grid(axis="y", alpha=0.3)
