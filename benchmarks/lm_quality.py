@@ -117,7 +117,7 @@ from lnlm_ssm.training.config import TrainConfig  # noqa: E402
 from lnlm_ssm.data import WindowSampler, default_corpus_dir, prepare_corpus  # noqa: E402
 from lnlm_ssm.training.loop import train  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
-from lnlm_ssm.utils.benchmark import median, torch_threads  # noqa: E402
+from lnlm_ssm.utils.benchmark import median, name_list, positive_int, torch_threads  # noqa: E402
 
 # --------------------------------------------------------------------------- the four families
 
@@ -348,36 +348,24 @@ def write_plot(path: Path, results: list[dict[str, Any]], title: str) -> Optiona
     return None
 
 
-def _families(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--families takes a comma list of {list(FAMILIES)}; got {text!r}")
-    return list(dict.fromkeys(names))
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"the < 20 min budget on 2 cores: {QUICK}")
-    p.add_argument("--steps", type=_positive, help=f"optimizer steps per model (default {FULL['steps']})")
-    p.add_argument("--seq-len", type=_positive, help=f"tokens per sequence (default {FULL['seq_len']})")
-    p.add_argument("--batch-size", type=_positive, help=f"sequences per step (default {FULL['batch_size']})")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps per model (default {FULL['steps']})")
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default {FULL['seq_len']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {FULL['batch_size']})")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, every family (default 1e-3)")
-    p.add_argument("--params", type=_positive, default=4_000_000, help="target parameter count (default 4M)")
-    p.add_argument("--families", type=_families, default=list(FAMILIES), help=f"comma list of {list(FAMILIES)}")
+    p.add_argument("--params", type=positive_int, default=4_000_000, help="target parameter count (default 4M)")
+    p.add_argument("--families", type=name_list("--families", FAMILIES), default=list(FAMILIES),
+                   help=f"comma list of {list(FAMILIES)}")
     p.add_argument("--data", type=Path, help="a text file or directory (default: the Python stdlib corpus)")
-    p.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of the corpus")
-    p.add_argument("--eval-every", type=_positive, help="steps between held-out evaluations (default steps / 8)")
-    p.add_argument("--eval-batches", type=_positive, default=8, help="held-out batches per evaluation (default 8)")
+    p.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes of the corpus")
+    p.add_argument("--eval-every", type=positive_int, help="steps between held-out evaluations (default steps / 8)")
+    p.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches per evaluation (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--quantize", nargs="*", choices=QUANTIZATION_MODES, default=list(QUANTIZATION_MODES),
                    help="evaluate the trained models quantised to these modes too (default: int8 bf16; none: skip)")
     p.add_argument("--out", type=Path, help="default benchmarks/out/lm_quality-<timestamp>/")

@@ -108,7 +108,7 @@ from lnlm_ssm.models import from_pretrained, preset, preset_architecture  # noqa
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
 from lnlm_ssm.training.loop import train  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
-from lnlm_ssm.utils.benchmark import median, torch_threads  # noqa: E402
+from lnlm_ssm.utils.benchmark import learning_rate, median, name_list, positive_int, torch_threads  # noqa: E402
 
 MIDDLE_FRACTION = 0.2
 
@@ -307,41 +307,24 @@ def write_plot(path: Path, results: list[dict], title: str) -> Optional[str]:
     return None
 
 
-def _families(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--families takes a comma list of {list(FAMILIES)}; got {text!r}")
-    return list(dict.fromkeys(names))
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
-
-
-def _lr(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"a learning rate must be > 0; got {text!r}")
-    return value
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"CI's smoke run: {QUICK}")
-    p.add_argument("--steps", type=_positive, help=f"optimizer steps per model (default {FULL['steps']})")
-    p.add_argument("--batch-size", type=_positive, help=f"sequences per step (default {FULL['batch_size']})")
-    p.add_argument("--seq-len", type=_positive, help=f"tokens per window (default {FULL['seq_len']}; >= 10)")
-    p.add_argument("--lrs", type=_lr, nargs="+", help=f"peak learning rates every family tries (default {FULL['lrs']})")
-    p.add_argument("--families", type=_families, default=list(FAMILIES), help=f"comma list of {list(FAMILIES)}")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps per model (default {FULL['steps']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default {FULL['batch_size']})")
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per window (default {FULL['seq_len']}; >= 10)")
+    p.add_argument("--lrs", type=learning_rate, nargs="+",
+                   help=f"peak learning rates every family tries (default {FULL['lrs']})")
+    p.add_argument("--families", type=name_list("--families", FAMILIES), default=list(FAMILIES),
+                   help=f"comma list of {list(FAMILIES)}")
     p.add_argument("--data", type=Path, help="a text file or directory (default: the Python stdlib corpus)")
-    p.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of the corpus")
-    p.add_argument("--eval-batches", type=_positive, help=f"held-out batches (default {FULL['eval_batches']})")
+    p.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes of the corpus")
+    p.add_argument("--eval-batches", type=positive_int, help=f"held-out batches (default {FULL['eval_batches']})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", type=Path, help="default benchmarks/out/plm_quality-<timestamp>/")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

@@ -15,6 +15,8 @@ What is here
 - :func:`peak_extra_memory`: the peak memory one call adds on top of what is
   already allocated (see its docstring for exactly what is counted).
 - :func:`torch_threads`: a context manager that pins ``torch.set_num_threads``.
+- :func:`positive_int`, :func:`learning_rate`, :func:`name_list`: ``argparse``
+  types for the flags the quality benchmarks share.
 
 Rooflines
 ---------
@@ -43,6 +45,7 @@ SSD, whose work is mostly small matmuls.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -61,10 +64,13 @@ DeviceLike = Union[str, torch.device]
 __all__ = [
     "Roofline",
     "format_bytes_mib",
+    "learning_rate",
     "measure_copy_bandwidth",
     "measure_matmul_peak",
     "median",
+    "name_list",
     "peak_extra_memory",
+    "positive_int",
     "synchronize",
     "tensor_bytes",
     "time_fn",
@@ -360,3 +366,35 @@ def format_bytes_mib(nbytes: Optional[int]) -> str:
     if nbytes is None or (isinstance(nbytes, float) and math.isnan(nbytes)):
         return "-"
     return f"{nbytes / 2**20:.1f}"
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """``argparse`` type: a learning rate, > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a learning rate must be > 0; got {text!r}")
+    return value
+
+
+def name_list(flag: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """``argparse`` type of ``flag``: a comma list of ``choices``, duplicates dropped, in the order given."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"{flag} takes a comma list of {list(choices)}; got {text!r}")
+        return list(dict.fromkeys(names))
+
+    return parse
