@@ -7,8 +7,9 @@ span-aware by default, as HF's PLM collator, ``max_span_length`` 5 and
 - ``PermutationLM`` (XLNet) gets the order as ``perm_mask`` and the targets as
   ``target_mapping``: the loss is over the targets only (partial prediction).
 - ``AnyOrderLM`` (a causal Mamba / hybrid stack) reads the sequence in that
-  order, context first, and predicts every next token of the order: a causal
-  stack computes every step anyway, and the targets are the last steps.
+  order, context first, targets last; the loss is over the targets only, as
+  XLNet's partial prediction: the early steps of an order see too little
+  context to be worth learning from.
 
 Evaluation: ``eval_loss`` (nats per predicted token) and ``eval_bpb``, the same
 in bits per byte of source text; not comparable with a causal LM's bpb, as a
@@ -64,7 +65,7 @@ class PLMObjective(Objective):
             drawn = xlnet_inputs(batch, targets, order)
             out = model(batch, perm_mask=drawn.perm_mask, target_mapping=drawn.target_mapping, labels=drawn.labels)
         elif architecture == "AnyOrderLM":
-            out = model(batch, order, labels=batch)
+            out = model(batch, order, labels=batch.masked_fill(~targets, -100))
         else:
             raise TypeError(f"the plm objective trains {' or '.join(self.architectures)}; got {type(model).__name__}")
         return ObjectiveOutput(loss=out.loss, metrics={"targets": targets.float().mean()})

@@ -60,3 +60,25 @@ def test_plm_objective_trains_both_families(name):
         loss.backward()
         optimizer.step()
     assert torch.isfinite(first) and objective(model, batch).loss < first
+
+
+def test_any_order_loss_is_over_the_targets_only(monkeypatch):
+    """Partial prediction (XLNet's K = 6): the steps that predict a non-target are not in the loss."""
+    import lnlm_ssm.objectives.plm as plm
+
+    torch.manual_seed(0)
+    model = AnyOrderLM(preset("mamba-plm-tiny", d_model=32, n_layer=2, vocab_size=50)).eval()
+    batch = torch.randint(0, 50, (2, 12))
+    targets = torch.zeros(2, 12, dtype=torch.bool)
+    targets[0, [3, 4]] = True
+    targets[1, [0, 7, 11]] = True
+    order = factorisation_orders(targets, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(plm, "draw_targets", lambda *a, **k: targets)
+    monkeypatch.setattr(plm, "factorisation_orders", lambda *a, **k: order)
+    loss = get_objective("plm")(model, batch).loss
+
+    logits = model(batch, order).logits
+    predicted = batch.gather(1, order)[:, 1:]  # step t predicts the token at order[t + 1]
+    is_target = targets.gather(1, order)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][is_target], predicted[is_target])
+    torch.testing.assert_close(loss, expected)
