@@ -25,7 +25,7 @@ Measured, in one run:
    spans for every family; training tokens/s (the median of the loop's per-step figures after
    the first 10% of the steps: no setup, evaluation or checkpoints).
 2. **Text-to-text fine-tuning** from the span checkpoint, through ``lnlm-ssm train --objective
-   seq2seq --init-from``, on docstring -> function name
+   seq2seq --init-from`` (the test pairs its ``--eval-data``), on docstring -> function name
    (``lnlm_ssm.data.docstring_names``: the stdlib's functions, train and test from
    disjoint source files; pairs whose name does not fit ``--seq-len`` are dropped):
    exact match of the greedy output on the test pairs, their teacher-forced
@@ -122,12 +122,13 @@ def pretrain(family: Family, lr: float, args, out: Path) -> dict[str, Any]:
             "train_tokens_per_s": speed, "tokens": result["tokens"], "model_dir": result["model_dir"]}
 
 
-def finetune(model_dir: str, lr: float, train_file: Path, args, out: Path) -> Seq2SeqLM:
-    """``args.ft_steps`` steps of the seq2seq objective on ``train_file`` from the span checkpoint ``model_dir``,
-    as ``lnlm-ssm train --objective seq2seq --init-from`` runs them, on the pretraining schedule."""
+def finetune(model_dir: str, lr: float, files: tuple[Path, Path], args, out: Path) -> Seq2SeqLM:
+    """``args.ft_steps`` steps of the seq2seq objective on ``files`` (training rows, held-out rows) from the span
+    checkpoint ``model_dir``, as ``lnlm-ssm train --objective seq2seq --init-from`` runs them, on the pretraining
+    schedule."""
     config = TrainConfig(
-        objective="seq2seq", init_from=model_dir, data=str(train_file), out=str(out), steps=args.ft_steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, min_lr=lr / 10,
+        objective="seq2seq", init_from=model_dir, data=str(files[0]), eval_data=str(files[1]), out=str(out),
+        steps=args.ft_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, min_lr=lr / 10,
         warmup_steps=max(1, args.ft_steps // 10), eval_every=args.ft_steps, eval_batches=args.eval_batches,
         ckpt_every=args.ft_steps, keep_last=1, seed=args.seed, device="cpu", dtype="fp32",
     )
@@ -161,12 +162,14 @@ def score(model: Seq2SeqLM, test: list[tuple[list[int], list[int]]], targets: li
     return hits / len(test), correct / counted, generated / seconds
 
 
-def task_files(args, out: Path) -> tuple[Path, list[dict[str, str]]]:
-    """The training JSONL of the docstring task and the test rows, both without names too long for seq_len."""
+def task_files(args, out: Path) -> tuple[Path, Path, list[dict[str, str]]]:
+    """The training and test JSONL of the docstring task and the test rows, all without names too long for
+    seq_len."""
     fits = lambda row: len(row["target"].encode()) < args.seq_len  # noqa: E731 - with its EOS
     train_rows = [r for r in docstring_pairs("train", max_files=args.max_files[0]) if fits(r)]
     test_rows = [r for r in docstring_pairs("test", max_files=args.max_files[1]) if fits(r)][: args.test_rows]
-    return write_jsonl(train_rows, out / "docstrings-train.jsonl"), test_rows
+    train_file = write_jsonl(train_rows, out / "docstrings-train.jsonl")
+    return train_file, write_jsonl(test_rows, out / "docstrings-test.jsonl"), test_rows
 
 
 def write_plot(path: Path, rows: list[dict], title: str) -> Optional[str]:
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
     print(f"# span: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens per model; "
           f"fine-tuning {args.ft_steps} steps; lrs {args.lrs}; seed {args.seed}; {args.threads} threads; "
           f"torch {torch.__version__}")
-    train_file, test_rows = task_files(args, args.out)
+    train_file, test_file, test_rows = task_files(args, args.out)
     tokenizer = ByteTokenizer()
     test = [encode_pair(tokenizer, r["input"], r["target"], args.seq_len, "test") for r in test_rows]
     targets = [r["target"] for r in test_rows]
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
             runs = [pretrain(family, lr, args, args.out / f"{name}-lr{lr:g}") for lr in args.lrs]
             tried += [{"model": name, **r} for r in runs]
             best = min(runs, key=lambda r: r["span_loss"] if math.isfinite(r["span_loss"]) else math.inf)
-            model = finetune(best["model_dir"], best["lr"], train_file, args, args.out / f"{name}-finetune")
+            model = finetune(best["model_dir"], best["lr"], (train_file, test_file), args, args.out / f"{name}-finetune")
             exact, accuracy, gen_speed = score(model, test, targets, args.seq_len)
             row = {"model": name, "preset": family.preset, "about": family.about, "params": count_params(model),
                    **{k: v for k, v in best.items() if k != "model_dir"}, "exact_match": exact,
