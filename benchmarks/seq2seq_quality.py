@@ -24,7 +24,8 @@ Measured, in one run:
    (nats per target token) and target-token accuracy on the same held-out windows and
    spans for every family; training tokens/s (the median of the loop's per-step figures after
    the first 10% of the steps: no setup, evaluation or checkpoints).
-2. **Text-to-text fine-tuning** from the span checkpoint on docstring -> function name
+2. **Text-to-text fine-tuning** from the span checkpoint, through ``lnlm-ssm train --objective
+   seq2seq --init-from`` (the test pairs its ``--eval-data``), on docstring -> function name
    (``lnlm_ssm.data.docstring_names``: the stdlib's functions, train and test from
    disjoint source files; pairs whose name does not fit ``--seq-len`` are dropped):
    exact match of the greedy output on the test pairs, their teacher-forced
@@ -61,12 +62,12 @@ if importlib.util.find_spec("lnlm_ssm") is None:  # a checkout that was never `p
 
 from lnlm_ssm.data import default_corpus_dir  # noqa: E402
 from lnlm_ssm.data.docstring_names import docstring_pairs, write_jsonl  # noqa: E402
-from lnlm_ssm.data.text_pairs import PairSampler, encode_pair, pair_batch  # noqa: E402
+from lnlm_ssm.data.text_pairs import encode_pair, pair_batch  # noqa: E402
 from lnlm_ssm.data.tokenizers import ByteTokenizer  # noqa: E402
 from lnlm_ssm.models import Seq2SeqLM, preset  # noqa: E402
 from lnlm_ssm.objectives import Seq2SeqObjective  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
-from lnlm_ssm.training.loop import lr_at, param_groups, train  # noqa: E402
+from lnlm_ssm.training.loop import train  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import learning_rate, median, name_list, positive_int, torch_threads  # noqa: E402
 
@@ -121,26 +122,17 @@ def pretrain(family: Family, lr: float, args, out: Path) -> dict[str, Any]:
             "train_tokens_per_s": speed, "tokens": result["tokens"], "model_dir": result["model_dir"]}
 
 
-def finetune(model: Seq2SeqLM, lr: float, train_file: Path, args) -> None:
-    """``args.ft_steps`` AdamW steps of the seq2seq objective on ``train_file``, the pretraining schedule."""
-    tokenizer = ByteTokenizer()
-    objective = Seq2SeqObjective()
-    objective.use_tokenizer(tokenizer)
-    sampler = PairSampler(train_file, "train", tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
-                          seed=args.seed)
-    schedule = TrainConfig(steps=args.ft_steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, args.ft_steps // 10))
-    params = dict(model.named_parameters())
-    groups = [{**g, "params": [params[n] for n in g["params"]]} for g in param_groups(model, schedule.weight_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=schedule.betas)
-    model.train()
-    for step in range(args.ft_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        objective(model, sampler.next_batch()).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
+def finetune(model_dir: str, lr: float, files: tuple[Path, Path], args, out: Path) -> Seq2SeqLM:
+    """``args.ft_steps`` steps of the seq2seq objective on ``files`` (training rows, held-out rows) from the span
+    checkpoint ``model_dir``, as ``lnlm-ssm train --objective seq2seq --init-from`` runs them, on the pretraining
+    schedule."""
+    config = TrainConfig(
+        objective="seq2seq", init_from=model_dir, data=str(files[0]), eval_data=str(files[1]), out=str(out),
+        steps=args.ft_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, min_lr=lr / 10,
+        warmup_steps=max(1, args.ft_steps // 10), eval_every=args.ft_steps, eval_batches=args.eval_batches,
+        ckpt_every=args.ft_steps, keep_last=1, seed=args.seed, device="cpu", dtype="fp32",
+    )
+    return Seq2SeqLM.from_pretrained(train(config)["model_dir"]).eval()
 
 
 @torch.no_grad()
@@ -170,12 +162,14 @@ def score(model: Seq2SeqLM, test: list[tuple[list[int], list[int]]], targets: li
     return hits / len(test), correct / counted, generated / seconds
 
 
-def task_files(args, out: Path) -> tuple[Path, list[dict[str, str]]]:
-    """The training JSONL of the docstring task and the test rows, both without names too long for seq_len."""
+def task_files(args, out: Path) -> tuple[Path, Path, list[dict[str, str]]]:
+    """The training and test JSONL of the docstring task and the test rows, all without names too long for
+    seq_len."""
     fits = lambda row: len(row["target"].encode()) < args.seq_len  # noqa: E731 - with its EOS
     train_rows = [r for r in docstring_pairs("train", max_files=args.max_files[0]) if fits(r)]
     test_rows = [r for r in docstring_pairs("test", max_files=args.max_files[1]) if fits(r)][: args.test_rows]
-    return write_jsonl(train_rows, out / "docstrings-train.jsonl"), test_rows
+    train_file = write_jsonl(train_rows, out / "docstrings-train.jsonl")
+    return train_file, write_jsonl(test_rows, out / "docstrings-test.jsonl"), test_rows
 
 
 def write_plot(path: Path, rows: list[dict], title: str) -> Optional[str]:
@@ -235,7 +229,7 @@ def main(argv=None) -> int:
     print(f"# span: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens per model; "
           f"fine-tuning {args.ft_steps} steps; lrs {args.lrs}; seed {args.seed}; {args.threads} threads; "
           f"torch {torch.__version__}")
-    train_file, test_rows = task_files(args, args.out)
+    train_file, test_file, test_rows = task_files(args, args.out)
     tokenizer = ByteTokenizer()
     test = [encode_pair(tokenizer, r["input"], r["target"], args.seq_len, "test") for r in test_rows]
     targets = [r["target"] for r in test_rows]
@@ -247,8 +241,7 @@ def main(argv=None) -> int:
             runs = [pretrain(family, lr, args, args.out / f"{name}-lr{lr:g}") for lr in args.lrs]
             tried += [{"model": name, **r} for r in runs]
             best = min(runs, key=lambda r: r["span_loss"] if math.isfinite(r["span_loss"]) else math.inf)
-            model = Seq2SeqLM.from_pretrained(best["model_dir"])
-            finetune(model, best["lr"], train_file, args)
+            model = finetune(best["model_dir"], best["lr"], (train_file, test_file), args, args.out / f"{name}-finetune")
             exact, accuracy, gen_speed = score(model, test, targets, args.seq_len)
             row = {"model": name, "preset": family.preset, "about": family.about, "params": count_params(model),
                    **{k: v for k, v in best.items() if k != "model_dir"}, "exact_match": exact,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -103,7 +103,8 @@ def pair_batch(pairs: list[tuple[list[int], list[int]]], max_len: int, pad_token
 
 
 class PairSampler:
-    """Batches of one split of a JSONL file's pairs, in an order reshuffled every epoch by a seeded RNG.
+    """Batches of one split of a JSONL file's pairs (``split`` None: all of them), in an order reshuffled every
+    epoch by a seeded RNG.
 
     As ``WindowSampler``: every rank draws the same global batch of ``batch_size`` rows and
     keeps its slice; ``state_dict`` resumes the order exactly. Every row is encoded (and
@@ -111,14 +112,16 @@ class PairSampler:
     """
 
     def __init__(
-        self, path, split: str, tokenizer, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+        self, path, split: Optional[str], tokenizer, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
         world_size: int = 1,
     ) -> None:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             check_positive_int(name, value)
         if tokenizer.pad_token_id is None:
             raise ValueError(f"text-to-text data needs a tokenizer with a [PAD] token; {tokenizer!r} has none")
-        rows = split_rows(read_pairs(path), split)
+        rows = read_pairs(path)
+        if split is not None:
+            rows = split_rows(rows, split)
         self.pairs = [encode_pair(tokenizer, s, t, seq_len, where) for s, t, where in rows]
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.local = batch_size // world_size

@@ -37,6 +37,8 @@ class Objective(abc.ABC):
     # Ids the objective uses above the tokenizer's (span corruption's sentinels): the loop gives the model a
     # vocabulary this much larger than the tokenizer's.
     extra_ids: ClassVar[int] = 0
+    # Whether a run may start from a checkpoint (--init-from) instead of a preset; fine-tuning objectives must.
+    takes_init_from: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

@@ -26,6 +26,7 @@ class FinetuneObjective(Objective):
     data_format: ClassVar[str]
     options: ClassVar[Mapping[str, str]] = {}
     needs_reference: ClassVar[bool] = False
+    takes_init_from: ClassVar[bool] = True
     reference: Optional[Any] = None
 
     def head_arguments(self, label2id: Optional[Mapping[str, int]]) -> dict[str, Any]:

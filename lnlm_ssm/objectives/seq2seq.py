@@ -2,11 +2,14 @@
 
 Rows come from ``--data``, a JSONL file of ``{"input": ..., "target": ...}``
 (``data.text_pairs``: its checks, EOS and length rules), not from corpus windows:
-``samplers`` gives the loop its own batches, every 10th row held out for
-evaluation. The loss is the model's cross entropy over the target tokens (and their
-EOS); evaluation reports it (``eval_loss``) and the target-token accuracy
-(``eval_accuracy``). The model keeps span corruption's ``extra_ids`` so that it has
-the vocabulary of a span-corruption run.
+``samplers`` gives the loop its own batches, with ``eval_data`` (``--eval-data``)
+the held-out rows, else every 10th row of ``--data``. The model is a preset's, new,
+or (``--init-from``) a Seq2SeqLM checkpoint's, such as a span-corruption run's
+``model/`` or a T5 of HF's, fine-tuned as it is. The loss is the model's cross
+entropy over the target tokens (and their EOS); evaluation reports it
+(``eval_loss``) and the target-token accuracy (``eval_accuracy``). A preset's model
+keeps span corruption's ``extra_ids`` so that it has the vocabulary of a
+span-corruption run.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ class Seq2SeqObjective(Objective):
     name = "seq2seq"
     architectures = ("Seq2SeqLM",)
     extra_ids = NUM_SENTINELS
+    takes_init_from = True
+    options = {"eval_data": "eval_data"}
 
-    def __init__(self) -> None:
+    def __init__(self, eval_data=None) -> None:
         self._tokenizer = None
+        self.eval_data = eval_data
 
     def use_tokenizer(self, tokenizer) -> None:
         for role in ("eos", "pad"):
@@ -47,6 +53,11 @@ class Seq2SeqObjective(Objective):
                 f"got {data!r}"
             )
         kwargs = dict(seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        if self.eval_data is not None:
+            return {
+                "train": PairSampler(data, None, self._tokenizer, **kwargs),
+                "val": PairSampler(self.eval_data, None, self._tokenizer, **kwargs),
+            }
         return {split: PairSampler(data, split, self._tokenizer, **kwargs) for split in ("train", "val")}
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

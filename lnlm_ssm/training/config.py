@@ -126,9 +126,12 @@ class TrainConfig:
     init_from: Optional[str] = field(
         default=None,
         metadata=_help("fine-tuning objectives: the checkpoint to start from (anything from_pretrained reads); "
-                       "--data is then a JSONL file of rows (lnlm_ssm.data.finetune)"),
+                       "--data is then a JSONL file of rows (lnlm_ssm.data.finetune); seq2seq: a Seq2SeqLM "
+                       "checkpoint to start from instead of --preset"),
     )
-    eval_data: Optional[str] = field(default=None, metadata=_help("fine-tuning: a JSONL file of held-out rows"))
+    eval_data: Optional[str] = field(
+        default=None, metadata=_help("fine-tuning and seq2seq: a JSONL file of held-out rows")
+    )
     ref_model: Optional[str] = field(
         default=None, metadata=_help("dpo: the frozen reference model (default: the --init-from weights)")
     )
@@ -186,10 +189,12 @@ class TrainConfig:
                 f"the objective {self.objective!r} fine-tunes a pretrained model: give --init-from (a checkpoint) "
                 "and --data (a JSONL file of rows)"
             )
-        if not finetune:
+        if not OBJECTIVES[self.objective].takes_init_from:
             given = [n for n in ("init_from", "eval_data", "ref_model") if getattr(self, n) is not None]
             if given:
-                raise TrainConfigError(f"{', '.join(given)} are for the fine-tuning objectives, not {self.objective!r}")
+                raise TrainConfigError(
+                    f"{', '.join(given)} are for the fine-tuning objectives and seq2seq, not {self.objective!r}"
+                )
         if self.ref_model is not None and not getattr(OBJECTIVES[self.objective], "needs_reference", False):
             raise TrainConfigError(f"ref_model is for dpo, not {self.objective!r}")
         if not self.dpo_beta > 0:

@@ -24,7 +24,9 @@ sft, reward, dpo) starts from ``config.init_from`` (with a new head where the
 objective needs one) instead of a preset, and reads JSONL rows (``data.finetune``)
 from ``config.data`` and ``config.eval_data`` (no evaluation without it) instead of
 a corpus; ``seq_len`` is then the most tokens a row keeps. Its model/ holds the
-tokenizer of --init-from's directory where it has one.
+tokenizer of --init-from's directory where it has one. The seq2seq objective may
+start from ``config.init_from`` too (a Seq2SeqLM checkpoint, trained as it is),
+with that tokenizer, and reads its own text-to-text rows either way.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from lnlm_ssm.data.finetune import Encoder, RowSampler, label_ids, read_rows
 from lnlm_ssm.data.tokenizers import BUILTIN_TOKENIZERS, TOKENIZER_KIND_FILE, load_tokenizer, save_tokenizer_kind
 from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.models import CheckpointError, ConfigError, architectures, from_pretrained, preset, preset_architecture
+from lnlm_ssm.models.seq2seq import Seq2SeqLM
 from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective, ObjectiveOutput, get_objective
 from lnlm_ssm.training import distributed as dist_lib
 from lnlm_ssm.training.parallel import Layout
@@ -198,31 +201,8 @@ class _Run:
         config, objective, info = self.config, self.objective, self.info
         fmt = objective.data_format
         rows = read_rows(config.data, fmt)
-        model_class = architectures()[objective.architectures[0]].model_class
-        try:
-            pretrained = from_pretrained(config.init_from, dtype=torch.float32)
-            # A checkpoint of the objective's family is trained as it is (a classifier keeps its labels).
-            ready = isinstance(pretrained, model_class)
-            label2id = None
-            if fmt in ("classify", "token"):
-                label2id = pretrained.config.label2id if ready else label_ids(rows, fmt)
-            if config.model and (ready or not objective.head_arguments(label2id)):
-                raise TrainConfigError(
-                    f"--model sets fields of a new head (pooling, ...) in fine-tuning; the objective "
-                    f"{objective.name!r} puts none on {config.init_from}"
-                )
-            if not ready:
-                head = {**objective.head_arguments(label2id), **config.model}
-                pretrained = model_class.from_pretrained(config.init_from, dtype=torch.float32, **head)
-        except (CheckpointError, ConfigError, TypeError) as exc:
-            raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
-        tokenizer, self.tokenizer_files = self._finetune_tokenizer()
-        vocab = pretrained.config.vocab_size
-        # Text encodes to the first text_vocab_size ids (a model from before the encoder specials has those).
-        if getattr(tokenizer, "text_vocab_size", tokenizer.vocab_size) > vocab:
-            raise TrainConfigError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
-            )
+        pretrained, label2id = self._pretrained(rows)
+        tokenizer = self._finetune_tokenizer(pretrained)
         encoder = Encoder(tokenizer, fmt, config.seq_len, label2id)
         kwargs = dict(batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size)
         samplers = {"train": RowSampler(config.data, encoder, rows=rows, **kwargs)}
@@ -235,15 +215,58 @@ class _Run:
             objective.reference = reference
         return pretrained, samplers
 
-    def _finetune_tokenizer(self):
-        """The tokenizer of --init-from's directory where it holds one, else --tokenizer's; and the files that
-        name it, which the exported model gets."""
+    def _pretrained(self, rows: Optional[list] = None) -> tuple[nn.Module, Optional[dict[str, int]]]:
+        """The model of --init-from, of the objective's family, and its labels (None without a label head).
+
+        A checkpoint of that family is trained as it is (a classifier keeps its labels); another gets the new
+        head a fine-tuning objective needs (its labels from the training ``rows``).
+        """
+        config, objective = self.config, self.objective
+        fmt = getattr(objective, "data_format", None)
+        model_class = architectures()[objective.architectures[0]].model_class
+        try:
+            pretrained = from_pretrained(config.init_from, dtype=torch.float32)
+            ready = isinstance(pretrained, model_class)
+            label2id = None
+            if fmt in ("classify", "token"):
+                label2id = pretrained.config.label2id if ready else label_ids(rows, fmt)
+            new_head = objective.head_arguments(label2id) if isinstance(objective, FinetuneObjective) else {}
+            if config.model and (ready or not new_head):
+                raise TrainConfigError(
+                    f"--model sets fields of a new head (pooling, ...) in fine-tuning; the objective "
+                    f"{objective.name!r} puts none on {config.init_from}"
+                )
+            if not ready:
+                head = {**new_head, **config.model}
+                pretrained = model_class.from_pretrained(config.init_from, dtype=torch.float32, **head)
+        except (CheckpointError, ConfigError, TypeError) as exc:
+            raise TrainConfigError(f"--init-from {config.init_from}: {exc}") from None
+        return pretrained, label2id
+
+    def _finetune_tokenizer(self, pretrained: nn.Module):
+        """The tokenizer of --init-from's directory where it holds one, else --tokenizer's, checked against
+        ``pretrained``; ``self.tokenizer_files``: the files that name it, which the exported model gets."""
         init = Path(self.config.init_from)
-        files = [init / name for name in (TOKENIZER_KIND_FILE, "tokenizer.json") if (init / name).is_file()]
-        if files:
-            return load_tokenizer(init), files
-        name = self.config.tokenizer
-        return (BUILTIN_TOKENIZERS[name]() if name in BUILTIN_TOKENIZERS else load_tokenizer(name)), []
+        self.tokenizer_files = [init / n for n in (TOKENIZER_KIND_FILE, "tokenizer.json") if (init / n).is_file()]
+        if self.tokenizer_files:
+            tokenizer = load_tokenizer(init)
+        else:
+            name = self.config.tokenizer
+            tokenizer = BUILTIN_TOKENIZERS[name]() if name in BUILTIN_TOKENIZERS else load_tokenizer(name)
+        vocab = pretrained.config.vocab_size
+        # Text encodes to the first text_vocab_size ids (a model from before the encoder specials has those).
+        if getattr(tokenizer, "text_vocab_size", tokenizer.vocab_size) > vocab:
+            raise TrainConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
+            )
+        # An encoder-decoder stops generating at its config's eos: the rows must end with that one.
+        if isinstance(pretrained, Seq2SeqLM) and tokenizer.eos_token_id != pretrained.config.eos_token_id:
+            raise TrainConfigError(
+                f"the tokenizer's eos token is {tokenizer.eos_token_id} and the model of --init-from ends its "
+                f"output with eos_token_id {pretrained.config.eos_token_id}: give the tokenizer it was trained "
+                "with (--tokenizer)"
+            )
+        return tokenizer
 
     def _model_class(self) -> type:
         """The preset's model class, which must be one the objective trains."""
@@ -353,6 +376,11 @@ class _Run:
         pretrained = None
         if self.finetune:
             pretrained, samplers = self._finetune_setup()
+            model_config, bytes_per_token = pretrained.config, math.nan
+            self.model_class = type(pretrained)
+        elif config.init_from is not None:  # seq2seq: text-to-text rows from a checkpoint rather than a preset
+            pretrained, _ = self._pretrained()
+            self.objective.use_tokenizer(self._finetune_tokenizer(pretrained))
             model_config, bytes_per_token = pretrained.config, math.nan
             self.model_class = type(pretrained)
         else:
@@ -596,7 +624,7 @@ class _Run:
             export.load_state_dict(model_sd)
             export.save_pretrained(model_dir, card=card)
             tokenizer = self.config.tokenizer
-            if self.finetune and self.tokenizer_files:
+            if self.config.init_from is not None and self.tokenizer_files:
                 for file in self.tokenizer_files:
                     shutil.copyfile(file, model_dir / file.name)
             elif tokenizer in ("byte", "amino"):
