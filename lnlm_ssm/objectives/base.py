@@ -37,6 +37,8 @@ class Objective(abc.ABC):
     # Ids the objective uses above the tokenizer's (span corruption's sentinels): the loop gives the model a
     # vocabulary this much larger than the tokenizer's.
     extra_ids: ClassVar[int] = 0
+    # The peak learning rate of a run that gives none (TrainConfig.lr).
+    default_lr: ClassVar[float] = 3e-3
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:
