@@ -78,8 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(HERE / "results" / "dpo_speed-latest"), help="results folder")
     args = parser.parse_args(argv)
-    # Sized for under 5 minutes on 2 quiet cores: one 16:1 step of the Mamba-1 model at batch 8 took 13.7 s of CPU
-    # (2026-12-03); at batch 4, 4 families x 3 ratios x 2 ways x 4 steps come to ~4.5 min of CPU.
+    # Sized for under 5 minutes on 2 quiet cores. On one torch thread (2026-12-03), a 16:1 step at batch 4 took
+    # 3.6-5.3 s with two full forwards and 1.7-2.7 s shared (Mamba-1 .. attention): with the shorter ratios, 4 steps
+    # of each come to ~3 min in all (batch 8 and 7 steps, as before, to ~10).
     d_model, n_layer, batch, completion = (32, 2, 2, 8) if args.quick else (256, 4, 4, 64)
     warmup, repeats = (1, 2) if args.quick else (1, 3)
     rows = []

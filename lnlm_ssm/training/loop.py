@@ -223,7 +223,9 @@ class _Run:
             raise TrainConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens and the model of --init-from only {vocab}"
             )
-        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id, frame=getattr(pretrained, "framed", False))
+        # An encoder reads a text as [CLS] text [SEP]; pairs (a reward model's) are scored as they are.
+        framed = getattr(pretrained, "framed", False) and fmt in ("classify", "token")
+        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id, frame=framed)
         kwargs = dict(batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size)
         samplers = {"train": RowSampler(config.data, encoder, rows=rows, **kwargs)}
         if config.eval_data is not None:
