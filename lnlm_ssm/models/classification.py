@@ -10,10 +10,11 @@ Parameter names::
 
 ``from_pretrained`` (of either) reads a checkpoint of its own class (ours, or HF
 ``BertForSequenceClassification``, ``RobertaForSequenceClassification``,
-``BertForTokenClassification``, ``RobertaForTokenClassification``), or any checkpoint of a backbone family (ours,
-mamba_ssm, HF: a causal LM, or an encoder of any of its pre-training models),
-whose pre-training head it drops for a new, randomly initialised ``score``. The
-config stores ``id2label`` and ``label2id`` as HF does: ``{"0": "neg"}`` and
+``BertForTokenClassification``, ``RobertaForTokenClassification``), or any
+checkpoint of a backbone family (ours, mamba_ssm, HF: a causal LM, or an encoder
+of any of its pre-training models), whose pre-training head it drops for a new,
+randomly initialised ``score`` (and ``pooler``, unless the checkpoint has BERT's).
+The config stores ``id2label`` and ``label2id`` as HF does: ``{"0": "neg"}`` and
 ``{"neg": 0}`` in config.json.
 
 Pooling (sequence classification) takes one vector per row from the hidden states:
@@ -125,7 +126,7 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 
 @dataclass
 class ClassifierConfig:
-    """A head's config: the backbone's config fields, the labels, the pooling and the problem type."""
+    """A head's config: the backbone's config fields, the labels, the pooling (and pooler) and the problem type."""
 
     backbone: dict[str, Any] = field(default_factory=dict)
     backbone_architecture: str = "MambaLM"
