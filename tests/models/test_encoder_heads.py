@@ -154,3 +154,18 @@ def test_encoder_head_defaults_and_choices():
     clf = SequenceClassifier(config)
     assert clf.pooler is None and (config.pooling, config.pooler) == ("mean", False)
     assert isinstance(clf.backbone, Encoder) and clf.backbone.pooler is None
+
+
+@pytest.mark.parametrize("hf_class, config_class, fields", [
+    ("AlbertForMaskedLM", "AlbertConfig", dict(embedding_size=16)),
+    ("ElectraForPreTraining", "ElectraConfig", dict(embedding_size=16)),
+])
+def test_new_heads_on_albert_and_electra(hf_class, config_class, fields, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    getattr(transformers, hf_class)(getattr(transformers, config_class)(**COMMON, **fields)).save_pretrained(tmp_path)
+    pretrained = lnlm_ssm.from_pretrained(tmp_path).eval()
+    clf = TokenClassifier.from_pretrained(tmp_path, num_labels=2).eval()
+    ids, mask = padded_batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(clf.hidden_states(ids, mask), pretrained.encoder(ids, mask).last_hidden_state)
