@@ -7,7 +7,7 @@ with gradients) against two full forwards of ``[prompt; chosen]`` and
 for a Mamba-1, a Mamba-2, a hybrid and an attention model. Median step times;
 JSON to --out.
 
-    python benchmarks/dpo_speed.py            # the full run (a few minutes on 2 cores)
+    python benchmarks/dpo_speed.py            # the full run (under 5 minutes on 2 quiet cores)
     python benchmarks/dpo_speed.py --quick    # CI: tiny models, one ratio's worth of repeats
 """
 
@@ -78,8 +78,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(HERE / "results" / "dpo_speed-latest"), help="results folder")
     args = parser.parse_args(argv)
-    d_model, n_layer, batch, completion = (32, 2, 2, 8) if args.quick else (256, 4, 8, 64)
-    warmup, repeats = (1, 2) if args.quick else (2, 5)
+    # Sized for under 5 minutes on 2 quiet cores. On one torch thread (2026-12-03), a 16:1 step at batch 4 took
+    # 3.6-5.3 s with two full forwards and 1.7-2.7 s shared (Mamba-1 .. attention): with the shorter ratios, 4 steps
+    # of each come to ~3 min in all (batch 8 and 7 steps, as before, to ~10).
+    d_model, n_layer, batch, completion = (32, 2, 2, 8) if args.quick else (256, 4, 4, 64)
+    warmup, repeats = (1, 2) if args.quick else (1, 3)
     rows = []
     with torch_threads(args.threads):
         for name, config in families(d_model, n_layer).items():

@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/finetune_quality.py --quick     # CI smoke run: tiny models, 20 steps (7 min, shared 2 cores)
-    python benchmarks/finetune_quality.py             # ~1M-parameter models, 150 + 4 x 200 steps per family
+    python benchmarks/finetune_quality.py             # ~1M-parameter models, 150 + 4 x 200 steps per family (~15 min)
     python benchmarks/finetune_quality.py --families mamba --tasks classify --d-model 64 --n-layer 2 \
         --pretrain-steps 150 --steps 150              # the pooling comparison (17 min on a shared 2-core machine)
 
@@ -30,6 +30,18 @@ by source file: no held-out row comes from a file a training row came from.
 - ``prefer``: DPO on ``{"prompt": a line's first half, "chosen": its real second
   half, "rejected": the second half of another line}``; held-out reward accuracy
   (chance 0.5).
+
+Time: the default run is sized for ~15 minutes on 2 quiet cores. Measured on
+2026-12-03 (a loaded 2-core machine, so as CPU time of one torch thread, which
+contention does not inflate): a training step of 16 x 128 tokens takes 0.48 s
+(mamba-tiny), 0.33 s (hybrid-tiny), 0.26 s (gpt-tiny), and one of 12 x 202 (a
+classification batch) 0.58, 0.42 and 0.33 s. Per family that makes 150 pre-training
+steps, 2 x 200 classification steps, 200 tagging steps (rows up to 80 bytes) and 200
+DPO steps (~1.6k token-equivalents each, with the reference) plus the evaluations:
+~7 min (mamba), ~5 (hybrid) and ~4 (attention) on one thread, ~17.5 in all with the
+data, so ~12-13 on two threads. Fine-tuning batches were 16 rows before (~22 min on
+one thread); the partial run ``--families mamba --pretrain-steps 10 --steps 10``
+took 1030 s on the loaded machine, which says nothing of a quiet one.
 
 Reported per family: held-out accuracy of each task and the fine-tuning throughput
 (tokens/s, median of the logged steps after the first 10%). Results: ``results.json``
@@ -204,7 +216,8 @@ def main(argv=None) -> int:
     else:
         model = {}
         pre = dict(steps=150, batch_size=16, seq_len=128, max_bytes=20_000_000)
-        tune_steps, tune_batch, sizes = 200, 16, {"classify": 400, "tag": 3200, "prefer": 3200}
+        # Sized to take ~15 minutes on 2 quiet cores (see the module docstring).
+        tune_steps, tune_batch, sizes = 200, 12, {"classify": 400, "tag": 3200, "prefer": 3200}
     for name, value in (("d_model", args.d_model), ("n_layer", args.n_layer)):
         if value is not None:
             model[name] = value

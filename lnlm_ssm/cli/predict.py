@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lnlm_ssm.data.finetune import collate, read_rows
-from lnlm_ssm.data.tokenizers import load_tokenizer
+from lnlm_ssm.data.tokenizers import SpecialTokens, load_tokenizer
 from lnlm_ssm.models import SequenceClassifier, TokenClassifier, from_pretrained
 from lnlm_ssm.utils.checks import check_positive_int
 
@@ -50,6 +50,14 @@ def _predict(args) -> int:
     per_token = isinstance(model, TokenClassifier)
     tokenizer = load_tokenizer(args.model)
     rows = read_rows(args.data, "token" if per_token else "classify", labelled=False)
+    # An encoder reads [CLS] text [SEP], as in training (data.finetune.Encoder's frame).
+    frame = None
+    if model.framed:
+        special = SpecialTokens.of(tokenizer, ("cls", "sep"), needed_by=f"the encoder of {args.model}")
+        frame = (special.cls, special.sep)
+    room = args.max_len if frame is None else args.max_len - 2
+    if room < 1:
+        raise ValueError(f"--max-len must be >= 3 for an encoder ([CLS] text [SEP]); got {args.max_len}")
     examples = []
     for _, row in rows:
         pieces = row["tokens"] if "tokens" in row else None
@@ -63,10 +71,12 @@ def _predict(args) -> int:
                 ids += tokenizer.encode(piece)
         if per_token:
             # A piece's label is its first token's: keep the row's start so the pieces stay whole.
-            starts = [s for s in starts if s < args.max_len]
-            ids = ids[: args.max_len]
+            starts = [s for s in starts if s < room]
+            ids = ids[:room]
         else:
-            ids = ids[-args.max_len :]
+            ids = ids[-room:]
+        if frame is not None:
+            ids, starts = [frame[0], *ids, frame[1]], [s + 1 for s in starts]
         examples.append(({"input_ids": ids, "labels": ids}, starts))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

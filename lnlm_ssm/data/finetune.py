@@ -22,6 +22,9 @@ ever skipped. Rows longer than ``max_len`` tokens lose their oldest tokens (a te
 classify, a prompt); a completion is cut at its end only when it alone is too long,
 and a row of tagged tokens keeps its first ``max_len``.
 
+Encoders read a text framed as in their pre-training, ``[CLS] text [SEP]`` (``Encoder(frame=True)``;
+the specials carry no token label), so that first-token pooling sees the [CLS] it was trained with.
+
 Batches are right-padded (``attention_mask`` 1 real, 0 pad), except the prompts of
 pairs, left-padded so that both completions continue each prompt's last token.
 """
@@ -36,6 +39,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from lnlm_ssm.data.tokenizers import SpecialTokens
 from lnlm_ssm.utils.checks import check_choice, check_positive_int
 
 __all__ = [
@@ -167,15 +171,29 @@ def label_ids(rows: list[tuple[int, dict]], fmt: str) -> dict[str, int]:
 
 
 class Encoder:
-    """Rows of one format -> token ids and targets, checked against ``label2id`` (formats with labels)."""
+    """Rows of one format -> token ids and targets, checked against ``label2id`` (formats with labels).
 
-    def __init__(self, tokenizer, fmt: str, max_len: int, label2id: Optional[Mapping[str, int]] = None) -> None:
+    ``frame``: each text becomes ``[CLS] text [SEP]`` within ``max_len`` (classify and token formats: an
+    encoder's inputs); the tokenizer must have both specials.
+    """
+
+    def __init__(
+        self, tokenizer, fmt: str, max_len: int, label2id: Optional[Mapping[str, int]] = None, *, frame: bool = False
+    ) -> None:
         check_choice("format", fmt, FORMATS)
         check_positive_int("max_len", max_len)
         if fmt in ("classify", "token") and not label2id:
             raise ValueError(f"the {fmt!r} format needs label2id")
         self.tokenizer, self.fmt, self.max_len = tokenizer, fmt, max_len
         self.label2id = dict(label2id or {})
+        self.frame = None
+        if frame:
+            if fmt not in ("classify", "token"):
+                raise ValueError(f"frame applies to the classify and token formats (an encoder's); got {fmt!r}")
+            if max_len < 3:
+                raise ValueError(f"max_len must be >= 3 to hold [CLS] text [SEP]; got {max_len}")
+            special = SpecialTokens.of(tokenizer, ("cls", "sep"), needed_by="an encoder's [CLS] text [SEP] inputs")
+            self.frame = (special.cls, special.sep)
 
     def _label(self, value: Any, name: str, path: Path, line: int) -> int:
         label = str(value)
@@ -188,8 +206,9 @@ class Encoder:
 
     def encode(self, row: dict, path: Path, line: int) -> dict[str, list[int]]:
         tok = self.tokenizer
+        room = self.max_len if self.frame is None else self.max_len - 2
         if self.fmt == "classify":
-            ids = tok.encode(row["text"])[-self.max_len :]
+            ids = self._framed(tok.encode(row["text"])[-room:])
             return {"input_ids": ids, "label": [self._label(row["label"], "label", path, line)]}
         if self.fmt == "token":
             if "tokens" in row:
@@ -206,7 +225,7 @@ class Encoder:
                         f"({len(ids)} tokens); got {len(row['labels'])}"
                     )
                 labels = [self._label(v, "labels", path, line) for v in row["labels"]]
-            return {"input_ids": ids[: self.max_len], "labels": labels[: self.max_len]}
+            return {"input_ids": self._framed(ids[:room]), "labels": self._framed(labels[:room], IGNORE_INDEX)}
         if self.fmt == "sft":
             prompt, completion = tok.encode(row["prompt"]), tok.encode(row["completion"], add_eos=True)
             completion = completion[: self.max_len]
@@ -219,6 +238,13 @@ class Encoder:
         prompt = prompt[-room:]
         cut = self.max_len - len(prompt)
         return {"prompt": prompt, "chosen": chosen[:cut], "rejected": rejected[:cut]}
+
+    def _framed(self, seq: list[int], special: Optional[int] = None) -> list[int]:
+        """``seq`` between [CLS] and [SEP] (or ``special`` twice: a label) when framing, else itself."""
+        if self.frame is None:
+            return seq
+        first, last = self.frame if special is None else (special, special)
+        return [first, *seq, last]
 
 
 def _pad(seqs: list[list[int]], value: int, *, left: bool = False, min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

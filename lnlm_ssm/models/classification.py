@@ -3,13 +3,19 @@
 
 Parameter names::
 
-    backbone.*          the backbone family's (``BACKBONES``): a MambaLM's, so its weights load as they are
+    backbone.*          the backbone family's (``BACKBONES``): a MambaLM's ``backbone`` or an ``Encoder``,
+                        so its weights load as they are
+    pooler.dense.*      (d_model, d_model), with ``pooler``: BERT's pooler, RoBERTa's ``classifier.dense``
     score.weight/bias   (num_labels, d_model): the new head
 
-``from_pretrained`` (of either) reads a checkpoint of its own class, or any
-checkpoint of a backbone family (ours, mamba_ssm, HF), whose LM head it drops for
-a new, randomly initialised ``score``. The config stores ``id2label`` and
-``label2id`` as HF does: ``{"0": "neg"}`` and ``{"neg": 0}`` in config.json.
+``from_pretrained`` (of either) reads a checkpoint of its own class (ours, or HF
+``BertForSequenceClassification``, ``RobertaForSequenceClassification``,
+``BertForTokenClassification``, ``RobertaForTokenClassification``), or any
+checkpoint of a backbone family (ours, mamba_ssm, HF: a causal LM, or an encoder
+of any of its pre-training models), whose pre-training head it drops for a new,
+randomly initialised ``score`` (and ``pooler``, unless the checkpoint has BERT's).
+The config stores ``id2label`` and ``label2id`` as HF does: ``{"0": "neg"}`` and
+``{"neg": 0}`` in config.json.
 
 Pooling (sequence classification) takes one vector per row from the hidden states:
 
@@ -19,7 +25,12 @@ Pooling (sequence classification) takes one vector per row from the hidden state
   accuracy 0.30 with mean, 0.18 with last, chance 0.17; an earlier trial on a
   1M-parameter Mamba, 200 steps: 0.71 and 0.23);
 - ``last``: the last real token, HF's convention for decoder-only models;
-- ``first``: the first real token, the [CLS] of encoders.
+- ``first``: the first real token, the [CLS] of encoders; their default.
+
+``pooler`` (sequence classification): ``tanh(dense(pooled))`` before ``score``,
+BERT's pooler and RoBERTa's classification head, both on the first token; the
+default on encoders (so their HF checkpoints map exactly), not on causal stacks.
+An encoder's head also has its dropout (``hidden_dropout``) before ``score``, as HF's.
 
 ``problem_type`` is inferred on the first forward with labels, as HF does:
 ``regression`` for ``num_labels == 1``, ``single_label_classification`` for
@@ -32,18 +43,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lnlm_ssm.checkpoint.convert import hf_bert, hf_roberta
 from lnlm_ssm.checkpoint.load import CheckpointError
+from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.quantized import quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
 from lnlm_ssm.models.base import PretrainedModel
-from lnlm_ssm.models.config import ConfigError, MambaLMConfig
+from lnlm_ssm.models.config import ConfigError, EncoderConfig, MambaLMConfig
+from lnlm_ssm.models.encoder import Encoder
 from lnlm_ssm.models.heads import IGNORE_INDEX
 from lnlm_ssm.utils.dtypes import math_dtype
 
@@ -51,23 +65,76 @@ __all__ = ["ClassifierConfig", "ClassifierOutput", "SequenceClassifier", "TokenC
 
 logger = logging.getLogger(__name__)
 
-# The families a head can sit on: architecture -> its config class. An encoder family adds itself here with
-# a backbone module of the same call signature (embedding + ``backbone(hidden, None, mask, position_ids)``).
-BACKBONES: dict[str, type] = {"MambaLM": MambaLMConfig}
+
+def _causal_hidden(backbone: Backbone, input_ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # Attention layers number the positions of a right-padded row from its first real token.
+    position_ids = None
+    if mask is not None and any(isinstance(layer.mixer, Attention) for layer in backbone.layers):
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    return backbone(backbone.embedding(input_ids), None, mask, position_ids)
+
+
+def _encoder_hidden(encoder: Encoder, input_ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return encoder(input_ids, mask).last_hidden_state
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """What a head needs of a backbone family.
+
+    - ``config_class``: its config; ``build(config, factory, backend)``: the backbone module;
+    - ``hidden(backbone, input_ids, mask)``: its last hidden states (batch, seqlen, d_model), mask bool or None;
+    - ``sources``: architecture -> (backbone module, its config) of a model of it (what a new head goes on);
+    - ``pooling``, ``pooler``: the head defaults; ``framed``: its inputs are ``[CLS] text [SEP]``, as in pre-training.
+    """
+
+    config_class: type
+    build: Callable[[Any, dict, str], nn.Module]
+    hidden: Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+    sources: dict[str, Callable[[nn.Module], tuple[nn.Module, Any]]]
+    pooling: str
+    pooler: bool
+    framed: bool
+
+
+# The families a head can sit on, by backbone_architecture.
+BACKBONES: dict[str, BackboneFamily] = {
+    "MambaLM": BackboneFamily(
+        MambaLMConfig,
+        lambda config, factory, backend: Backbone(config, factory=factory, backend=backend),
+        _causal_hidden,
+        {"MambaLM": lambda model: (model.backbone, model.config)},
+        pooling="mean", pooler=False, framed=False,
+    ),
+    "Encoder": BackboneFamily(
+        EncoderConfig,
+        lambda config, factory, backend: Encoder(config, backend=backend, pooler=False, **factory),
+        _encoder_hidden,
+        {
+            "Encoder": lambda model: (model, model.config),
+            "MaskedLM": lambda model: (model.encoder, model.config),
+            "SentenceOrderMaskedLM": lambda model: (model.encoder, model.config),
+            "ReplacedTokenDetector": lambda model: (model.encoder, model.config),
+            "ElectraPretraining": lambda model: (model.discriminator.encoder, model.config.discriminator),
+        },
+        pooling="first", pooler=True, framed=True,
+    ),
+}
 POOLINGS = ("mean", "last", "first")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass
 class ClassifierConfig:
-    """A head's config: the backbone's config fields, the labels, the pooling and the problem type."""
+    """A head's config: the backbone's config fields, the labels, the pooling (and pooler) and the problem type."""
 
     backbone: dict[str, Any] = field(default_factory=dict)
     backbone_architecture: str = "MambaLM"
     num_labels: int = 2
     id2label: dict[str, str] = field(default_factory=dict)
     label2id: dict[str, int] = field(default_factory=dict)
-    pooling: str = "mean"
+    pooling: Optional[str] = None  # None: the backbone family's default
+    pooler: Optional[bool] = None  # None: the backbone family's default
     problem_type: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -77,6 +144,13 @@ class ClassifierConfig:
             )
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
             raise ConfigError(f"num_labels must be an int >= 1; got {self.num_labels!r}")
+        family = BACKBONES[self.backbone_architecture]
+        if self.pooling is None:
+            self.pooling = family.pooling
+        if self.pooler is None:
+            self.pooler = family.pooler
+        if not isinstance(self.pooler, bool):
+            raise ConfigError(f"pooler must be a bool or None; got {self.pooler!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
@@ -96,7 +170,7 @@ class ClassifierConfig:
         self.backbone_config()  # validates the backbone's fields
 
     def backbone_config(self):
-        return BACKBONES[self.backbone_architecture].from_dict(self.backbone)
+        return BACKBONES[self.backbone_architecture].config_class.from_dict(self.backbone)
 
     @property
     def d_model(self) -> int:
@@ -129,6 +203,8 @@ class ClassifierOutput:
 class _Classifier(PretrainedModel):
     """A backbone and a linear ``score`` head; subclasses pick the positions it scores and the loss."""
 
+    # A MambaLM backbone's. The registry looks up one name per class: a stored encoder classifier
+    # (backbone.embeddings.token.weight) loads in torch's default dtype unless given one.
     main_weight = "backbone.embedding.weight"
 
     def __init__(self, config: ClassifierConfig, *, device=None, dtype=None, backend: str = "auto") -> None:
@@ -139,21 +215,28 @@ class _Classifier(PretrainedModel):
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         backbone_config = config.backbone_config()
-        self.backbone = Backbone(backbone_config, factory=factory, backend=backend)
+        self.family = BACKBONES[config.backbone_architecture]
+        self.backbone = self.family.build(backbone_config, factory, backend)
+        self.dropout = nn.Dropout(getattr(backbone_config, "hidden_dropout", 0.0))
         self.score = nn.Linear(config.d_model, config.num_labels, **factory)
-        self._has_attention = "Attention" in backbone_config.layer_types()
         with torch.no_grad():
             nn.init.normal_(self.score.weight, std=0.02)
             nn.init.zeros_(self.score.bias)
 
+    @property
+    def framed(self) -> bool:
+        """Whether inputs are ``[CLS] text [SEP]``, as the backbone was pre-trained on (encoders)."""
+        return self.family.framed
+
     @classmethod
     def from_pretrained(cls, path_or_repo_id, *, device=None, dtype=None, strict: bool = True, **head: Any):
         """A classifier from a checkpoint of one (``head`` must then agree with it), or a new head on the
-        backbone of any checkpoint of a family in ``BACKBONES`` (ours, mamba_ssm, HF), dropping its LM head.
+        backbone of any checkpoint of a family in ``BACKBONES`` (ours, mamba_ssm, HF), dropping its pre-training
+        head.
 
-        ``head``: ClassifierConfig fields (num_labels, id2label, label2id, pooling, problem_type).
+        ``head``: ClassifierConfig fields (num_labels, id2label, label2id, pooling, pooler, problem_type).
         """
-        unknown = sorted(set(head) - {"num_labels", "id2label", "label2id", "pooling", "problem_type"})
+        unknown = sorted(set(head) - {"num_labels", "id2label", "label2id", "pooling", "pooler", "problem_type"})
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown head arguments {unknown}")
         model = registry.from_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict)
@@ -173,24 +256,37 @@ class _Classifier(PretrainedModel):
                     f"fields (checkpoint, asked): {differ}"
                 )
             return model
-        if model.architecture not in BACKBONES:
+        found = [(name, family) for name, family in BACKBONES.items() if model.architecture in family.sources]
+        if not found:
+            sources = sorted(a for family in BACKBONES.values() for a in family.sources)
             raise CheckpointError(
                 f"{str(path_or_repo_id)!r} holds a {model.architecture}, which has no backbone a "
-                f"{cls.__name__} can use; backbones: {sorted(BACKBONES)}"
+                f"{cls.__name__} can use; backbones are those of {sources}"
             )
         if quantization_of(model) is not None:
             raise CheckpointError(
                 f"{str(path_or_repo_id)!r} holds a model quantised to {quantization_of(model)} for inference: put "
                 "a head on the unquantised weights"
             )
-        config = ClassifierConfig(backbone=model.config.to_dict(), backbone_architecture=model.architecture, **head)
-        weight = model.backbone.embedding.weight
+        (name, family), = found
+        backbone, backbone_config = family.sources[model.architecture](model)
+        config = ClassifierConfig(backbone=backbone_config.to_dict(), backbone_architecture=name, **head)
+        weight = next(backbone.parameters())
         classifier = cls(config, device=weight.device, dtype=weight.dtype)
-        classifier.backbone.load_state_dict(model.backbone.state_dict())
+        # An encoder saved with BERT's pooler (HF BertModel) brings it; the classifier's own encoder has none.
+        weights = {k: t for k, t in backbone.state_dict().items() if not k.startswith("pooler.")}
+        classifier.backbone.load_state_dict(weights)
+        new = ["score"]
+        pooler = getattr(classifier, "pooler", None)
+        if pooler is not None:
+            if getattr(backbone, "pooler", None) is not None:
+                pooler.load_state_dict(backbone.pooler.state_dict())
+            else:
+                new.insert(0, "pooler.dense")
         logger.warning(
-            "%s: a new head (score.weight, score.bias; %d labels) on the backbone of %s, its LM head dropped: "
+            "%s: a new head (%s; %d labels) on the backbone of %s (a %s), its pre-training head dropped: "
             "train it before use",
-            cls.__name__, config.num_labels, path_or_repo_id,
+            cls.__name__, ", ".join(new), config.num_labels, path_or_repo_id, model.architecture,
         )
         return classifier
 
@@ -198,7 +294,7 @@ class _Classifier(PretrainedModel):
         """The backbone's output (batch, seqlen, d_model) of ``input_ids``; ``attention_mask``: 1 real, 0 pad."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a tensor of shape (batch, seqlen >= 1); got {input_ids!r}")
-        mask = position_ids = None
+        mask = None
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -206,13 +302,10 @@ class _Classifier(PretrainedModel):
                     f"got {getattr(attention_mask, 'shape', attention_mask)!r}"
                 )
             mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-            if self._has_attention:
-                position_ids = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
-        hidden = self.backbone.embedding(input_ids)
-        return self.backbone(hidden, None, mask, position_ids)
+        return self.family.hidden(self.backbone, input_ids, mask)
 
     def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden)
+        return self.score(self.dropout(hidden))
 
 
 class SequenceClassifier(_Classifier):
@@ -226,6 +319,10 @@ class SequenceClassifier(_Classifier):
 
     architecture = "SequenceClassifier"
 
+    def __init__(self, config: ClassifierConfig, *, device=None, dtype=None, backend: str = "auto") -> None:
+        super().__init__(config, device=device, dtype=dtype, backend=backend)
+        self.pooler = PoolerHead(config.d_model, device=device, dtype=dtype) if config.pooler else None
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -234,7 +331,10 @@ class SequenceClassifier(_Classifier):
         labels: Optional[torch.Tensor] = None,
     ) -> ClassifierOutput:
         hidden = self.hidden_states(input_ids, attention_mask)
-        logits = self._scores(pool(hidden, attention_mask, self.config.pooling))
+        pooled = pool(hidden, attention_mask, self.config.pooling)
+        if self.pooler is not None:
+            pooled = self.pooler(pooled)
+        logits = self._scores(pooled)
         loss = None if labels is None else self._loss(logits, labels)
         return ClassifierOutput(logits=logits, loss=loss)
 
@@ -297,6 +397,20 @@ class TokenClassifier(_Classifier):
         return ClassifierOutput(logits=logits, loss=loss)
 
 
+class PoolerHead(nn.Module):
+    """``tanh(dense(pooled))``: BERT's pooler, RoBERTa's classification head before its output projection."""
+
+    def __init__(self, d_model: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+        with torch.no_grad():
+            nn.init.normal_(self.dense.weight, std=0.02)
+            nn.init.zeros_(self.dense.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(pooled))
+
+
 def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
     """One vector per row (batch, d_model) of ``hidden`` (batch, seqlen, d_model): see the module docstring."""
     batch, seqlen, _ = hidden.shape
@@ -317,6 +431,8 @@ def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: 
     return hidden[torch.arange(batch, device=hidden.device), index]
 
 
-registry.register(SequenceClassifier, ClassifierConfig)
-registry.register(TokenClassifier, ClassifierConfig)
+registry.register(
+    SequenceClassifier, ClassifierConfig, converters=(hf_bert.SEQUENCE_CLASSIFIER, hf_roberta.SEQUENCE_CLASSIFIER)
+)
+registry.register(TokenClassifier, ClassifierConfig, converters=(hf_bert.TOKEN_CLASSIFIER, hf_roberta.TOKEN_CLASSIFIER))
 

@@ -39,6 +39,8 @@ class Objective(abc.ABC):
     extra_ids: ClassVar[int] = 0
     # Whether a run may start from a checkpoint (--init-from) instead of a preset; fine-tuning objectives must.
     takes_init_from: ClassVar[bool] = False
+    # The peak learning rate of a run that gives none (TrainConfig.lr).
+    default_lr: ClassVar[float] = 3e-3
 
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> ObjectiveOutput:

@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from lnlm_ssm.models import preset_names
-from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective
+from lnlm_ssm.objectives import OBJECTIVES, FinetuneObjective, Objective
 from lnlm_ssm.ops._backends import BACKENDS
 from lnlm_ssm.training.distributed import MODES
 from lnlm_ssm.training.parallel.pipeline import SCHEDULES
@@ -85,8 +85,14 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=_help("global batch in sequences per optimizer step"))
     seq_len: int = field(default=128, metadata=_help("tokens per training sequence"))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step (same global batch)"))
-    lr: float = field(default=3e-3, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=3e-4, metadata=_help("learning rate at the end of the cosine decay"))
+    lr: Optional[float] = field(
+        default=None,
+        metadata=_help(f"peak learning rate (default: the objective's default_lr: {Objective.default_lr:g} for "
+                       f"pre-training, {FinetuneObjective.default_lr:g} for fine-tuning)"),
+    )
+    min_lr: Optional[float] = field(
+        default=None, metadata=_help("learning rate at the end of the cosine decay (default: lr / 10)")
+    )
     warmup_steps: int = field(default=10, metadata=_help("steps of linear warmup to lr"))
     weight_decay: float = field(default=0.1, metadata=_help("AdamW decoupled weight decay on matrices"))
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas"))
@@ -174,6 +180,11 @@ class TrainConfig:
             )
         if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
             raise TrainConfigError("tensor_parallel and pipeline_parallel do not compose yet: give one of them")
+        # Fine-tuning moves pretrained weights, and wants a smaller step than training from scratch.
+        if self.lr is None:
+            self.lr = OBJECTIVES[self.objective].default_lr
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         if not self.lr > 0:
             raise TrainConfigError(f"lr must be > 0; got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -278,7 +289,7 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
 
 
 _OPTIONAL_TYPES = {"data": str, "max_bytes": int, "device": str}
-_OPTIONAL_TYPES.update(init_from=str, eval_data=str, ref_model=str)
+_OPTIONAL_TYPES.update(init_from=str, eval_data=str, ref_model=str, lr=float, min_lr=float)
 
 
 # --------------------------------------------------------------------------- command line

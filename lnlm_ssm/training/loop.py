@@ -203,7 +203,9 @@ class _Run:
         rows = read_rows(config.data, fmt)
         pretrained, label2id = self._pretrained(rows)
         tokenizer = self._finetune_tokenizer(pretrained)
-        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id)
+        # An encoder reads a text as [CLS] text [SEP]; pairs (a reward model's) are scored as they are.
+        framed = getattr(pretrained, "framed", False) and fmt in ("classify", "token")
+        encoder = Encoder(tokenizer, fmt, config.seq_len, label2id, frame=framed)
         kwargs = dict(batch_size=config.batch_size, seed=config.seed, rank=info.rank, world_size=info.world_size)
         samplers = {"train": RowSampler(config.data, encoder, rows=rows, **kwargs)}
         if config.eval_data is not None:

@@ -1,4 +1,5 @@
-"""HF transformers' BERT (model_type "bert"): ``BertForMaskedLM`` as a MaskedLM, ``BertModel`` as an Encoder.
+"""HF transformers' BERT (model_type "bert"): ``BertForMaskedLM`` as a MaskedLM, ``BertModel`` as an Encoder,
+``BertForSequenceClassification`` / ``BertForTokenClassification`` as our classifiers.
 
 Also what the BERT-like layouts share (RoBERTa and ELECTRA name their layers as
 BERT does, ALBERT its own way): the config fields and the key mapping, with the
@@ -226,4 +227,43 @@ MLM = Converter(
 BARE = Converter(
     layout=LAYOUT, model_type="bert", architectures=("BertModel",), config=_bert_bare_config,
     state=bert_state("", "", {}, top=_POOLER),
+)
+
+
+def classifier_fields(raw: dict[str, Any], backbone: dict[str, Any], *, pooler: bool) -> dict[str, Any]:
+    """ClassifierConfig fields of an HF ``*ForSequenceClassification`` / ``*ForTokenClassification`` config.json:
+    its labels as HF stores them (num_labels is the size of ``id2label``), first-token pooling."""
+    id2label = raw.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}
+    return dict(
+        backbone=backbone,
+        backbone_architecture="Encoder",
+        num_labels=len(id2label),
+        id2label={str(i): name for i, name in id2label.items()},
+        label2id=dict(raw.get("label2id") or {}),
+        pooling="first",
+        pooler=pooler,
+        problem_type=raw.get("problem_type"),
+    )
+
+
+def linear_keys(hf: str, ours: str) -> dict[str, str]:
+    """The weight and bias names of the HF linear module ``hf`` -> ours."""
+    return {f"{hf}.{p}": f"{ours}.{p}" for p in ("weight", "bias")}
+
+
+SEQUENCE_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="bert",
+    architectures=("BertForSequenceClassification",),
+    config=lambda raw: classifier_fields(raw, encoder_fields(raw, LAYOUT), pooler=True),
+    state=bert_state(
+        "bert.", "backbone.", {**linear_keys("bert.pooler.dense", "pooler.dense"), **linear_keys("classifier", "score")}
+    ),
+)
+TOKEN_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="bert",
+    architectures=("BertForTokenClassification",),
+    config=lambda raw: classifier_fields(raw, encoder_fields(raw, LAYOUT), pooler=False),
+    state=bert_state("bert.", "backbone.", linear_keys("classifier", "score")),
 )

@@ -1,4 +1,5 @@
-"""HF transformers' RoBERTa (model_type "roberta"): ``RobertaForMaskedLM`` as a MaskedLM, ``RobertaModel`` as an Encoder.
+"""HF transformers' RoBERTa (model_type "roberta"): ``RobertaForMaskedLM`` as a MaskedLM, ``RobertaModel`` as an Encoder,
+``RobertaForSequenceClassification`` / ``RobertaForTokenClassification`` as our classifiers.
 
 BERT's layout (``checkpoint.convert.hf_bert``) but for two facts: positions
 start at ``pad_token_id + 1`` and count only the non-pad tokens
@@ -11,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from lnlm_ssm.checkpoint.convert import Converter
-from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, decoder_bias_first, encoder_fields, mlm_head_keys
+from lnlm_ssm.checkpoint.convert.hf_bert import (
+    bert_state,
+    classifier_fields,
+    decoder_bias_first,
+    encoder_fields,
+    linear_keys,
+    mlm_head_keys,
+)
 
 LAYOUT = "HF roberta"
 
@@ -45,4 +53,24 @@ BARE = Converter(
     layout=LAYOUT, model_type="roberta", architectures=("RobertaModel",), config=_bare_config,
     state=bert_state("", "", {}, layout=LAYOUT, top={"pooler.dense.weight": "pooler.dense.weight",
                                                       "pooler.dense.bias": "pooler.dense.bias"}),
+)
+# RoBERTa's sequence head is BERT's pooler moved into the head (classifier.dense, tanh) and its classifier
+# (classifier.out_proj); the token head is BERT's.
+SEQUENCE_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="roberta",
+    architectures=("RobertaForSequenceClassification",),
+    config=lambda raw: classifier_fields(raw, _mlm_config(raw), pooler=True),
+    state=bert_state(
+        "roberta.", "backbone.",
+        {**linear_keys("classifier.dense", "pooler.dense"), **linear_keys("classifier.out_proj", "score")},
+        layout=LAYOUT,
+    ),
+)
+TOKEN_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="roberta",
+    architectures=("RobertaForTokenClassification",),
+    config=lambda raw: classifier_fields(raw, _mlm_config(raw), pooler=False),
+    state=bert_state("roberta.", "backbone.", linear_keys("classifier", "score"), layout=LAYOUT),
 )
