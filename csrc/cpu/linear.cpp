@@ -130,6 +130,36 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
+// The sum of v's lanes, halves first (lanes l and l + n/2, and so on down to one): a few
+// vector adds where adding kLanes lanes one by one took a dependent scalar add and a lane
+// extract each, which at 8 rows of x cost a third of the FMAs' time. The order is fixed,
+// whatever tile the sum belongs to.
+#if defined(__AVX__)
+inline float hsum(__m256 v) {
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+#endif
+
+#if defined(__AVX512F__)
+inline float hsum(__m512 v) {
+  // Generic shuffles: GCC 12's extract intrinsics start from an "undefined" register it then warns about.
+  typedef float half __attribute__((vector_size(32)));
+  const half low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const half high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return hsum(static_cast<__m256>(low + high));
+}
+#elif !defined(__AVX__)
+inline float hsum(vec v) {
+  float sum = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum += v[l];
+  }
+  return sum;
+}
+#endif
+
 // Each loaded weight vector feeds kCols FMAs and each x vector kRows; the lanes
 // are summed once, at the end of the row. While it reads a cache line of each of
 // its rows, the tile asks for the same line of the next tile's rows (the next
@@ -175,10 +205,7 @@ inline void tile(const W* __restrict w, int64_t ldw, const float* __restrict x, 
   const int64_t k_main = k0;
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t c = 0; c < kCols; ++c) {
-      float sum = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        sum += acc[r][c][l];
-      }
+      float sum = hsum(acc[r][c]);
       for (int64_t i = k_main; i < k; ++i) {
         sum = madd(to_float(w[r * ldw + i]), x[c * ldx + i], sum);
       }
