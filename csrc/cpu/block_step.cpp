@@ -320,33 +320,49 @@ void mamba_state_step(const float* x, const float* x_dbl, int64_t dt_rank, const
                       float* state, int64_t rows, int64_t d, int64_t N, float* y) {
   const int64_t x_dbl_row = dt_rank + 2 * N;
   at::parallel_for(0, rows * d, kChannelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / d, c = i % d;
+    // In runs of kRun channels of one row, a pass at a time: the scalar chains of a channel
+    // (softplus, the gate's sigmoid) then vectorise across the run's channels, where one
+    // channel at a time left them as long latency chains, half the step's time at batch 8.
+    constexpr int64_t kRun = 64;
+    float dt[kRun], sum[kRun];
+    for (int64_t run = begin; run < end;) {
+      const int64_t r = run / d, c0 = run % d;
+      const int64_t n_run = std::min({kRun, end - run, d - c0});
       const float* delta = x_dbl + r * x_dbl_row;
       const float* B = delta + dt_rank;
       const float* C = B + N;
-      const W* w = dt_weight + c * dt_rank;
-      float dt = 0.0f;
-#pragma omp simd reduction(+ : dt)
-      for (int64_t k = 0; k < dt_rank; ++k) {
-        dt += widen(w[k]) * delta[k];
+      for (int64_t j = 0; j < n_run; ++j) {
+        const W* w = dt_weight + (c0 + j) * dt_rank;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < dt_rank; ++k) {
+          dot += widen(w[k]) * delta[k];
+        }
+        dt[j] = dt_scale != nullptr ? dot * dt_scale[c0 + j] : dot;
       }
-      if (dt_scale != nullptr) {
-        dt *= dt_scale[c];
+#pragma omp simd
+      for (int64_t j = 0; j < n_run; ++j) {
+        dt[j] = softplus_vec(dt[j] + dt_bias[c0 + j]);
       }
-      dt = softplus_vec(dt + dt_bias[c]);
-      const float xi = x[i], dtx = dt * xi;
-      const float* a = A + c * N;
-      float* s = state + i * N;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t n = 0; n < N; ++n) {
-        const float next = exp_vec(dt * a[n]) * s[n] + dtx * B[n];
-        s[n] = next;
-        sum += next * C[n];
+      for (int64_t j = 0; j < n_run; ++j) {
+        const float dtj = dt[j], dtx = dtj * x[run + j];
+        const float* a = A + (c0 + j) * N;
+        float* st = state + (run + j) * N;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t n = 0; n < N; ++n) {
+          const float next = exp_vec(dtj * a[n]) * st[n] + dtx * B[n];
+          st[n] = next;
+          total += next * C[n];
+        }
+        sum[j] = total;
       }
-      const float g = z[r * z_row + c];
-      y[i] = (sum + D[c] * xi) * (g * sigmoid_vec(g));
+      const float* g = z + r * z_row + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < n_run; ++j) {
+        y[run + j] = (sum[j] + D[c0 + j] * x[run + j]) * (g[j] * sigmoid_vec(g[j]));
+      }
+      run += n_run;
     }
   });
 }

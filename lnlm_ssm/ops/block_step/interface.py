@@ -25,7 +25,10 @@ decode loop calls once per token: from Python, one call per block cost ~25 us ea
 
 ``params`` are the function's arguments after ``residual``, in order (the
 references' signatures). Float32 on the CPU only (the "cpu" kernel; the reference
-runs anywhere); inference only: a call that would need a backward raises.
+runs anywhere), but for weight-only quantised weights (``lnlm_ssm.quantize_``'s int8
+with a per-row scale, or bf16) in Mamba-1's projections and the embedding, whose
+kernel reads them as ``weight_only_linear`` does; inference only: a call that would
+need a backward raises.
 """
 
 from __future__ import annotations
