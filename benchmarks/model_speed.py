@@ -30,12 +30,14 @@ and read back by ``MambaLM.from_pretrained``: both hold the same weights, and
 their logits are compared before anything is timed. A run that takes longer
 than ``--slow-s`` is measured once, its warm-up skipped (HF's training on CPU).
 
-Where a batch-1 fused decode step spends its time: the step is re-run with its
+Where a batch-1 fused decode step spends its time (fp32, and each ``--quantize``
+mode): the step is re-run with its
 parts timed inside its one C++ call (embedding, each block, final norm) and the LM
 head after it (the same kernels in the same order as ``generate``, so every weight
 comes from memory), and each part's median is set beside its weight bytes at copy
 bandwidth, "streamed", the rest being everything else (elementwise work, glue,
-dispatch). The op-by-op forward's blocks are timed around each block's forward.
+dispatch). The op-by-op forward's blocks are timed around each block's forward,
+in a loop of their own after the fused steps.
 Printed per preset and kept in the JSON (``breakdown``), per layer; what the parts'
 medians leave of the whole step's median is "unattributed" (the calls between the
 parts, and the odd slow part of a token, which a part's median drops).
@@ -219,6 +221,9 @@ def decode_breakdown(model: MambaLM, args, bandwidth_gbps: float) -> Optional[di
                             timed=True)
         parts = {"embedding": [], "final norm": [], "lm_head": [], "step": []}
         per_block = {"fused": [[] for _ in blocks], "unfused": [[] for _ in blocks]}
+        # The fused steps one after another, as generate runs them, then the op-by-op blocks: timed
+        # between two unfused forwards, the fused step took twice generate's time per token (48 ms
+        # against 24 ms in the EPYC run of 2026-12-03), its LM head 13 ms against 5.1 ms alone.
         for _ in range(args.new_tokens):
             t0 = time.perf_counter()
             hidden, seconds = fused(ids[:, 0], fused_cache.seqlen)
@@ -232,6 +237,7 @@ def decode_breakdown(model: MambaLM, args, bandwidth_gbps: float) -> Optional[di
             parts["final norm"].append(seconds[-1])
             for i in range(len(blocks)):
                 per_block["fused"][i].append(sum(t for t, o in zip(seconds, owner) if o == i))
+        for _ in range(args.new_tokens):
             hidden, residual = backbone.embedding(ids), None
             for i, (block, c) in enumerate(zip(blocks, cache.layers)):
                 t0 = time.perf_counter()
@@ -401,11 +407,13 @@ def main(argv=None) -> int:
                         "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
                     })
             print_table([r for r in rows if r["preset"] == name])
-            breakdown[name] = decode_breakdown(ours, args, bandwidth)
-            if breakdown[name] is None:
-                notes.append(f"{name}: no fused decode step, so no breakdown")
-            else:
-                print_breakdown(name, breakdown[name])
+            for weights, model, _ in runs:
+                key = name if weights == "fp32" else f"{name} {weights}"
+                breakdown[key] = decode_breakdown(model, args, bandwidth)
+                if breakdown[key] is None:
+                    notes.append(f"{key}: no fused decode step, so no breakdown")
+                else:
+                    print_breakdown(key, breakdown[key])
             print(flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     skipped = write_plot(args.out / "model_speed.png", rows,

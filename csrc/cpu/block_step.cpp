@@ -29,8 +29,11 @@
 //   Mamba-2: A (nheads,) = -exp(A_log), dt_bias (nheads,), D (nheads,) or (d_inner,),
 //     ssm_state (b, nheads, headdim, d_state) updated in place.
 //
-// The projections all go through project(): the one place a projection with
-// another weight format (weight-only quantised) plugs in.
+// The projections all go through project(), which also takes weight-only quantised
+// weights (lnlm_ssm.quantize_: int8 with a per-row scale, or bf16) to
+// weight_only_linear's kernel. Mamba-1 blocks and the DecodeStep's embedding take
+// them (their scales are the last arguments); Mamba-1's dt_proj, done in the state
+// pass, widens its weights there. The other blocks take float32 projections.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -105,11 +108,33 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
 constexpr int64_t kKernelMaxRows = 16;
 constexpr int64_t kKernelMinInner = 256;
 
-Tensor project(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+Tensor weight_only_linear(const Tensor& x, const Tensor& weight, const OptTensor& scale, const OptTensor& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lnlm_ssm::weight_only_linear", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>();
+  return op.redispatch(kCPUKernel, x, weight, scale, bias);
+}
+
+// x @ weight^T (+ bias). weight fp32, or weight-only quantised (lnlm_ssm.quantize_): int8 with
+// its per-row scale, or bf16 without; those go to weight_only_linear's kernel (1 to 16 rows, any
+// inner size) and, from 17 rows, to the BLAS on the fp32 matrix they stand for, as the
+// unfused forward does.
+Tensor project(const Tensor& x, const Tensor& weight, const OptTensor& scale, const OptTensor& bias) {
+  if (weight.scalar_type() != at::kFloat) {
+    if (x.size(0) <= kKernelMaxRows) {
+      return weight_only_linear(x.stride(1) == 1 ? x : x.contiguous(), weight, scale, bias);
+    }
+    const Tensor dense = scale.has_value() ? weight.to(at::kFloat).mul(scale->unsqueeze(1)) : weight.to(at::kFloat);
+    return at::linear(x, dense, bias);
+  }
   if (x.size(0) <= kKernelMaxRows && x.size(1) >= kKernelMinInner) {
     return decode_linear(x, weight, bias);
   }
   return at::linear(x, weight, bias);
+}
+
+Tensor project(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  return project(x, weight, std::nullopt, bias);
 }
 
 // ---------------------------------------------------------------- checks
@@ -126,13 +151,26 @@ void check_optional(const char* op, const char* name, const OptTensor& t, c10::I
   }
 }
 
-// A projection (out, in) reading rows of size `in`: its output size.
-int64_t check_projection(const char* op, const char* name, const Tensor& weight, const OptTensor& bias,
-                         int64_t in) {
+// A projection (out, in) reading rows of size `in`: its output size. Its weight is float32, or
+// weight-only quantised: int8 with scale (out,) float32, or bf16 without a scale.
+int64_t check_projection(const char* op, const char* name, const Tensor& weight, const OptTensor& bias, int64_t in,
+                         const OptTensor& scale = std::nullopt) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in && weight.stride(1) == 1, op, ": ", name,
               ".weight must be (out, in = ", in, ") with unit stride along in; got shape ", weight.sizes(),
               ", strides ", weight.strides());
-  check_tensor(op, name, weight, weight.sizes());
+  const bool int8 = weight.scalar_type() == at::kChar;
+  if (int8 || weight.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(weight.device().is_cpu(), op, ": ", name, ".weight must be on the CPU; got ", weight.device());
+    TORCH_CHECK(int8 == scale.has_value(), op, ": ", name, ": an int8 weight needs a scale and a bfloat16 one takes ",
+                "none; got a ", weight.scalar_type(), " weight ", scale.has_value() ? "with" : "without", " a scale");
+  } else {
+    check_tensor(op, name, weight, weight.sizes());
+    TORCH_CHECK(!scale.has_value(), op, ": ", name, ": a float32 weight takes no scale (int8 weights have one)");
+  }
+  if (scale.has_value()) {
+    check_tensor(op, name, *scale, {weight.size(0)});
+    TORCH_CHECK(scale->is_contiguous(), op, ": ", name, ".scale must be contiguous");
+  }
   if (bias.has_value()) {
     check_tensor(op, name, *bias, {weight.size(0)});
   }
@@ -258,39 +296,73 @@ void mamba_conv_step(const float* x, int64_t x_row, float* conv_state, int64_t s
   });
 }
 
-// For each channel: dt = softplus(dt_proj row . delta + dt_bias), then
+// A weight as fp32: int8 and bf16 are dt_proj's weight-only quantised formats.
+inline float widen(float w) {
+  return w;
+}
+
+inline float widen(int8_t w) {
+  return static_cast<float>(w);
+}
+
+inline float widen(at::BFloat16 w) {
+  return static_cast<float>(w);
+}
+
+// For each channel: dt = softplus(dt_proj row . delta (* dt_scale) + dt_bias), then
 // selective_state_update's steps (reference.py of ops/state_update) with one channel
 // per head: state = exp(dt A) state + dt x B; y = (state . C + D x) silu(z).
 // x_dbl (b, dt_rank + 2 N) holds [delta | B | C]; z (b, d) with row stride z_row; y (b, d).
+// dt_weight (d, dt_rank) fp32, int8 with dt_scale (d,), or bf16.
+template <typename W>
 void mamba_state_step(const float* x, const float* x_dbl, int64_t dt_rank, const float* z, int64_t z_row,
-                      const float* dt_weight, const float* dt_bias, const float* A, const float* D, float* state,
-                      int64_t rows, int64_t d, int64_t N, float* y) {
+                      const W* dt_weight, const float* dt_scale, const float* dt_bias, const float* A, const float* D,
+                      float* state, int64_t rows, int64_t d, int64_t N, float* y) {
   const int64_t x_dbl_row = dt_rank + 2 * N;
   at::parallel_for(0, rows * d, kChannelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / d, c = i % d;
+    // In runs of kRun channels of one row, a pass at a time: the scalar chains of a channel
+    // (softplus, the gate's sigmoid) then vectorise across the run's channels, where one
+    // channel at a time left them as long latency chains, half the step's time at batch 8.
+    constexpr int64_t kRun = 64;
+    float dt[kRun], sum[kRun];
+    for (int64_t run = begin; run < end;) {
+      const int64_t r = run / d, c0 = run % d;
+      const int64_t n_run = std::min({kRun, end - run, d - c0});
       const float* delta = x_dbl + r * x_dbl_row;
       const float* B = delta + dt_rank;
       const float* C = B + N;
-      const float* w = dt_weight + c * dt_rank;
-      float dt = 0.0f;
-#pragma omp simd reduction(+ : dt)
-      for (int64_t k = 0; k < dt_rank; ++k) {
-        dt += w[k] * delta[k];
+      for (int64_t j = 0; j < n_run; ++j) {
+        const W* w = dt_weight + (c0 + j) * dt_rank;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t k = 0; k < dt_rank; ++k) {
+          dot += widen(w[k]) * delta[k];
+        }
+        dt[j] = dt_scale != nullptr ? dot * dt_scale[c0 + j] : dot;
       }
-      dt = softplus_vec(dt + dt_bias[c]);
-      const float xi = x[i], dtx = dt * xi;
-      const float* a = A + c * N;
-      float* s = state + i * N;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t n = 0; n < N; ++n) {
-        const float next = exp_vec(dt * a[n]) * s[n] + dtx * B[n];
-        s[n] = next;
-        sum += next * C[n];
+#pragma omp simd
+      for (int64_t j = 0; j < n_run; ++j) {
+        dt[j] = softplus_vec(dt[j] + dt_bias[c0 + j]);
       }
-      const float g = z[r * z_row + c];
-      y[i] = (sum + D[c] * xi) * (g * sigmoid_vec(g));
+      for (int64_t j = 0; j < n_run; ++j) {
+        const float dtj = dt[j], dtx = dtj * x[run + j];
+        const float* a = A + (c0 + j) * N;
+        float* st = state + (run + j) * N;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t n = 0; n < N; ++n) {
+          const float next = exp_vec(dtj * a[n]) * st[n] + dtx * B[n];
+          st[n] = next;
+          total += next * C[n];
+        }
+        sum[j] = total;
+      }
+      const float* g = z + r * z_row + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < n_run; ++j) {
+        y[run + j] = (sum[j] + D[c0 + j] * x[run + j]) * (g[j] * sigmoid_vec(g[j]));
+      }
+      run += n_run;
     }
   });
 }
@@ -298,13 +370,15 @@ void mamba_state_step(const float* x, const float* x_dbl, int64_t dt_rank, const
 // ---------------------------------------------------------------- the blocks
 
 // norm -> in_proj -> conv update -> x_proj -> dt_proj -> state update (with D and the
-// silu(z) gate) -> out_proj: Mamba.forward's decode step (layers/mamba.py).
+// silu(z) gate) -> out_proj: Mamba.forward's decode step (layers/mamba.py). The four
+// projections' weights may be weight-only quantised, each scale given with an int8 weight.
 Step mamba_block_step(const Tensor& hidden_states, const OptTensor& residual, const Tensor& norm_weight,
                       const OptTensor& norm_bias, double norm_eps, bool rms_norm, const Tensor& in_proj_weight,
                       const OptTensor& in_proj_bias, const Tensor& conv_weight, const OptTensor& conv_bias,
                       Tensor& conv_state, const Tensor& x_proj_weight, const Tensor& dt_proj_weight,
                       const Tensor& dt_proj_bias, const Tensor& A, const Tensor& D, Tensor& ssm_state,
-                      const Tensor& out_proj_weight, const OptTensor& out_proj_bias) {
+                      const Tensor& out_proj_weight, const OptTensor& out_proj_bias, const OptTensor& in_proj_scale,
+                      const OptTensor& x_proj_scale, const OptTensor& dt_proj_scale, const OptTensor& out_proj_scale) {
   constexpr const char* kOp = "mamba_block_step (cpu)";
   auto [normed, new_residual] = add_norm(kOp, hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm);
   const int64_t rows = normed.size(0), d_model = normed.size(1);
@@ -312,16 +386,17 @@ Step mamba_block_step(const Tensor& hidden_states, const OptTensor& residual, co
               ssm_state.sizes());
   const int64_t d_inner = ssm_state.size(1), d_state = ssm_state.size(2), dt_rank = dt_proj_weight.size(-1);
   check_tensor(kOp, "ssm_state", ssm_state, {rows, d_inner, d_state});
-  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model) == 2 * d_inner, kOp,
+  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model, in_proj_scale) == 2 * d_inner, kOp,
               ": in_proj must have 2 * d_inner = ", 2 * d_inner, " outputs; got ", in_proj_weight.size(0));
-  TORCH_CHECK(check_projection(kOp, "x_proj", x_proj_weight, std::nullopt, d_inner) == dt_rank + 2 * d_state, kOp,
+  TORCH_CHECK(check_projection(kOp, "x_proj", x_proj_weight, std::nullopt, d_inner, x_proj_scale) ==
+                  dt_rank + 2 * d_state, kOp,
               ": x_proj must have dt_rank + 2 * d_state = ", dt_rank + 2 * d_state, " outputs; got ",
               x_proj_weight.size(0));
-  TORCH_CHECK(check_projection(kOp, "dt_proj", dt_proj_weight, dt_proj_bias, dt_rank) == d_inner, kOp,
+  TORCH_CHECK(check_projection(kOp, "dt_proj", dt_proj_weight, dt_proj_bias, dt_rank, dt_proj_scale) == d_inner, kOp,
               ": dt_proj must have d_inner = ", d_inner, " outputs; got ", dt_proj_weight.size(0));
   check_tensor(kOp, "dt_proj_bias", dt_proj_bias, {d_inner});
-  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, d_inner) == d_model, kOp,
-              ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
+  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, d_inner, out_proj_scale) == d_model,
+              kOp, ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
   check_tensor(kOp, "A", A, {d_inner, d_state});
   check_tensor(kOp, "D", D, {d_inner});
   TORCH_CHECK(conv_weight.dim() == 2 && conv_weight.size(0) == d_inner, kOp,
@@ -339,19 +414,32 @@ Step mamba_block_step(const Tensor& hidden_states, const OptTensor& residual, co
   }
   TORCH_CHECK(!conv_bias.has_value() || conv_bias->is_contiguous(), kOp, ": conv_bias must be contiguous");
 
-  const Tensor xz = project(normed, in_proj_weight, in_proj_bias);  // [x | z] rows
+  const Tensor xz = project(normed, in_proj_weight, in_proj_scale, in_proj_bias);  // [x | z] rows
   Tensor x = at::empty({rows, d_inner}, normed.options());
   mamba_conv_step(xz.const_data_ptr<float>(), xz.stride(0), conv_state.mutable_data_ptr<float>(), conv_state.size(2),
                   conv_weight.const_data_ptr<float>(), width,
                   conv_bias.has_value() ? conv_bias->const_data_ptr<float>() : nullptr, rows, d_inner,
                   x.mutable_data_ptr<float>());
-  const Tensor x_dbl = project(x, x_proj_weight, std::nullopt).contiguous();
+  const Tensor x_dbl = project(x, x_proj_weight, x_proj_scale, std::nullopt).contiguous();
   Tensor y = at::empty({rows, d_inner}, normed.options());
-  mamba_state_step(x.const_data_ptr<float>(), x_dbl.const_data_ptr<float>(), dt_rank,
-                   xz.const_data_ptr<float>() + d_inner, xz.stride(0), dt_proj_weight.const_data_ptr<float>(),
-                   dt_proj_bias.const_data_ptr<float>(), A.const_data_ptr<float>(), D.const_data_ptr<float>(),
-                   ssm_state.mutable_data_ptr<float>(), rows, d_inner, d_state, y.mutable_data_ptr<float>());
-  return {project(y, out_proj_weight, out_proj_bias), new_residual};
+  const auto state_step = [&](const auto* dt_weight) {
+    mamba_state_step(x.const_data_ptr<float>(), x_dbl.const_data_ptr<float>(), dt_rank,
+                     xz.const_data_ptr<float>() + d_inner, xz.stride(0), dt_weight,
+                     dt_proj_scale.has_value() ? dt_proj_scale->const_data_ptr<float>() : nullptr,
+                     dt_proj_bias.const_data_ptr<float>(), A.const_data_ptr<float>(), D.const_data_ptr<float>(),
+                     ssm_state.mutable_data_ptr<float>(), rows, d_inner, d_state, y.mutable_data_ptr<float>());
+  };
+  switch (dt_proj_weight.scalar_type()) {
+    case at::kChar:
+      state_step(dt_proj_weight.const_data_ptr<int8_t>());
+      break;
+    case at::kBFloat16:
+      state_step(dt_proj_weight.const_data_ptr<at::BFloat16>());
+      break;
+    default:
+      state_step(dt_proj_weight.const_data_ptr<float>());
+  }
+  return {project(y, out_proj_weight, out_proj_scale, out_proj_bias), new_residual};
 }
 
 // norm -> in_proj -> conv update of x, B, C -> dt (limited) -> state update -> gated norm
@@ -585,10 +673,12 @@ Step attention_block_step(const Tensor& hidden_states, const OptTensor& residual
 // arguments of their op after `residual`; their tensors are held, not copied.
 class DecodeStep : public torch::CustomClassHolder {
  public:
-  // embedding (padded_vocab, d_model), ids in [0, vocab_size); the final norm as a block's.
-  DecodeStep(Tensor embedding, int64_t vocab_size, Tensor norm_weight, std::optional<Tensor> norm_bias,
-             double norm_eps, bool rms_norm)
+  // embedding (padded_vocab, d_model): float32, or weight-only quantised (int8 with
+  // embedding_scale (padded_vocab,), or bf16); ids in [0, vocab_size); the final norm as a block's.
+  DecodeStep(Tensor embedding, std::optional<Tensor> embedding_scale, int64_t vocab_size, Tensor norm_weight,
+             std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm)
       : embedding_(std::move(embedding)),
+        embedding_scale_(std::move(embedding_scale)),
         vocab_size_(vocab_size),
         norm_weight_(std::move(norm_weight)),
         norm_bias_(std::move(norm_bias)),
@@ -597,7 +687,7 @@ class DecodeStep : public torch::CustomClassHolder {
     constexpr const char* kOp = "DecodeStep (cpu)";
     TORCH_CHECK(embedding_.dim() == 2 && embedding_.is_contiguous(), kOp,
                 ": embedding must be a contiguous (padded_vocab_size, d_model) tensor; got shape ", embedding_.sizes());
-    check_tensor(kOp, "embedding", embedding_, embedding_.sizes());
+    check_projection(kOp, "embedding", embedding_, std::nullopt, embedding_.size(1), embedding_scale_);
     TORCH_CHECK(0 < vocab_size_ && vocab_size_ <= embedding_.size(0), kOp, ": vocab_size must be in [1, ",
                 embedding_.size(0), "]; got ", vocab_size_);
   }
@@ -606,11 +696,14 @@ class DecodeStep : public torch::CustomClassHolder {
                        Tensor in_proj_weight, std::optional<Tensor> in_proj_bias, Tensor conv_weight,
                        std::optional<Tensor> conv_bias, Tensor conv_state, Tensor x_proj_weight,
                        Tensor dt_proj_weight, Tensor dt_proj_bias, Tensor A, Tensor D, Tensor ssm_state,
-                       Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
+                       Tensor out_proj_weight, std::optional<Tensor> out_proj_bias,
+                       std::optional<Tensor> in_proj_scale, std::optional<Tensor> x_proj_scale,
+                       std::optional<Tensor> dt_proj_scale, std::optional<Tensor> out_proj_scale) {
     blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) mutable {
       return mamba_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
                               conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                              ssm_state, out_proj_weight, out_proj_bias);
+                              ssm_state, out_proj_weight, out_proj_bias, in_proj_scale, x_proj_scale, dt_proj_scale,
+                              out_proj_scale);
     });
   }
 
@@ -693,14 +786,33 @@ class DecodeStep : public torch::CustomClassHolder {
                 kOp, ": input_ids must be a CPU int64/int32 tensor (batch,); got ", input_ids.scalar_type(),
                 " of shape ", input_ids.sizes());
     const int64_t rows = input_ids.size(0), d_model = embedding_.size(1);
-    Tensor hidden = at::empty({rows, d_model}, embedding_.options());
+    Tensor hidden = at::empty({rows, d_model}, at::TensorOptions(at::kFloat));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t id = input_ids.scalar_type() == at::kLong ? input_ids.const_data_ptr<int64_t>()[r * input_ids.stride(0)]
                                                                : input_ids.const_data_ptr<int32_t>()[r * input_ids.stride(0)];
       TORCH_CHECK(0 <= id && id < vocab_size_, kOp, ": input_ids must lie in [0, vocab_size=", vocab_size_,
                   "); got the id ", id);
-      std::copy_n(embedding_.const_data_ptr<float>() + id * d_model, d_model,
-                  hidden.mutable_data_ptr<float>() + r * d_model);
+      float* row = hidden.mutable_data_ptr<float>() + r * d_model;
+      switch (embedding_.scalar_type()) {
+        case at::kChar: {
+          // As QuantizedEmbedding: the int8 row times its scale.
+          const int8_t* w = embedding_.const_data_ptr<int8_t>() + id * d_model;
+          const float scale = embedding_scale_->const_data_ptr<float>()[id];
+          for (int64_t i = 0; i < d_model; ++i) {
+            row[i] = static_cast<float>(w[i]) * scale;
+          }
+          break;
+        }
+        case at::kBFloat16: {
+          const at::BFloat16* w = embedding_.const_data_ptr<at::BFloat16>() + id * d_model;
+          for (int64_t i = 0; i < d_model; ++i) {
+            row[i] = static_cast<float>(w[i]);
+          }
+          break;
+        }
+        default:
+          std::copy_n(embedding_.const_data_ptr<float>() + id * d_model, d_model, row);
+      }
     }
     const Context context{past, positions.has_value() ? *positions : at::full({rows}, past, at::TensorOptions(at::kLong)),
                           key_mask};
@@ -716,6 +828,7 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
   Tensor embedding_;
+  OptTensor embedding_scale_;
   int64_t vocab_size_;
   Tensor norm_weight_;
   OptTensor norm_bias_;
@@ -736,7 +849,7 @@ TORCH_LIBRARY_IMPL(lnlm_ssm, CPU, m) {
 // A class is defined with its code (registration.cpp holds the op schemas).
 TORCH_LIBRARY_FRAGMENT(lnlm_ssm, m) {
   m.class_<DecodeStep>("DecodeStep")
-      .def(torch::init<Tensor, int64_t, Tensor, std::optional<Tensor>, double, bool>())
+      .def(torch::init<Tensor, std::optional<Tensor>, int64_t, Tensor, std::optional<Tensor>, double, bool>())
       .def("add_mamba_block", &DecodeStep::add_mamba_block)
       .def("add_mamba2_block", &DecodeStep::add_mamba2_block)
       .def("add_mlp_block", &DecodeStep::add_mlp_block)

@@ -44,12 +44,15 @@ TORCH_LIBRARY(lnlm_ssm, m) {
 
   // One decode step of a whole block (csrc/cpu/block_step.cpp has the layout): the norm
   // of hidden_states + residual, then the mixer or MLP, states updated in place.
-  // Returns (out, new_residual), both (batch, d_model).
+  // Returns (out, new_residual), both (batch, d_model). Mamba-1's projections may be weight-only
+  // quantised as weight_only_linear's are (the scales of int8 weights last; None otherwise).
   m.def(
       "mamba_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
       "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor(a!) conv_state, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_proj_bias, "
-      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor out_proj_weight, Tensor? out_proj_bias) -> (Tensor, Tensor)");
+      "Tensor A, Tensor D, Tensor(b!) ssm_state, Tensor out_proj_weight, Tensor? out_proj_bias, "
+      "Tensor? in_proj_scale=None, Tensor? x_proj_scale=None, Tensor? dt_proj_scale=None, "
+      "Tensor? out_proj_scale=None) -> (Tensor, Tensor)");
   m.def(
       "mamba2_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
       "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor conv_weight, "

@@ -10,7 +10,11 @@ calls (``models.causal_lm.MambaLM.fused_decoder``).
 
 The steps run the CPU kernels, in float32, for inference: they read the
 parameters as they are when called, except ``A = -exp(A_log)``, which is taken
-once here (parameters do not change during a decode loop). Layers without a
+once here (parameters do not change during a decode loop). A model quantised by
+``lnlm_ssm.quantize_`` keeps its int8 or bf16 weights in Mamba-1's projections
+and the embedding (the step widens them as it reads them, as the unfused
+forward's kernels do); quantised projections of the other layers have no fused
+step yet. Layers without a
 step (another mixer, an MLP with another activation, projections of another kind)
 raise :class:`FusedStepUnsupported`, saying why; their model decodes op by op.
 """
@@ -30,6 +34,7 @@ from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.layers.norm import LayerNorm, RMSNorm
+from lnlm_ssm.layers.quantized import QUANTIZED_MODULES, QuantizedEmbedding, QuantizedLinear
 from lnlm_ssm.layers.ssm import conv_weight
 from lnlm_ssm.ops._backends import BackendUnavailableError
 from lnlm_ssm.ops.block_step.interface import prepare_decode_step
@@ -50,15 +55,30 @@ def _norm_params(norm: nn.Module) -> tuple:
 
 
 def projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(weight, bias) of a projection as a block step reads them: the one place a projection of another
-    kind (a weight-only quantised one) would plug in, with a kernel for its format in the C++ ``project``."""
+    """(weight, bias) of a float32 projection as a block step reads them."""
+    if type(linear) is QuantizedLinear:
+        raise FusedStepUnsupported("weight-only quantised projections have a fused step in Mamba-1 layers only")
     if type(linear) is not nn.Linear:
         raise FusedStepUnsupported(f"{type(linear).__name__} projections have no fused step (nn.Linear has)")
     return linear.weight, linear.bias
 
 
+def quantized_projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight, bias, scale) of a projection that may be weight-only quantised: an ``nn.Linear``'s (scale None),
+    or a ``QuantizedLinear``'s int8 weight and its scale, or bf16 weight (scale None)."""
+    if type(linear) is QuantizedLinear:
+        return linear.weight, linear.bias, linear.weight_scale
+    return (*projection(linear), None)
+
+
 def _check_float32(module: nn.Module) -> None:
+    """Every parameter float32 on the CPU, but those of quantised modules (their formats are the ops' to check)."""
+    quantized = {id(p) for m in module.modules() if isinstance(m, QUANTIZED_MODULES) for p in m.parameters()}
     for name, p in module.named_parameters():
+        if id(p) in quantized:
+            if p.device.type != "cpu":
+                raise FusedStepUnsupported(f"the fused step runs on the CPU; {type(module).__name__}.{name} is on {p.device}")
+            continue
         if p.dtype != torch.float32 or p.device.type != "cpu":
             raise FusedStepUnsupported(
                 f"the fused step runs float32 on the CPU; {type(module).__name__}.{name} is {p.dtype} on {p.device}"
@@ -66,17 +86,17 @@ def _check_float32(module: nn.Module) -> None:
 
 
 def _mamba_params(mixer: Mamba, cache: MambaCache) -> tuple:
-    in_w, in_b = projection(mixer.in_proj)
-    x_w, x_b = projection(mixer.x_proj)
-    dt_w, dt_b = projection(mixer.dt_proj)
-    out_w, out_b = projection(mixer.out_proj)
+    in_w, in_b, in_s = quantized_projection(mixer.in_proj)
+    x_w, x_b, x_s = quantized_projection(mixer.x_proj)
+    dt_w, dt_b, dt_s = quantized_projection(mixer.dt_proj)
+    out_w, out_b, out_s = quantized_projection(mixer.out_proj)
     if x_b is not None:
         raise FusedStepUnsupported("Mamba's x_proj has no bias in the fused step")
     with torch.no_grad():
         A = -torch.exp(mixer.A_log)
     return (
         in_w, in_b, conv_weight(mixer.conv1d), mixer.conv1d.bias, cache.conv_state, x_w, dt_w, dt_b, A, mixer.D,
-        cache.ssm_state, out_w, out_b,
+        cache.ssm_state, out_w, out_b, in_s, x_s, dt_s, out_s,
     )
 
 
@@ -135,13 +155,17 @@ def decode_step(embedding: nn.Module, blocks: list[StepParams], final_norm: nn.M
     """``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``: ``embedding``,
     the ``blocks`` and ``final_norm`` in one call per token, on the CPU kernels (the arguments after
     input_ids are the attention blocks'; ``timed``: see ``ops.prepare_decode_step``)."""
-    if type(embedding) is not TokenEmbedding:
-        raise FusedStepUnsupported(f"a {type(embedding).__name__} embedding has no fused step (TokenEmbedding has)")
+    if type(embedding) not in (TokenEmbedding, QuantizedEmbedding):
+        raise FusedStepUnsupported(
+            f"a {type(embedding).__name__} embedding has no fused step (TokenEmbedding and its quantised one have)"
+        )
     _check_float32(embedding)
     _check_float32(final_norm)
+    scale = embedding.weight_scale if type(embedding) is QuantizedEmbedding else None
     try:
         return prepare_decode_step(
-            embedding.weight, embedding.vocab_size, blocks, _norm_params(final_norm), backend="cpu", timed=timed
+            embedding.weight, embedding.vocab_size, blocks, _norm_params(final_norm), embedding_scale=scale,
+            backend="cpu", timed=timed,
         )
     except BackendUnavailableError as err:
         raise FusedStepUnsupported(str(err)) from err

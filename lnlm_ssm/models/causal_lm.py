@@ -25,7 +25,7 @@ from lnlm_ssm.layers.base import declared_parameter_names
 from lnlm_ssm.layers.block_step import FusedStepUnsupported
 from lnlm_ssm.layers.cache import InferenceCache
 from lnlm_ssm.layers.embedding import check_token_ids
-from lnlm_ssm.layers.quantized import compute_dtype, quantization_of
+from lnlm_ssm.layers.quantized import QuantizedLinear, compute_dtype, quantization_of
 from lnlm_ssm.models import registry
 from lnlm_ssm.models.backbone import Backbone
 from lnlm_ssm.models.base import PretrainedModel
@@ -224,7 +224,8 @@ class MambaLM(PretrainedModel):
         """The decode step with one call per block, on the CPU: ``step(input_ids (batch, 1)) -> logits (batch, vocab)``.
 
         Each call takes one new token per row through every block (``Backbone.fused_step``:
-        the C++ block steps, float32), advances ``cache`` by one position, and returns
+        the C++ block steps, float32 math; Mamba-1 layers, the embedding and the LM head may
+        be quantised by ``quantize_``), advances ``cache`` by one position, and returns
         what ``model(input_ids, cache=cache).logits[:, -1]`` returns, within fp32
         rounding; the new tokens are real (no mask), as in ``generate``'s decode loop.
         It is built for one ``cache`` and reads the parameters as they are, except
@@ -239,8 +240,11 @@ class MambaLM(PretrainedModel):
         if not isinstance(cache, InferenceCache):
             raise TypeError(f"cache must be an InferenceCache (model.allocate_cache); got {type(cache).__name__}")
         hidden = self.backbone.fused_step(cache.layers)
-        if type(self.lm_head) is not nn.Linear or self.lm_head.weight.dtype != torch.float32:
-            raise FusedStepUnsupported("the fused step needs a float32 nn.Linear LM head")
+        if not (
+            (type(self.lm_head) is nn.Linear and self.lm_head.weight.dtype == torch.float32)
+            or type(self.lm_head) is QuantizedLinear
+        ):
+            raise FusedStepUnsupported("the fused step needs a float32 nn.Linear LM head or its quantised one")
 
         @torch.no_grad()  # the C++ step has no backward
         def step(input_ids: torch.Tensor) -> torch.Tensor:

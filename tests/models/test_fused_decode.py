@@ -8,6 +8,7 @@ models it does not cover say why and decode op by op.
 import pytest
 import torch
 
+from lnlm_ssm import quantize_
 from lnlm_ssm.layers.block_step import FusedStepUnsupported
 from lnlm_ssm.models import MambaLM, MambaLMConfig
 from lnlm_ssm.utils.testing import assert_close
@@ -81,6 +82,32 @@ def test_greedy_tokens_are_the_unfused_ones(kind):
         model.generate(ids, fused_step=True, eos_token_id=eos, **kwargs),
         model.generate(ids, fused_step=False, eos_token_id=eos, **kwargs),
     )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("kind, d_model", [("mamba1", 32), ("mamba1", 256), ("mamba1-mlp-layernorm", 32)])
+def test_quantized_fused_steps_match_the_quantized_forward(mode, kind, d_model):
+    # d_model 256: in_proj and the LM head read 256-long rows, out_proj 512-long ones (the kernels'
+    # main loops, not only their tails). A quantised MLP has no fused step: that model says so.
+    model = quantize_(tiny(kind, d_model=d_model), mode)
+    if kind != "mamba1":
+        with pytest.raises(FusedStepUnsupported, match="quantised projections have a fused step in Mamba-1 layers only"):
+            model.fused_decoder(model.allocate_cache(1, 8))
+        return
+    ids = torch.randint(0, 256, (3, 12))
+    fused_cache, cache = model.allocate_cache(3, 12), model.allocate_cache(3, 12)
+    model(ids[:, :7], cache=fused_cache)
+    model(ids[:, :7], cache=cache)
+    step = model.fused_decoder(fused_cache)
+    for t in range(7, 12):
+        logits = step(ids[:, t : t + 1])
+        assert_close(logits, model(ids[:, t : t + 1], cache=cache).logits[:, -1], msg=f"logits at {t}")
+        for ours, theirs in zip(fused_cache.tensors(), cache.tensors()):
+            assert_close(ours, theirs, msg=f"states at {t}")
+    prompt = torch.randint(0, 256, (2, 5))
+    kwargs = dict(max_new_tokens=12, temperature=0)
+    assert torch.equal(model.generate(prompt, fused_step=True, **kwargs), model.generate(prompt, fused_step=False, **kwargs))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from lnlm_ssm.ops import (
     mlp_block_step_ref,
     prepare_block_step,
     prepare_decode_step,
+    quantize_weight,
 )
 from lnlm_ssm.ops.block_step.cpu import mamba_block_step_cpu
 from lnlm_ssm.ops.block_step.interface import NO_BACKWARD
@@ -103,7 +104,9 @@ def check_kernel_against_reference(op, ref, batch, d_model, params, *, residual=
     assert_close(out, expected_out, msg="out")
     assert_close(new_residual, expected_residual, msg="new residual")
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor) and a.dtype == torch.int8:  # a quantised weight, unchanged
+            assert torch.equal(a, b), f"params[{i}]"
+        elif isinstance(a, torch.Tensor):
             assert_close(a, b, msg=f"params[{i}]")
     assert not torch.equal(ours[8], params[8]), "the conv state was not updated"
 
@@ -123,6 +126,41 @@ def test_mamba_matches_reference(batch, d_model, d_inner):
 def test_mamba_norms_first_block_and_biases(rms_norm, residual, biases):
     params = mamba_params(2, 64, 128, rms_norm=rms_norm, biases=biases, d_state=5, dt_rank=3, width=3)
     check_kernel_against_reference(mamba_block_step, mamba_block_step_ref, 2, 64, params, residual=residual)
+
+
+# in_proj, x_proj, dt_proj and out_proj's weights among mamba_params.
+MAMBA_PROJECTIONS = (4, 9, 10, 15)
+
+
+def quantized_mamba_params(params, mode):
+    """``params`` with Mamba-1's four projections quantised (weight-only, ``mode``), their scales appended."""
+    params, scales = list(params), []
+    for i in MAMBA_PROJECTIONS:
+        params[i], scale = quantize_weight(params[i], mode)
+        scales.append(scale)
+    return tuple(params) + tuple(scales)
+
+
+# batch 17 takes the dequantised weight and the BLAS; d_model 256 the kernel's main loops.
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("batch, d_model", [(1, 64), (3, 256), (17, 64)])
+def test_mamba_quantized_projections_match_reference(mode, batch, d_model):
+    params = quantized_mamba_params(mamba_params(batch, d_model, 2 * d_model, biases=True), mode)
+    check_kernel_against_reference(mamba_block_step, mamba_block_step_ref, batch, d_model, params)
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (-4, None, "in_proj_scale must be a float32 \\(256,\\) tensor for an int8 in_proj_weight, got None"),
+    (-3, torch.ones(3), "x_proj_scale must be a float32 \\(40,\\) tensor"),
+    (-1, torch.ones(64), "out_proj_scale must be None for a torch.float32 out_proj_weight"),
+])
+def test_mamba_quantized_projections_are_checked(index, value, match):
+    params = list(quantized_mamba_params(mamba_params(2, 64, 128), "int8"))
+    if index == -1:
+        params[15] = rand(64, 128)  # a float32 out_proj with a scale
+    params[index] = value
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        mamba_block_step(rand(2, 64), None, *params, backend="cpu")
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -352,6 +390,22 @@ def test_decode_step_matches_reference(batch):
                 for a, b in zip(ours, theirs):
                     if isinstance(a, torch.Tensor):
                         assert_close(a, b, msg=f"states after step {t}")
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quantized_decode_step_matches_reference(mode):
+    embedding, blocks, final_norm = stack(2)
+    blocks = [(op, quantized_mamba_params(params, mode) if op == "mamba_block_step" else params) for op, params in blocks]
+    embedding, embedding_scale = quantize_weight(embedding, mode)
+    twin = [(op, clone(params)) for op, params in blocks]
+    step = prepare_decode_step(embedding, 37, blocks, final_norm, embedding_scale=embedding_scale, backend="cpu")
+    with torch.no_grad():
+        for t in range(3):
+            ids = torch.randint(0, 37, (2,))
+            expected = decode_step_ref(ids, embedding, 37, twin, final_norm, 4 + t, embedding_scale=embedding_scale)
+            assert_close(step(ids, 4 + t), expected, msg=f"step {t}")
+    with pytest.raises(ValueError, match="embedding_scale must be a float32 \\(40,\\) tensor for an int8 embedding, got None"):
+        prepare_decode_step(embedding if mode == "int8" else embedding.to(torch.int8), 37, blocks, final_norm)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -112,8 +112,11 @@ def test_cases_the_kernel_does_not_serve_go_to_linear(case, monkeypatch):
     assert len(calls) == 1
 
 
-def test_threads_agree_bitwise():
-    x, weight = torch.randn(8, 768), torch.randn(3072, 768)
+# From 8 rows the kernel takes wider tiles (3 weight rows by 8 rows of x); 3071 weight rows leave
+# a partial tile at each thread's end, and 13 rows of x a narrower tile after the wide one.
+@pytest.mark.parametrize("rows, out", [(8, 3072), (8, 3071), (13, 3071)])
+def test_threads_agree_bitwise(rows, out):
+    x, weight = torch.randn(rows, 768), torch.randn(out, 768)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -18,11 +18,18 @@ mlp_block_step_cpu = _ops.mlp_block_step.default
 attention_block_step_cpu = _ops.attention_block_step.default
 
 
-def bind_decode_step_cpu(embedding, vocab_size, blocks, final_norm, timed):
+# mamba_block_step's arguments after residual: its params, the last ones (the scales of
+# quantised weights) None by default in the op, but required by DecodeStep.add_mamba_block.
+_MAMBA_PARAMS = len(_ops.mamba_block_step.default._schema.arguments) - 2
+
+
+def bind_decode_step_cpu(embedding, embedding_scale, vocab_size, blocks, final_norm, timed):
     """``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``: the whole step,
     one C++ call (``timed``: also the seconds of each part)."""
-    decoder = torch.classes.lnlm_ssm.DecodeStep(embedding, vocab_size, *final_norm)
+    decoder = torch.classes.lnlm_ssm.DecodeStep(embedding, embedding_scale, vocab_size, *final_norm)
     for op, params in blocks:
+        if op == "mamba_block_step":
+            params = tuple(params) + (None,) * (_MAMBA_PARAMS - len(params))
         getattr(decoder, "add_" + op.removesuffix("_step"))(*params)
     run = decoder.timed_step if timed else decoder.step
 

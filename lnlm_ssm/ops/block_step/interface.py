@@ -25,7 +25,10 @@ decode loop calls once per token: from Python, one call per block cost ~25 us ea
 
 ``params`` are the function's arguments after ``residual``, in order (the
 references' signatures). Float32 on the CPU only (the "cpu" kernel; the reference
-runs anywhere); inference only: a call that would need a backward raises.
+runs anywhere), but for weight-only quantised weights (``lnlm_ssm.quantize_``'s int8
+with a per-row scale, or bf16) in Mamba-1's projections and the embedding, whose
+kernel reads them as ``weight_only_linear`` does; inference only: a call that would
+need a backward raises.
 """
 
 from __future__ import annotations
@@ -61,17 +64,17 @@ register(
 )
 
 
-def _bind_decode_step_ref(embedding, vocab_size, blocks, final_norm, timed):
+def _bind_decode_step_ref(embedding, embedding_scale, vocab_size, blocks, final_norm, timed):
     if not timed:
         return lambda input_ids, past=0, positions=None, key_mask=None: decode_step_ref(
-            input_ids, embedding, vocab_size, blocks, final_norm, past, positions, key_mask
+            input_ids, embedding, vocab_size, blocks, final_norm, past, positions, key_mask, embedding_scale
         )
 
     def timed_step(input_ids, past=0, positions=None, key_mask=None):
         # decode_step_ref, part by part, each timed.
         context = (past, decode_positions(input_ids, past, positions), key_mask)
         t0 = time.perf_counter()
-        hidden, residual = embed_ref(input_ids, embedding, vocab_size), None
+        hidden, residual = embed_ref(input_ids, embedding, vocab_size, embedding_scale), None
         seconds = [time.perf_counter() - t0]
         for op, params in blocks:
             t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def _bind_decode_step_ref(embedding, vocab_size, blocks, final_norm, timed):
     return timed_step
 
 
-# Its kernels bind: (embedding, vocab_size, blocks, final_norm, timed) -> step(input_ids, past, positions, key_mask).
+# Its kernels bind: (embedding, embedding_scale, vocab_size, blocks, final_norm, timed) -> step(input_ids, past, positions, key_mask).
 register("decode_step", {"reference": _bind_decode_step_ref, "cpu": "lnlm_ssm.ops.block_step.cpu:bind_decode_step_cpu"})
 
 NO_BACKWARD = (
@@ -100,6 +103,26 @@ def _check_fp32(named: dict) -> None:
     for name, t in named.items():
         if t is not None and t.dtype != torch.float32:
             raise TypeError(f"{name} must be float32 (the block steps compute in fp32), got {t.dtype}")
+
+
+def _floating(weight) -> bool:
+    """Whether Shapes.bind should ask ``weight`` for a float dtype: not for an int8 (quantised) one."""
+    return not (isinstance(weight, torch.Tensor) and weight.dtype == torch.int8)
+
+
+def _check_weight_format(name: str, weight, scale_name: str, scale) -> None:
+    """A weight float32 (scale None), or weight-only quantised: int8 with its fp32 scale (out,), or bf16 (None)."""
+    if weight.dtype == torch.int8:
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.shape != weight.shape[:1]:
+            got = "None" if not isinstance(scale, torch.Tensor) else f"{scale.dtype} {tuple(scale.shape)}"
+            raise ValueError(f"{scale_name} must be a float32 ({weight.shape[0]},) tensor for an int8 {name}, got {got}")
+        if not scale.is_contiguous():
+            raise ValueError(f"{scale_name} must be contiguous, got strides {scale.stride()}")
+    elif weight.dtype in (torch.float32, torch.bfloat16):
+        if scale is not None:
+            raise ValueError(f"{scale_name} must be None for a {weight.dtype} {name} (int8 weights have one)")
+    else:
+        raise TypeError(f"{name} must be float32, or int8 or bfloat16 (weight-only quantised), got {weight.dtype}")
 
 
 def _check_norm(shapes: Shapes, norm_weight, norm_bias, norm_eps, rms_norm) -> None:
@@ -126,32 +149,37 @@ def _check_conv_state(shapes: Shapes, conv_state, channels: str) -> None:
 
 def _check_mamba(
     norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
-    x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias,
+    x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias, in_proj_scale=None,
+    x_proj_scale=None, dt_proj_scale=None, out_proj_scale=None,
 ) -> Shapes:
     shapes = Shapes()
     _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
-    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"), floating=_floating(in_proj_weight))
     shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
     shapes.bind("conv_weight", conv_weight, ("d_inner", "width"))
     shapes.bind_optional("conv_bias", conv_bias, ("d_inner",))
     _check_conv_state(shapes, conv_state, "d_inner")
     shapes.bind("ssm_state", ssm_state, ("batch", "d_inner", "d_state"))
-    shapes.bind("x_proj_weight", x_proj_weight, ("x_proj_out", "d_inner"))
-    shapes.bind("dt_proj_weight", dt_proj_weight, ("d_inner", "dt_rank"))
+    shapes.bind("x_proj_weight", x_proj_weight, ("x_proj_out", "d_inner"), floating=_floating(x_proj_weight))
+    shapes.bind("dt_proj_weight", dt_proj_weight, ("d_inner", "dt_rank"), floating=_floating(dt_proj_weight))
     shapes.bind("dt_proj_bias", dt_proj_bias, ("d_inner",))
     shapes.bind("A", A, ("d_inner", "d_state"))
     shapes.bind("D", D, ("d_inner",))
-    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"), floating=_floating(out_proj_weight))
     shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
     d_inner = shapes["d_inner"]
     _check_out("in_proj_weight", shapes["in_proj_out"], "2 * d_inner", 2 * d_inner)
     _check_out("x_proj_weight", shapes["x_proj_out"], "dt_rank + 2 * d_state", shapes["dt_rank"] + 2 * shapes["d_state"])
     _check_fp32(dict(
-        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
-        conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, x_proj_weight=x_proj_weight,
-        dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state,
-        out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_bias=in_proj_bias, conv_weight=conv_weight,
+        conv_bias=conv_bias, conv_state=conv_state, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state,
+        out_proj_bias=out_proj_bias,
     ))
+    for name, weight, scale in (
+        ("in_proj", in_proj_weight, in_proj_scale), ("x_proj", x_proj_weight, x_proj_scale),
+        ("dt_proj", dt_proj_weight, dt_proj_scale), ("out_proj", out_proj_weight, out_proj_scale),
+    ):
+        _check_weight_format(f"{name}_weight", weight, f"{name}_scale", scale)
     # The kernel walks these channel by channel as flat arrays (the caches of allocate_cache are).
     contiguous = dict(conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, x_proj_weight=x_proj_weight,
                       dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state)
@@ -335,15 +363,18 @@ def prepare_block_step(op: str, params: tuple, *, backend: str = "auto") -> Step
 def mamba_block_step(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
     conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight,
-    out_proj_bias, *, backend: str = "auto",
+    out_proj_bias, in_proj_scale=None, x_proj_scale=None, dt_proj_scale=None, out_proj_scale=None, *,
+    backend: str = "auto",
 ):
     """One decode step of a norm + Mamba-1 block: returns (out, new_residual), updates the states in place.
 
-    Arguments and semantics: ``reference.py`` (the glossary there).
+    Arguments and semantics: ``reference.py`` (the glossary there); the scales are those of
+    int8 projection weights (weight-only quantised), None for float32 and bf16 ones.
     """
     params = (
         norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
-        x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias,
+        x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight, out_proj_bias, in_proj_scale,
+        x_proj_scale, dt_proj_scale, out_proj_scale,
     )
     return prepare_block_step("mamba_block_step", params, backend=backend)(hidden_states, residual)
 
@@ -408,8 +439,8 @@ def attention_block_step(
 
 
 def prepare_decode_step(
-    embedding: torch.Tensor, vocab_size: int, blocks: list, final_norm: tuple, *, backend: str = "auto",
-    timed: bool = False,
+    embedding: torch.Tensor, vocab_size: int, blocks: list, final_norm: tuple, *, embedding_scale=None,
+    backend: str = "auto", timed: bool = False,
 ) -> Callable:
     """A whole decode step, checked once:
     ``step(input_ids (batch,), past, positions=None, key_mask=None) -> (batch, d_model)``.
@@ -422,13 +453,15 @@ def prepare_decode_step(
     output plus its residual. The step's ``past`` (the new position's cache slot),
     ``positions`` (batch,) int64 (its rotary positions; None: past) and ``key_mask``
     (batch, past + 1) bool (the real keys; None: all) are for the attention blocks, and
-    are checked by the kernel. See ``decode_step_ref``. With ``timed`` the step returns
+    are checked by the kernel. See ``decode_step_ref``. The embedding may be weight-only
+    quantised as Mamba-1's projections may: int8 with ``embedding_scale``
+    (padded_vocab_size,), or bf16. With ``timed`` the step returns
     ``(out, seconds)``, seconds (2 + len(blocks),) float64: the time of the embedding,
     of each block, and of the final norm (for benchmarks).
     """
     shapes = Shapes()
-    shapes.bind("embedding", embedding, ("padded_vocab_size", "d_model"))
-    _check_fp32(dict(embedding=embedding))
+    shapes.bind("embedding", embedding, ("padded_vocab_size", "d_model"), floating=_floating(embedding))
+    _check_weight_format("embedding", embedding, "embedding_scale", embedding_scale)
     if not embedding.is_contiguous():
         raise ValueError(f"embedding must be contiguous, got strides {embedding.stride()}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 0 < vocab_size <= embedding.shape[0]:
@@ -447,4 +480,4 @@ def prepare_decode_step(
     _check_norm(shapes, *final_norm)
     _check_fp32(dict(zip(("final norm weight", "final norm bias"), final_norm[:2])))
     bind = resolve("decode_step", backend_for("decode_step", backend), shapes.device, dtype=torch.float32)
-    return bind(embedding, vocab_size, blocks, final_norm, timed)
+    return bind(embedding, embedding_scale, vocab_size, blocks, final_norm, timed)

@@ -31,7 +31,13 @@ A block is ``norm -> mixer`` (or ``norm2 -> mlp``) on the residual stream (see
 A whole decode step (``decode_step_ref``) is the token embedding of one id per row,
 the blocks in turn, and the final norm of out + h.
 
-Glossary (b = batch; everything float32):
+Mamba-1's four projections may be weight-only quantised (``lnlm_ssm.quantize_``):
+a weight int8 with its per-row scale (``in_proj_scale`` ... ``out_proj_scale``, the
+step's last arguments, None for other weights), or bf16; the product is
+``weight_only_linear_ref``'s, everything else stays float32. So may the embedding
+of ``decode_step_ref`` (``embedding_scale``).
+
+Glossary (b = batch; everything float32 unless quantised as above):
 
 =====================  ======================================  ==============================================
 argument               shape                                   meaning
@@ -69,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from lnlm_ssm.ops.conv1d.reference import causal_conv1d_update_ref
+from lnlm_ssm.ops.linear.reference import dequantize_weight, weight_only_linear_ref
 from lnlm_ssm.ops.norm.reference import layer_norm_ref, rms_norm_gated_ref, rms_norm_ref
 from lnlm_ssm.ops.state_update.reference import selective_state_update_ref
 
@@ -79,21 +86,27 @@ def add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_
     return norm(hidden_states, norm_weight, norm_bias, residual=residual, eps=norm_eps, prenorm=True, upcast=True)
 
 
+def _project(x, weight, scale, bias=None):
+    """``F.linear``, or ``weight_only_linear_ref`` for a weight-only quantised weight (int8 with ``scale``, bf16)."""
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    return weight_only_linear_ref(x, weight, scale, bias)
+
+
 def mamba_block_step_ref(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
     conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_proj_weight,
-    out_proj_bias,
+    out_proj_bias, in_proj_scale=None, x_proj_scale=None, dt_proj_scale=None, out_proj_scale=None,
 ):
     """A norm + Mamba-1 block's decode step; see the module docstring."""
     n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
-    x, z = F.linear(n, in_proj_weight, in_proj_bias).chunk(2, dim=-1)
+    x, z = _project(n, in_proj_weight, in_proj_scale, in_proj_bias).chunk(2, dim=-1)
     x = causal_conv1d_update_ref(x, conv_state, conv_weight, conv_bias, activation="silu")
     dt_rank, d_state = dt_proj_weight.shape[1], A.shape[1]
-    delta, B, C = F.linear(x, x_proj_weight).split([dt_rank, d_state, d_state], dim=-1)
-    y = selective_state_update_ref(
-        ssm_state, x, F.linear(delta, dt_proj_weight), A, B, C, D, z, dt_bias=dt_proj_bias, dt_softplus=True
-    )
-    return F.linear(y, out_proj_weight, out_proj_bias), h
+    delta, B, C = _project(x, x_proj_weight, x_proj_scale).split([dt_rank, d_state, d_state], dim=-1)
+    dt = _project(delta, dt_proj_weight, dt_proj_scale)
+    y = selective_state_update_ref(ssm_state, x, dt, A, B, C, D, z, dt_bias=dt_proj_bias, dt_softplus=True)
+    return _project(y, out_proj_weight, out_proj_scale, out_proj_bias), h
 
 
 def mamba2_block_step_ref(
@@ -205,11 +218,15 @@ def call_block_step(step, op, hidden_states, residual, params, context):
     return step(hidden_states, residual, *params)
 
 
-def embed_ref(input_ids, embedding, vocab_size):
-    """The rows of ``embedding`` (padded_vocab_size, d_model) of ``input_ids`` (batch,) in [0, vocab_size)."""
+def embed_ref(input_ids, embedding, vocab_size, embedding_scale=None):
+    """The rows of ``embedding`` (padded_vocab_size, d_model) of ``input_ids`` (batch,) in [0, vocab_size), in fp32
+    (a quantised embedding's rows as they stand: int8 times ``embedding_scale``, or bf16)."""
     if not bool(((input_ids >= 0) & (input_ids < vocab_size)).all()):
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {input_ids.tolist()}")
-    return F.embedding(input_ids, embedding)
+    if embedding.dtype == torch.float32:
+        return F.embedding(input_ids, embedding)
+    scale = None if embedding_scale is None else embedding_scale[input_ids]
+    return dequantize_weight(embedding[input_ids], scale)
 
 
 def decode_positions(input_ids, past, positions):
@@ -217,16 +234,18 @@ def decode_positions(input_ids, past, positions):
     return torch.full(input_ids.shape, past, dtype=torch.int64) if positions is None else positions
 
 
-def decode_step_ref(input_ids, embedding, vocab_size, blocks, final_norm, past=0, positions=None, key_mask=None):
+def decode_step_ref(
+    input_ids, embedding, vocab_size, blocks, final_norm, past=0, positions=None, key_mask=None, embedding_scale=None
+):
     """The final norm's output (batch, d_model) for ``input_ids`` (batch,) in [0, vocab_size).
 
     ``embedding`` (padded_vocab_size, d_model); ``blocks``: (op name, params) pairs, each
     op's arguments after ``residual`` (an attention block's without past, positions and
     key_mask, which the step gives them all); ``final_norm``: (weight, bias, eps, rms_norm).
-    ``positions`` None: ``past`` for every row.
+    ``positions`` None: ``past`` for every row; ``embedding_scale``: an int8 embedding's.
     """
     context = (past, decode_positions(input_ids, past, positions), key_mask)
-    hidden, residual = embed_ref(input_ids, embedding, vocab_size), None
+    hidden, residual = embed_ref(input_ids, embedding, vocab_size, embedding_scale), None
     for op, params in blocks:
         hidden, residual = call_block_step(BLOCK_STEPS[op], op, hidden, residual, params, context)
     return add_norm_ref(hidden, residual, *final_norm)[0]
