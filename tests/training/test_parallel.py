@@ -37,13 +37,16 @@ pytestmark = pytest.mark.skipif(
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-# Two layers, each splittable in two: Mamba-2 with 2 groups, attention with GQA (4 query, 2 kv heads), an MLP.
+# Two layers, each splittable in two: Mamba-2 with 2 groups, attention with GQA (4 query, 2 kv heads), an MLP;
+# Mamba-1 (128 channels).
 SSM = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16, "ngroups": 2}
+MAMBA1 = {"layer": "Mamba1", "d_state": 16}
 ATTN = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 16}
 MODELS = {
     "mamba2-tiny": dict(d_model=64, n_layer=2, ssm_cfg=SSM),
     "hybrid-tiny": dict(d_model=64, n_layer=2, layer_pattern="MA", d_intermediate=128, ssm_cfg=SSM, attn_cfg=ATTN),
     "gpt-tiny": dict(d_model=64, n_layer=2, d_intermediate=128, attn_cfg=ATTN),
+    "mamba-tiny": dict(d_model=64, n_layer=2, ssm_cfg=MAMBA1),
 }
 FLAGS = dict(
     steps=3, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, ckpt_every=3, log_every=1, backend="cpu",
@@ -64,7 +67,7 @@ FLAGS = dict(
          "attn_cfg num_heads_kv = 1 must be divisible by tensor_parallel = 2"),
         (dict(layer_pattern="A", attn_cfg={**ATTN, "num_heads": 6, "num_heads_kv": 3}), 3, r"d_intermediate \(rounded up to a multiple of 128\) = 128 must be divisible "
                                       "by tensor_parallel = 3"),
-        (dict(ssm_cfg={"layer": "Mamba1"}), 2, r"this model has \['Mamba1'\] layers"),
+        (dict(ssm_cfg=MAMBA1), 3, r"ssm_cfg d_inner \(expand \* d_model\) = 128 must be divisible by tensor_parallel = 3"),
     ],
 )
 def test_a_config_that_cannot_be_split_names_the_field(overrides, tp, message):
@@ -199,12 +202,12 @@ LAYOUTS = {
     "dp2-tp2-fsdp": (4, dict(tensor_parallel=2, distributed="fsdp")),
     "dp2-pp2-ddp": (4, dict(pipeline_parallel=2, distributed="ddp")),
 }
-FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b")}
+FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b"), ("mamba-tiny", "tp2")}
 CASES = [
     pytest.param(name, layout, marks=() if (name, layout) in FAST else pytest.mark.slow)
     for layout in LAYOUTS
     for name in MODELS
-    if not (layout.startswith("dp2") and name != "hybrid-tiny")
+    if not (layout.startswith("dp2") and name != "hybrid-tiny") and not (name == "mamba-tiny" and layout != "tp2")
 ]
 
 

@@ -3,7 +3,7 @@
 Megatron's scheme, expressed on DTensor and applied with ``parallelize_module``:
 
 - a mixer (Mamba-2 or attention) or gated MLP keeps whole heads, groups and
-  MLP channels on each rank. Its fused input projection is sharded *per
+  MLP channels on each rank (a Mamba-1 mixer, its channels). Its fused input projection is sharded *per
   segment*: Mamba-2's in_proj rows ``[z, x, B, C, dt]``, attention's ``[q, k, v]``
   and the MLP's ``[value, gate]`` each give rank r their r-th slice, so that the
   rank's rows read ``[z_r, x_r, B_r, C_r, dt_r]``, the layout the unchanged layer
@@ -27,6 +27,9 @@ DTensors, which is what ``clip_grad_norm_``, FSDP2 (DP x TP on a 2-D mesh) and
 
 Collectives per layer and step, forward + backward: two all-reduces of
 (tokens, d_model) per mixer and two per MLP (none for the norms or the head).
+A Mamba-1 mixer has two more, of (tokens, dt_rank + 2 * d_state): its x_proj
+reduces over all channels mid-layer, so its output is summed over the ranks in
+the forward and its gradient in the backward (``MambaChannelParallel``).
 
 A segment-sharded parameter is a DTensor ``Shard(dim)`` of the *permuted*
 tensor whose rank-r block is the rank's segments; ``plain_orders`` names the
@@ -39,9 +42,6 @@ a slice that on a row-sharded weight would gather it whole, and the loss is
 taken inside ``MambaLM.forward``, where ``loss_parallel`` would have to enclose
 the loop's backward too. Replicated, they cost ``vocab * d_model`` parameters
 per rank (twice that untied).
-
-Mamba-1 is not split: its x_proj reduces over the sharded channels in the middle
-of the layer, an all-reduce the layer code has no seam for.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from lnlm_ssm.layers.attention import Attention
+from lnlm_ssm.layers.mamba import Mamba
 from lnlm_ssm.layers.mamba2 import Mamba2
 from lnlm_ssm.layers.mlp import GatedMLP
 from lnlm_ssm.models.causal_lm import MambaLM
@@ -62,6 +63,7 @@ from lnlm_ssm.models.config import MambaLMConfig
 
 __all__ = [
     "HeadParallel",
+    "MambaChannelParallel",
     "ReplicatedParallel",
     "TensorParallelError",
     "check_tensor_parallel",
@@ -84,13 +86,10 @@ def check_tensor_parallel(config: MambaLMConfig, tp: int) -> None:
     if tp == 1:
         return
     types = set(config.layer_types())
-    unsupported = sorted(types - {"Mamba2", "Attention"})
-    if unsupported:
-        raise TensorParallelError(
-            f"tensor parallelism splits Mamba-2 and attention layers; this model has {unsupported} layers "
-            "(Mamba-1's x_proj reduces over the split channels mid-layer): train it with data or pipeline parallelism"
-        )
     fields: list[tuple[str, int]] = []
+    if "Mamba1" in types:
+        probe = Mamba(config.d_model, **{k: v for k, v in config.ssm_cfg.items() if k != "layer"}, device="meta")
+        fields.append(("ssm_cfg d_inner (expand * d_model)", probe.d_inner))
     if "Mamba2" in types:
         probe = Mamba2(config.d_model, **{k: v for k, v in config.ssm_cfg.items() if k != "layer"}, device="meta")
         fields += [("ssm_cfg nheads (expand * d_model // headdim)", probe.nheads), ("ssm_cfg ngroups", probe.ngroups)]
@@ -269,13 +268,59 @@ def _attention_style(mixer: Attention, tp: int) -> HeadParallel:
     return HeadParallel(shards, "out_proj.bias" if mixer.out_proj.bias is not None else None, local)
 
 
+class _SplitMamba(Mamba):
+    """A Mamba-1 mixer whose channels are split over ``_tp_mesh``: x_proj's partial outputs are summed."""
+
+    _tp_mesh: DeviceMesh
+
+    def _x_dbl(self, x: torch.Tensor) -> torch.Tensor:
+        # Each rank's channels give a part of dt, B and C: sum them (forward); the whole dt, B and C then feed
+        # every rank's channels, whose gradients are summed in turn (backward).
+        return _enter(_leave(super()._x_dbl(x), self._tp_mesh), self._tp_mesh)
+
+
+class MambaChannelParallel(HeadParallel):
+    """Split a Mamba-1 mixer by channels; ``parallelize_module``'s style for it.
+
+    Mamba-1 is per channel from in_proj to out_proj but for x_proj, which
+    reduces all channels to ``dt_rank + 2 * d_state`` values per token. So
+    in_proj is column-wise per segment (``[x, z]``), the conv, dt_proj (by its
+    output channels), A_log and D are sharded to match, x_proj and out_proj are
+    row-wise, and x_proj's output is summed over the ranks mid-layer: the
+    layer's class becomes a subclass whose ``_x_dbl`` does it.
+    """
+
+    def __init__(self, mixer: Mamba, tp: int) -> None:
+        d_inner = mixer.d_inner
+        shards = {
+            "in_proj.weight": (0, (d_inner, d_inner)),
+            "in_proj.bias": (0, (d_inner, d_inner)),
+            "conv1d.weight": (0, (d_inner,)),
+            "conv1d.bias": (0, (d_inner,)),
+            "x_proj.weight": (1, (d_inner,)),
+            "dt_proj.weight": (0, (d_inner,)),
+            "dt_proj.bias": (0, (d_inner,)),
+            "A_log": (0, (d_inner,)),
+            "D": (0, (d_inner,)),
+            "out_proj.weight": (1, (d_inner,)),
+        }
+        after_reduce = "out_proj.bias" if mixer.out_proj.bias is not None else None
+        super().__init__(shards, after_reduce, dict(d_inner=d_inner // tp))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = super()._apply(module, device_mesh)
+        module.__class__ = _SplitMamba  # as FSDP2's fully_shard swaps the class: same module, one method more
+        module._tp_mesh = device_mesh
+        return module
+
+
 def _mlp_style(mlp: GatedMLP) -> HeadParallel:
     hidden = mlp.fc2.in_features
     shards = {"fc1.weight": (0, (hidden, hidden)), "fc1.bias": (0, (hidden, hidden)), "fc2.weight": (1, (hidden,))}
     return HeadParallel(shards, "fc2.bias" if mlp.fc2.bias is not None else None, {})
 
 
-_MIXER_STYLES = {Mamba2: _mamba2_style, Attention: _attention_style}
+_MIXER_STYLES = {Mamba: MambaChannelParallel, Mamba2: _mamba2_style, Attention: _attention_style}
 
 
 def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
