@@ -16,12 +16,14 @@ formulas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
 
 from lnlm_ssm.models import MambaLM, preset
 from lnlm_ssm.training.distributed import cleanup, setup
@@ -66,7 +68,9 @@ def main() -> None:
         if pipeline is not None:
             pipeline.step(batch)
         else:
-            model(batch, labels=batch).loss.backward()
+            # Tensor parallel logits are sharded by vocabulary: their loss is loss_parallel's.
+            with loss_parallel() if layout.tensor > 1 else contextlib.nullcontext():
+                model(batch, labels=batch).loss.backward()
         optimizer.step()
 
     step()

@@ -171,6 +171,10 @@ class TrainConfig:
             )
         if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
             raise TrainConfigError("tensor_parallel and pipeline_parallel do not compose yet: give one of them")
+        if self.tensor_parallel > 1 and self.objective == "dpo":
+            raise TrainConfigError(
+                "the dpo objective reads the logits, which tensor_parallel shards by vocabulary: give tensor_parallel 1"
+            )
         if not self.lr > 0:
             raise TrainConfigError(f"lr must be > 0; got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

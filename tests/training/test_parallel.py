@@ -38,7 +38,8 @@ pytestmark = pytest.mark.skipif(
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # Two layers, each splittable in two: Mamba-2 with 2 groups, attention with GQA (4 query, 2 kv heads), an MLP;
-# Mamba-1 (128 channels).
+# Mamba-1 (128 channels), with an untied head. Every one splits its embedding and head by vocabulary: 257
+# byte ids padded to 264 rows.
 SSM = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16, "ngroups": 2}
 MAMBA1 = {"layer": "Mamba1", "d_state": 16}
 ATTN = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 16}
@@ -46,7 +47,7 @@ MODELS = {
     "mamba2-tiny": dict(d_model=64, n_layer=2, ssm_cfg=SSM),
     "hybrid-tiny": dict(d_model=64, n_layer=2, layer_pattern="MA", d_intermediate=128, ssm_cfg=SSM, attn_cfg=ATTN),
     "gpt-tiny": dict(d_model=64, n_layer=2, d_intermediate=128, attn_cfg=ATTN),
-    "mamba-tiny": dict(d_model=64, n_layer=2, ssm_cfg=MAMBA1),
+    "mamba-tiny": dict(d_model=64, n_layer=2, ssm_cfg=MAMBA1, tie_embeddings=False),
 }
 FLAGS = dict(
     steps=3, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, ckpt_every=3, log_every=1, backend="cpu",
@@ -115,6 +116,8 @@ def test_config_rejects_what_pipelines_do_not_run():
         TrainConfig(pipeline_parallel=2, grad_accum=2)
     with pytest.raises(TrainConfigError, match="do not compose yet"):
         TrainConfig(pipeline_parallel=2, tensor_parallel=2)
+    with pytest.raises(TrainConfigError, match="the dpo objective reads the logits, which tensor_parallel shards"):
+        TrainConfig(tensor_parallel=2, objective="dpo")
     with pytest.raises(TrainConfigError, match="tensor_parallel must be >= 1; got 0"):
         TrainConfig(tensor_parallel=0)
     with pytest.raises(TrainConfigError, match="pp_schedule must be one of"):
@@ -152,7 +155,7 @@ def cli_flags(name: str, corpus, out, **extra) -> list[str]:
     import json
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FLAGS, **extra}.items()]
-    flags += [f"--model={k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in MODELS[name].items()]
+    flags += [f"--model={k}={json.dumps(v)}" for k, v in MODELS[name].items()]
     return [*flags, f"--preset={name}", f"--data={corpus}", f"--out={out}"]
 
 

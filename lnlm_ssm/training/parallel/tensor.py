@@ -14,8 +14,13 @@ Megatron's scheme, expressed on DTensor and applied with ``parallelize_module``:
   sums the input gradient over the ranks, and its output leaves it by a sum
   over the ranks (one all-reduce per mixer and per MLP, each way); the output
   projection's bias is added once, after the sum;
-- the embedding, the norms and the LM head are replicated (see "Vocab-parallel"
-  below).
+- the embedding and the LM head are split by vocabulary rows (vocab-parallel,
+  torch's ``RowwiseParallel`` and ``ColwiseParallel``; a tied pair stays one
+  parameter): each rank looks up the ids in its rows and the lookups are
+  summed; its logits are a DTensor sharded by vocabulary, the padding rows at
+  -inf, whose cross entropy ``loss_parallel`` takes without gathering them (the
+  caller enters it around the forward and the backward; the loss it returns is
+  a plain tensor, the same on every rank). The norms are replicated.
 
 The layer code is the single-process code: it runs on its parameters' local
 shards (a forward pre-hook puts each DTensor parameter's ``to_local()`` in its
@@ -26,7 +31,9 @@ DTensors, which is what ``clip_grad_norm_``, FSDP2 (DP x TP on a 2-D mesh) and
 ``torch.distributed.checkpoint`` expect.
 
 Collectives per layer and step, forward + backward: two all-reduces of
-(tokens, d_model) per mixer and two per MLP (none for the norms or the head).
+(tokens, d_model) per mixer and two per MLP (none for the norms). The embedding
+and the head add one each of (tokens, d_model), and ``loss_parallel`` three of
+(tokens,) in the forward (the max, the sum of exponentials, the label's logit).
 A Mamba-1 mixer has two more, of (tokens, dt_rank + 2 * d_state): its x_proj
 reduces over all channels mid-layer, so its output is summed over the ranks in
 the forward and its gradient in the backward (``MambaChannelParallel``).
@@ -35,13 +42,6 @@ A segment-sharded parameter is a DTensor ``Shard(dim)`` of the *permuted*
 tensor whose rank-r block is the rank's segments; ``plain_orders`` names the
 permutation of each, and ``to_plain``/``from_plain`` convert full state dicts,
 so checkpoints hold the plain model's layout.
-
-Vocab-parallel embedding and head (``loss_parallel``) are not done: the LM head
-multiplies only the real vocabulary's rows of its padded weight (``lm_logits``),
-a slice that on a row-sharded weight would gather it whole, and the loss is
-taken inside ``MambaLM.forward``, where ``loss_parallel`` would have to enclose
-the loop's backward too. Replicated, they cost ``vocab * d_model`` parameters
-per rank (twice that untied).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.mamba import Mamba
@@ -96,6 +96,7 @@ def check_tensor_parallel(config: MambaLMConfig, tp: int) -> None:
     if "Attention" in types:
         probe = Attention(config.d_model, **config.attn_cfg, device="meta")
         fields += [("attn_cfg num_heads", probe.num_heads), ("attn_cfg num_heads_kv", probe.num_heads_kv)]
+    fields.append(("vocab_size padded to a multiple of pad_vocab_size_multiple", config.padded_vocab_size))
     if config.d_intermediate > 0:
         hidden = GatedMLP(config.d_model, hidden_features=config.d_intermediate, device="meta").fc2.in_features
         fields.append(("d_intermediate (rounded up to a multiple of 128)", hidden))
@@ -335,7 +336,11 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         raise ValueError(f"mesh must be the 1-D tensor-parallel mesh; got {mesh.ndim} dimensions")
     tp = mesh.size()
     check_tensor_parallel(model.config, tp)
-    plan: dict[str, ParallelStyle] = {"backbone.embedding": ReplicatedParallel(), "backbone.norm_f": ReplicatedParallel()}
+    plan: dict[str, ParallelStyle] = {
+        "backbone.embedding": RowwiseParallel(input_layouts=Replicate()),
+        "backbone.norm_f": ReplicatedParallel(),
+        "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+    }
     for i, block in enumerate(model.backbone.layers):
         plan[f"backbone.layers.{i}.norm"] = ReplicatedParallel()
         plan[f"backbone.layers.{i}.mixer"] = _MIXER_STYLES[type(block.mixer)](block.mixer, tp)
@@ -343,19 +348,39 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
             plan[f"backbone.layers.{i}.norm2"] = ReplicatedParallel()
             plan[f"backbone.layers.{i}.mlp"] = _mlp_style(block.mlp)
     parallelize_module(model, mesh, plan)
-    if model.config.tie_embeddings:
+    config = model.config
+    if config.tie_embeddings:  # the head was split as a copy: one parameter again, the embedding's
         model.lm_head.weight = model.backbone.embedding.weight
-    else:
-        _distribute(model, "lm_head.weight", mesh, Replicate())
-    # MambaLM reads the head's weight itself (lm_logits), not through the head's forward: show it from the top.
-    _register_head_views(model)
+    model.__class__ = _VocabParallelLM  # as FSDP2's fully_shard swaps the class: same module, its logits split
+    model._vocab_padding = None
+    if config.padded_vocab_size > config.vocab_size:
+        padding = torch.zeros(config.padded_vocab_size, device=model.lm_head.weight.device)
+        padding[config.vocab_size:] = float("-inf")
+        model._vocab_padding = distribute_tensor(padding, mesh, [Shard(0)])
     return model
 
 
-def _register_head_views(model: nn.Module) -> None:
-    views = _LocalViews(model.lm_head)
-    model.register_forward_pre_hook(lambda module, args: views.show())
-    model.register_forward_hook(lambda module, args, output: views.hide(), always_call=True)
+class _VocabParallelLM(MambaLM):
+    """A MambaLM whose embedding and LM head are split by vocabulary rows (see the module docstring).
+
+    ``logits`` is a DTensor sharded by vocabulary, the padding rows' logits
+    -inf (they take no probability, as when the plain model leaves them out);
+    the loss is taken on it under ``loss_parallel``, which the caller enters
+    around the forward and the backward, and returned as a plain tensor: the
+    whole value on every rank.
+    """
+
+    _vocab_padding: Optional[DTensor]
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden_states)
+        return logits if self._vocab_padding is None else logits + self._vocab_padding
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss.to_local()
+        return out
 
 
 def plain_orders(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
