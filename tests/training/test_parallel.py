@@ -68,6 +68,8 @@ FLAGS = dict(
          "attn_cfg num_heads_kv = 1 must be divisible by tensor_parallel = 2"),
         (dict(layer_pattern="A", attn_cfg={**ATTN, "num_heads": 6, "num_heads_kv": 3}), 3, r"d_intermediate \(rounded up to a multiple of 128\) = 128 must be divisible "
                                       "by tensor_parallel = 3"),
+        (dict(pad_vocab_size_multiple=1), 2,
+         "vocab_size padded to a multiple of pad_vocab_size_multiple = 257 must be divisible by tensor_parallel = 2"),
         (dict(ssm_cfg=MAMBA1), 3, r"ssm_cfg d_inner \(expand \* d_model\) = 128 must be divisible by tensor_parallel = 3"),
     ],
 )
