@@ -70,7 +70,8 @@ FLAGS = dict(
                                       "by tensor_parallel = 3"),
         (dict(pad_vocab_size_multiple=1), 2,
          "vocab_size padded to a multiple of pad_vocab_size_multiple = 257 must be divisible by tensor_parallel = 2"),
-        (dict(ssm_cfg=MAMBA1), 3, r"ssm_cfg d_inner \(expand \* d_model\) = 128 must be divisible by tensor_parallel = 3"),
+        (dict(ssm_cfg=MAMBA1), 3,
+         r"ssm_cfg d_inner \(expand \* d_model\) = 128 must be divisible by tensor_parallel = 3"),
     ],
 )
 def test_a_config_that_cannot_be_split_names_the_field(overrides, tp, message):

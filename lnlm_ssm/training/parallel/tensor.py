@@ -1,12 +1,13 @@
-"""Tensor parallelism for MambaLM: every mixer and MLP split by heads over one dimension of a device mesh.
+"""Tensor parallelism for MambaLM: mixers and MLPs split by heads, embedding and head by vocabulary, over a mesh.
 
 Megatron's scheme, expressed on DTensor and applied with ``parallelize_module``:
 
 - a mixer (Mamba-2 or attention) or gated MLP keeps whole heads, groups and
-  MLP channels on each rank (a Mamba-1 mixer, its channels). Its fused input projection is sharded *per
-  segment*: Mamba-2's in_proj rows ``[z, x, B, C, dt]``, attention's ``[q, k, v]``
-  and the MLP's ``[value, gate]`` each give rank r their r-th slice, so that the
-  rank's rows read ``[z_r, x_r, B_r, C_r, dt_r]``, the layout the unchanged layer
+  MLP channels on each rank (a Mamba-1 mixer, its share of the channels). Its
+  fused input projection is sharded *per segment*: Mamba-2's in_proj rows
+  ``[z, x, B, C, dt]``, attention's ``[q, k, v]``, Mamba-1's ``[x, z]`` and the
+  MLP's ``[value, gate]`` each give rank r their r-th slice, so that the rank's
+  rows read ``[z_r, x_r, B_r, C_r, dt_r]``, the layout the unchanged layer
   code splits. Conv channels, A_log, D, dt_bias and the gated norm's weight are
   sharded to match (the norm is per group, and groups do not straddle ranks);
   the output projection is sharded by its input columns (row-wise);
@@ -329,6 +330,9 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
     Every rank must build the same model (rank 0's values are the ones kept).
     Checks the config first (``check_tensor_parallel``). Make the optimizer after.
+    The model's logits are then a DTensor sharded by vocabulary: take its loss
+    (``labels=``) inside ``torch.distributed.tensor.parallel.loss_parallel()``,
+    forward and backward.
     """
     if not isinstance(model, MambaLM):
         raise TensorParallelError(f"tensor parallelism splits MambaLM models; got a {type(model).__name__}")
