@@ -319,7 +319,9 @@ class _Run:
         self.layout = Layout.of(self.info, tensor=self.config.tensor_parallel, pipeline=self.config.pipeline_parallel)
         self.pipeline = None
         if self.layout.tensor > 1:
-            tensor_parallel(model.to(self.device), self.layout.mesh["tp"])
+            tensor_parallel(
+                model.to(self.device), self.layout.mesh["tp"], sequence_parallel=self.config.sequence_parallel
+            )
         if self.layout.pipeline > 1:
             self.pipeline = Pipeline(model.to(self.device), self.layout, self.device)
             model = self.pipeline.module

@@ -119,6 +119,10 @@ def test_config_rejects_what_pipelines_do_not_run():
         TrainConfig(pipeline_parallel=2, grad_accum=2)
     with pytest.raises(TrainConfigError, match="do not compose yet"):
         TrainConfig(pipeline_parallel=2, tensor_parallel=2)
+    with pytest.raises(TrainConfigError, match="it needs tensor_parallel > 1 dividing seq_len and objective clm"):
+        TrainConfig(tensor_parallel=2, sequence_parallel=True, seq_len=33)
+    with pytest.raises(TrainConfigError, match="got tensor_parallel 1, seq_len 32"):
+        TrainConfig(sequence_parallel=True, seq_len=32)
     with pytest.raises(TrainConfigError, match="the dpo objective reads the logits, which tensor_parallel shards"):
         TrainConfig(tensor_parallel=2, objective="dpo")
     with pytest.raises(TrainConfigError, match="tensor_parallel must be >= 1; got 0"):
@@ -157,7 +161,10 @@ def rows(out):
 def cli_flags(name: str, corpus, out, **extra) -> list[str]:
     import json
 
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FLAGS, **extra}.items()]
+    flags = [
+        f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+        for k, v in {**FLAGS, **extra}.items()
+    ]
     flags += [f"--model={k}={json.dumps(v)}" for k, v in MODELS[name].items()]
     return [*flags, f"--preset={name}", f"--data={corpus}", f"--out={out}"]
 
@@ -202,13 +209,15 @@ def check_run(out, reference):
 
 LAYOUTS = {
     "tp2": (2, dict(tensor_parallel=2)),
+    "tp2-sp": (2, dict(tensor_parallel=2, sequence_parallel=True)),
     "pp2-1f1b": (2, dict(pipeline_parallel=2, pp_schedule="1f1b")),
     "pp2-gpipe": (2, dict(pipeline_parallel=2, pp_schedule="gpipe")),
     "dp2-tp2-ddp": (4, dict(tensor_parallel=2, distributed="ddp")),
     "dp2-tp2-fsdp": (4, dict(tensor_parallel=2, distributed="fsdp")),
+    "dp2-tp2-sp-fsdp": (4, dict(tensor_parallel=2, sequence_parallel=True, distributed="fsdp")),
     "dp2-pp2-ddp": (4, dict(pipeline_parallel=2, distributed="ddp")),
 }
-FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b"), ("mamba-tiny", "tp2")}
+FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b"), ("mamba-tiny", "tp2"), ("hybrid-tiny", "tp2-sp")}
 CASES = [
     pytest.param(name, layout, marks=() if (name, layout) in FAST else pytest.mark.slow)
     for layout in LAYOUTS

@@ -23,6 +23,14 @@ Megatron's scheme, expressed on DTensor and applied with ``parallelize_module``:
   caller enters it around the forward and the backward; the loss it returns is
   a plain tensor, the same on every rank). The norms are replicated.
 
+Sequence parallelism (``sequence_parallel=True``, Megatron's): between the
+split layers, the hidden states and the residual stream are each rank's slice
+of the sequence, so the norms (whose weights' gradients are then summed over
+the ranks) and the activations they keep are divided too. A mixer or MLP
+all-gathers its input along the sequence instead of taking it whole, and
+reduce-scatters its output instead of all-reducing it (the same bytes); the
+embedding's output is reduce-scattered and the head's input all-gathered.
+
 The layer code is the single-process code: it runs on its parameters' local
 shards (a forward pre-hook puts each DTensor parameter's ``to_local()`` in its
 place; the post-hook takes it away), with its head counts set to the rank's.
@@ -128,18 +136,36 @@ def _leave(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
 
 
-class _LocalViews:
-    """Forward hooks that show ``module``'s code the local shards of the DTensor parameters below it."""
+def _gather_sequence(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The whole sequence from each rank's slice ``x`` (dim 1); the gradient is summed and sliced again."""
+    dtensor = DTensor.from_local(x, mesh, [Shard(1)], run_check=False)
+    return dtensor.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
-    def __init__(self, module: nn.Module, hidden: tuple[str, ...] = ()) -> None:
+
+def _scatter_sequence(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's slice (dim 1) of the sum over the ranks of their partial outputs ``x``."""
+    return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+
+class _LocalViews:
+    """Forward hooks that show ``module``'s code the local shards of the DTensor parameters below it.
+
+    ``partial_grads``: the code sees only this rank's slice of the sequence, so
+    the gradient of a replicated parameter is one part of the whole.
+    """
+
+    def __init__(self, module: nn.Module, hidden: tuple[str, ...] = (), partial_grads: bool = False) -> None:
         self.module = module
         self.hidden = hidden  # parameters the code must not see (a bias added after the reduction)
+        self.grad_placements = [Partial()] if partial_grads else None
         self.views: dict[str, Optional[torch.Tensor]] = {}
 
     def show(self) -> None:
         for name, param in self.module.named_parameters():
             if isinstance(param, DTensor):
-                self.views[name] = None if name in self.hidden else param.to_local()
+                replicated = param.placements[0].is_replicate()
+                grads = self.grad_placements if replicated else None
+                self.views[name] = None if name in self.hidden else param.to_local(grad_placements=grads)
         for name, view in self.views.items():
             owner, _, attr = name.rpartition(".")
             # Plain attributes win over nn.Module.__getattr__'s parameter lookup: the layer reads the view.
@@ -187,13 +213,16 @@ class HeadParallel(ParallelStyle):
     split one by one (one segment: a plain even split). ``after_reduce`` names
     the output projection's bias, added once after the sum over ranks. Other
     parameters are replicated. ``local`` maps attributes of the module to the
-    values its code must use on one rank (its head counts).
+    values its code must use on one rank (its head counts). ``sequence_parallel``:
+    the input and output are this rank's slice of the sequence (dim 1): the
+    input is all-gathered and the output reduce-scattered instead of all-reduced.
     """
 
     def __init__(self, shards: dict[str, tuple[int, tuple[int, ...]]], after_reduce: Optional[str],
-                 local: dict[str, Any]) -> None:
+                 local: dict[str, Any], sequence_parallel: bool = False) -> None:
         super().__init__()
         self.shards, self.after_reduce, self.local = shards, after_reduce, local
+        self.sequence_parallel = sequence_parallel
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         parts = device_mesh.size()
@@ -212,15 +241,18 @@ class HeadParallel(ParallelStyle):
             setattr(module, attr, value)
         views = _LocalViews(module, hidden=(self.after_reduce,) if self.after_reduce else ())
 
+        sequence = self.sequence_parallel
+
         def enter(args):
-            return (_enter(args[0], device_mesh), *args[1:])
+            return ((_gather_sequence if sequence else _enter)(args[0], device_mesh), *args[1:])
 
         def leave(output):
-            output = _leave(output, device_mesh)
+            output = (_scatter_sequence if sequence else _leave)(output, device_mesh)
             if self.after_reduce is not None:
                 owner, _, attr = self.after_reduce.rpartition(".")
                 # _parameters, not getattr: the view hides the bias from the layer code until now.
-                bias = module.get_submodule(owner)._parameters[attr].to_local()
+                bias = module.get_submodule(owner)._parameters[attr]
+                bias = bias.to_local(grad_placements=[Partial()] if sequence else None)
                 output = output + bias.to(output.dtype)
             return output
 
@@ -229,12 +261,17 @@ class HeadParallel(ParallelStyle):
 
 
 class ReplicatedParallel(ParallelStyle):
-    """Replicate a module's parameters over the mesh (as DTensors) and run its code on their local copies."""
+    """Replicate a module's parameters over the mesh (as DTensors) and run its code on their local copies;
+    ``sequence_parallel``: on this rank's slice of the sequence (their gradients then summed over the ranks)."""
+
+    def __init__(self, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, _ in list(module.named_parameters()):
             _distribute(module, name, device_mesh, Replicate())
-        _LocalViews(module).register()
+        _LocalViews(module, partial_grads=self.sequence_parallel).register()
         return module
 
 
@@ -325,7 +362,7 @@ def _mlp_style(mlp: GatedMLP) -> HeadParallel:
 _MIXER_STYLES = {Mamba: MambaChannelParallel, Mamba2: _mamba2_style, Attention: _attention_style}
 
 
-def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool = False) -> nn.Module:
     """Split a ``MambaLM`` over the 1-D ``mesh`` in place (see the module docstring); returns it.
 
     Every rank must build the same model (rank 0's values are the ones kept).
@@ -333,6 +370,11 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     The model's logits are then a DTensor sharded by vocabulary: take its loss
     (``labels=``) inside ``torch.distributed.tensor.parallel.loss_parallel()``,
     forward and backward.
+
+    ``sequence_parallel``: between the mixers and MLPs, the hidden states and
+    the residual stream are split along the sequence (dim 1), so that each rank
+    keeps and normalises its slice only; the inputs' seqlen must then be a
+    multiple of the mesh size, and the model must have no learned positions.
     """
     if not isinstance(model, MambaLM):
         raise TensorParallelError(f"tensor parallelism splits MambaLM models; got a {type(model).__name__}")
@@ -340,17 +382,26 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         raise ValueError(f"mesh must be the 1-D tensor-parallel mesh; got {mesh.ndim} dimensions")
     tp = mesh.size()
     check_tensor_parallel(model.config, tp)
+    if sequence_parallel and model.backbone.position_embedding is not None:
+        raise TensorParallelError(
+            "sequence parallelism splits the hidden states along the sequence, which learned positions "
+            "(max_position_embeddings) are added to whole: give sequence_parallel=False"
+        )
+    between = Shard(1) if sequence_parallel else Replicate()  # the hidden states between the split layers
     plan: dict[str, ParallelStyle] = {
-        "backbone.embedding": RowwiseParallel(input_layouts=Replicate()),
-        "backbone.norm_f": ReplicatedParallel(),
-        "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        "backbone.embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+        "backbone.norm_f": ReplicatedParallel(sequence_parallel),
+        "lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False),
     }
     for i, block in enumerate(model.backbone.layers):
-        plan[f"backbone.layers.{i}.norm"] = ReplicatedParallel()
+        plan[f"backbone.layers.{i}.norm"] = ReplicatedParallel(sequence_parallel)
         plan[f"backbone.layers.{i}.mixer"] = _MIXER_STYLES[type(block.mixer)](block.mixer, tp)
         if block.mlp is not None:
-            plan[f"backbone.layers.{i}.norm2"] = ReplicatedParallel()
+            plan[f"backbone.layers.{i}.norm2"] = ReplicatedParallel(sequence_parallel)
             plan[f"backbone.layers.{i}.mlp"] = _mlp_style(block.mlp)
+    for style in plan.values():
+        if isinstance(style, HeadParallel):
+            style.sequence_parallel = sequence_parallel
     parallelize_module(model, mesh, plan)
     config = model.config
     if config.tie_embeddings:  # the head was split as a copy: one parameter again, the embedding's
