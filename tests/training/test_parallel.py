@@ -93,6 +93,14 @@ def test_only_mamba_lm_models_are_split():
         Pipeline(encoder, layout=None, device=torch.device("cpu"))
 
 
+def test_sequence_parallel_refuses_learned_positions():
+    from lnlm_ssm.training.parallel.tensor import tensor_parallel
+
+    model = MambaLM(preset("gpt2-tiny", n_layer=1))
+    with pytest.raises(TensorParallelError, match="learned positions"):
+        tensor_parallel(model, mesh=None, sequence_parallel=True)
+
+
 def test_segment_order_and_plain_layout_round_trip():
     # Segments of 4 and 2 rows over 2 ranks: rank 0 holds rows 0,1 and 4; rank 1 rows 2,3 and 5.
     assert _segment_order((4, 2), 2).tolist() == [0, 1, 4, 2, 3, 5]

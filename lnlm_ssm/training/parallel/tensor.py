@@ -378,15 +378,15 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bo
     """
     if not isinstance(model, MambaLM):
         raise TensorParallelError(f"tensor parallelism splits MambaLM models; got a {type(model).__name__}")
-    if mesh.ndim != 1:
-        raise ValueError(f"mesh must be the 1-D tensor-parallel mesh; got {mesh.ndim} dimensions")
-    tp = mesh.size()
-    check_tensor_parallel(model.config, tp)
     if sequence_parallel and model.backbone.position_embedding is not None:
         raise TensorParallelError(
             "sequence parallelism splits the hidden states along the sequence, which learned positions "
             "(max_position_embeddings) are added to whole: give sequence_parallel=False"
         )
+    if mesh.ndim != 1:
+        raise ValueError(f"mesh must be the 1-D tensor-parallel mesh; got {mesh.ndim} dimensions")
+    tp = mesh.size()
+    check_tensor_parallel(model.config, tp)
     between = Shard(1) if sequence_parallel else Replicate()  # the hidden states between the split layers
     plan: dict[str, ParallelStyle] = {
         "backbone.embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
