@@ -104,20 +104,27 @@ if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
     -m lnlm_ssm.train "${PAR[@]}" --tensor-parallel 2 --out "$OUT/parallel/tp2"
   step parallel-pp2 90 "$OUT/parallel-pp2.log" "$PY" -m torch.distributed.run --nproc-per-node 2 --standalone \
     -m lnlm_ssm.train "${PAR[@]}" --pipeline-parallel 2 --microbatches 4 --out "$OUT/parallel/pp2"
+  # Mamba-1 (split by channels, x_proj's all-reduce mid-layer): 1 GPU and TP 2.
+  M1=(--preset mamba-tiny --steps 20 --batch-size 8 --seq-len 128 --dtype fp32 --eval-every 20 --max-bytes 2000000)
+  step parallel-mamba1-1gpu 90 "$OUT/parallel-mamba1-1gpu.log" env CUDA_VISIBLE_DEVICES=0 "$PY" -m lnlm_ssm.train \
+    "${M1[@]}" --out "$OUT/parallel/mamba1-one"
+  step parallel-mamba1-tp2 90 "$OUT/parallel-mamba1-tp2.log" "$PY" -m torch.distributed.run --nproc-per-node 2 \
+    --standalone -m lnlm_ssm.train "${M1[@]}" --tensor-parallel 2 --out "$OUT/parallel/mamba1-tp2"
   "$PY" - "$OUT/parallel" >"$OUT/parallel/losses.txt" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 runs = {}
-for name in ("one", "tp2", "pp2"):
+for name in ("one", "tp2", "pp2", "mamba1-one", "mamba1-tp2"):
     path = Path(sys.argv[1]) / name / "metrics.jsonl"
     rows = [json.loads(line) for line in path.open()] if path.exists() else []
     runs[name] = [r["loss"] for r in rows if r["kind"] == "train"]
-for step, ref in enumerate(runs["one"], 1):
-    others = "  ".join(
-        f"{name} {runs[name][step - 1]:.5f} (rel {abs(runs[name][step - 1] - ref) / ref:.1e})"
-        for name in ("tp2", "pp2") if len(runs[name]) >= step
-    )
-    print(f"step {step:3d}  one {ref:.5f}  {others}")
+for one, layouts in (("one", ("tp2", "pp2")), ("mamba1-one", ("mamba1-tp2",))):
+    for step, ref in enumerate(runs[one], 1):
+        others = "  ".join(
+            f"{name} {runs[name][step - 1]:.5f} (rel {abs(runs[name][step - 1] - ref) / ref:.1e})"
+            for name in layouts if len(runs[name]) >= step
+        )
+        print(f"step {step:3d}  {one} {ref:.5f}  {others}")
 EOF
 fi
 

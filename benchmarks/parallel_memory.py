@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 --standalone benchmarks/parallel_memory.py --pipeline-parallel 2
 
 The model is the hybrid-tiny preset with 2 SSM groups (so that it splits in
-two), fp32. After one training step each rank counts the bytes of its own
+two), or ``--preset mamba-tiny`` (Mamba-1), fp32. After one training step each rank counts the bytes of its own
 shards (a DTensor's local tensor; a pipeline stage's parameters) and of what
 AdamW keeps for them, and the profiler counts the collectives of a second step
 (the backend's records: gloo:all_reduce, gloo:send, ...). Rank 0 prints
@@ -16,12 +16,14 @@ formulas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
 
 from lnlm_ssm.models import MambaLM, preset
 from lnlm_ssm.training.distributed import cleanup, setup
@@ -44,12 +46,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--pipeline-parallel", type=int, default=1)
+    parser.add_argument("--preset", choices=("hybrid-tiny", "mamba-tiny"), default="hybrid-tiny")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here (rank 0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = setup()
     torch.manual_seed(0)
-    model = MambaLM(preset("hybrid-tiny", ssm_cfg={**preset("hybrid-tiny").ssm_cfg, "ngroups": 2}), backend="cpu")
+    config = preset(args.preset)
+    if config.ssm_cfg.get("layer") == "Mamba2":  # the preset's single group cannot be split
+        config = preset(args.preset, ssm_cfg={**config.ssm_cfg, "ngroups": 2})
+    model = MambaLM(config, backend="cpu")
     layout = Layout.of(info, tensor=args.tensor_parallel, pipeline=args.pipeline_parallel)
     pipeline = None
     if layout.tensor > 1:
@@ -66,7 +72,9 @@ def main() -> None:
         if pipeline is not None:
             pipeline.step(batch)
         else:
-            model(batch, labels=batch).loss.backward()
+            # Tensor parallel logits are sharded by vocabulary: their loss is loss_parallel's.
+            with loss_parallel() if layout.tensor > 1 else contextlib.nullcontext():
+                model(batch, labels=batch).loss.backward()
         optimizer.step()
 
     step()

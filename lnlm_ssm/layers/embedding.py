@@ -27,6 +27,10 @@ def check_token_ids(
     input_ids: torch.Tensor, vocab_size: int, *, name: str = "input_ids", size_name: str = "vocab_size"
 ) -> None:
     """``input_ids`` is an int32/int64 tensor of values in ``[0, vocab_size)``; ``name``, ``size_name``: for messages."""
+    if hasattr(input_ids, "to_local"):
+        # A DTensor (tensor parallelism's vocab-split embedding, whose ids are replicated): check this rank's copy,
+        # since DTensor has no rule for the device-side assert below.
+        input_ids = input_ids.to_local()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         got = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise TypeError(f"{name} must be an int32/int64 tensor; got {got}")

@@ -113,6 +113,14 @@ class Mamba(SSMMixer):
             ),
         )
 
+    def _x_dbl(self, x: torch.Tensor) -> torch.Tensor:
+        """x_proj of the conv's output: (batch, d_inner, seqlen) -> (batch, dt_rank + 2 * d_state, seqlen), or in a
+        decode step (batch, d_inner) -> (batch, dt_rank + 2 * d_state). Its own method: the one reduction over all
+        channels in the layer, where tensor parallelism sums the ranks' parts."""
+        if x.ndim == 2:
+            return self._project(self.x_proj, x)
+        return weight_bmm(dense_weight(self.x_proj), x)
+
     def _scan(self, hidden_states, cache: Optional[MambaCache], keep: Optional[torch.Tensor]) -> torch.Tensor:
         xz = weight_bmm(dense_weight(self.in_proj), hidden_states.transpose(1, 2))  # (batch, 2 * d_inner, seqlen)
         if self.in_proj.bias is not None:
@@ -127,7 +135,7 @@ class Mamba(SSMMixer):
         if keep is not None:
             x = x * keep[:, None, :]
 
-        x_dbl = weight_bmm(dense_weight(self.x_proj), x)  # (batch, dt_rank + 2 * d_state, seqlen)
+        x_dbl = self._x_dbl(x)  # (batch, dt_rank + 2 * d_state, seqlen)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = weight_bmm(dense_weight(self.dt_proj), dt)  # the bias goes to the scan
         result = selective_scan_fn(
@@ -160,7 +168,7 @@ class Mamba(SSMMixer):
         )
         if keep is not None:
             x = x * keep
-        dt, B, C = self._project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._x_dbl(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_state_update(
             cache.ssm_state,
             x,

@@ -119,6 +119,11 @@ class TrainConfig:
     tensor_parallel: int = field(
         default=1, metadata=_help("ranks that split each layer's heads (training.parallel.tensor)")
     )
+    sequence_parallel: bool = field(
+        default=False,
+        metadata=_help("with tensor_parallel: split the hidden states between layers along the sequence, so that "
+                       "each rank keeps and normalises its slice only"),
+    )
     pipeline_parallel: int = field(
         default=1, metadata=_help("ranks that split the stack of blocks into stages (training.parallel.pipeline)")
     )
@@ -180,6 +185,17 @@ class TrainConfig:
             )
         if self.pipeline_parallel > 1 and self.tensor_parallel > 1:
             raise TrainConfigError("tensor_parallel and pipeline_parallel do not compose yet: give one of them")
+        if self.sequence_parallel and (self.tensor_parallel == 1 or self.seq_len % self.tensor_parallel
+                                       or self.objective != "clm"):
+            raise TrainConfigError(
+                f"sequence_parallel splits the clm objective's windows of seq_len tokens over the tensor_parallel "
+                f"ranks: it needs tensor_parallel > 1 dividing seq_len and objective clm; got tensor_parallel "
+                f"{self.tensor_parallel}, seq_len {self.seq_len}, objective {self.objective!r}"
+            )
+        if self.tensor_parallel > 1 and self.objective == "dpo":
+            raise TrainConfigError(
+                "the dpo objective reads the logits, which tensor_parallel shards by vocabulary: give tensor_parallel 1"
+            )
         # Fine-tuning moves pretrained weights, and wants a smaller step than training from scratch.
         if self.lr is None:
             self.lr = OBJECTIVES[self.objective].default_lr

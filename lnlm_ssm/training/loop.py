@@ -48,6 +48,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.checkpoint import checkpoint
 
 from lnlm_ssm.data.corpus import default_corpus_dir, prepare_corpus
@@ -343,7 +344,9 @@ class _Run:
         self.layout = Layout.of(self.info, tensor=self.config.tensor_parallel, pipeline=self.config.pipeline_parallel)
         self.pipeline = None
         if self.layout.tensor > 1:
-            tensor_parallel(model.to(self.device), self.layout.mesh["tp"])
+            tensor_parallel(
+                model.to(self.device), self.layout.mesh["tp"], sequence_parallel=self.config.sequence_parallel
+            )
         if self.layout.pipeline > 1:
             self.pipeline = Pipeline(model.to(self.device), self.layout, self.device)
             model = self.pipeline.module
@@ -515,7 +518,7 @@ class _Run:
         total = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(micro_batches):
-            with self._grad_sync(model, i == len(micro_batches) - 1):
+            with self._grad_sync(model, i == len(micro_batches) - 1), self._loss_parallel():
                 with self.autocast():
                     out = self.objective(model, micro)
                 loss = out.loss
@@ -533,6 +536,10 @@ class _Run:
         mean_loss = dist_lib.all_reduce_mean(total / config.grad_accum, self.info)
         metrics = {k: dist_lib.all_reduce_mean(v / config.grad_accum, self.info).item() for k, v in sums.items()}
         return mean_loss.item(), grad_norm.item(), metrics
+
+    def _loss_parallel(self):
+        """Tensor parallelism: the loss of the logits sharded by vocabulary is loss_parallel's, forward and backward."""
+        return loss_parallel() if self.layout.tensor > 1 else contextlib.nullcontext()
 
     @staticmethod
     def _grad_sync(model: nn.Module, sync: bool):
@@ -552,7 +559,8 @@ class _Run:
                     if self.pipeline is not None:  # the clm objective (TrainConfig): a loss, no other metric
                         out = ObjectiveOutput(loss=self.pipeline.eval_loss(batch.to(self.device)))
                     else:
-                        out = self.objective(model, batch.to(self.device))
+                        with self._loss_parallel():
+                            out = self.objective(model, batch.to(self.device))
                 rows.append(torch.stack([out.loss.float(), *(v.float() for v in out.metrics.values())]))
             means = dist_lib.all_reduce_mean(torch.stack(rows).mean(dim=0), self.info).tolist()
             return means[0], dict(zip(out.metrics, means[1:]))

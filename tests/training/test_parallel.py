@@ -37,13 +37,17 @@ pytestmark = pytest.mark.skipif(
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-# Two layers, each splittable in two: Mamba-2 with 2 groups, attention with GQA (4 query, 2 kv heads), an MLP.
+# Two layers, each splittable in two: Mamba-2 with 2 groups, attention with GQA (4 query, 2 kv heads), an MLP;
+# Mamba-1 (128 channels), with an untied head. Every one splits its embedding and head by vocabulary: 257
+# byte ids padded to 264 rows.
 SSM = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16, "ngroups": 2}
+MAMBA1 = {"layer": "Mamba1", "d_state": 16}
 ATTN = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 16, "rotary_emb_dim": 16}
 MODELS = {
     "mamba2-tiny": dict(d_model=64, n_layer=2, ssm_cfg=SSM),
     "hybrid-tiny": dict(d_model=64, n_layer=2, layer_pattern="MA", d_intermediate=128, ssm_cfg=SSM, attn_cfg=ATTN),
     "gpt-tiny": dict(d_model=64, n_layer=2, d_intermediate=128, attn_cfg=ATTN),
+    "mamba-tiny": dict(d_model=64, n_layer=2, ssm_cfg=MAMBA1, tie_embeddings=False),
 }
 FLAGS = dict(
     steps=3, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, ckpt_every=3, log_every=1, backend="cpu",
@@ -64,7 +68,10 @@ FLAGS = dict(
          "attn_cfg num_heads_kv = 1 must be divisible by tensor_parallel = 2"),
         (dict(layer_pattern="A", attn_cfg={**ATTN, "num_heads": 6, "num_heads_kv": 3}), 3, r"d_intermediate \(rounded up to a multiple of 128\) = 128 must be divisible "
                                       "by tensor_parallel = 3"),
-        (dict(ssm_cfg={"layer": "Mamba1"}), 2, r"this model has \['Mamba1'\] layers"),
+        (dict(pad_vocab_size_multiple=1), 2,
+         "vocab_size padded to a multiple of pad_vocab_size_multiple = 257 must be divisible by tensor_parallel = 2"),
+        (dict(ssm_cfg=MAMBA1), 3,
+         r"ssm_cfg d_inner \(expand \* d_model\) = 128 must be divisible by tensor_parallel = 3"),
     ],
 )
 def test_a_config_that_cannot_be_split_names_the_field(overrides, tp, message):
@@ -84,6 +91,14 @@ def test_only_mamba_lm_models_are_split():
         tensor_parallel(encoder, mesh=None)
     with pytest.raises(TypeError, match="pipeline parallelism splits MambaLM models; got a "):
         Pipeline(encoder, layout=None, device=torch.device("cpu"))
+
+
+def test_sequence_parallel_refuses_learned_positions():
+    from lnlm_ssm.training.parallel.tensor import tensor_parallel
+
+    model = MambaLM(preset("gpt2-tiny", n_layer=1))
+    with pytest.raises(TensorParallelError, match="learned positions"):
+        tensor_parallel(model, mesh=None, sequence_parallel=True)
 
 
 def test_segment_order_and_plain_layout_round_trip():
@@ -112,6 +127,12 @@ def test_config_rejects_what_pipelines_do_not_run():
         TrainConfig(pipeline_parallel=2, grad_accum=2)
     with pytest.raises(TrainConfigError, match="do not compose yet"):
         TrainConfig(pipeline_parallel=2, tensor_parallel=2)
+    with pytest.raises(TrainConfigError, match="it needs tensor_parallel > 1 dividing seq_len and objective clm"):
+        TrainConfig(tensor_parallel=2, sequence_parallel=True, seq_len=33)
+    with pytest.raises(TrainConfigError, match="got tensor_parallel 1, seq_len 32"):
+        TrainConfig(sequence_parallel=True, seq_len=32)
+    with pytest.raises(TrainConfigError, match="the dpo objective reads the logits, which tensor_parallel shards"):
+        TrainConfig(tensor_parallel=2, objective="dpo")
     with pytest.raises(TrainConfigError, match="tensor_parallel must be >= 1; got 0"):
         TrainConfig(tensor_parallel=0)
     with pytest.raises(TrainConfigError, match="pp_schedule must be one of"):
@@ -148,8 +169,11 @@ def rows(out):
 def cli_flags(name: str, corpus, out, **extra) -> list[str]:
     import json
 
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FLAGS, **extra}.items()]
-    flags += [f"--model={k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in MODELS[name].items()]
+    flags = [
+        f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}"
+        for k, v in {**FLAGS, **extra}.items()
+    ]
+    flags += [f"--model={k}={json.dumps(v)}" for k, v in MODELS[name].items()]
     return [*flags, f"--preset={name}", f"--data={corpus}", f"--out={out}"]
 
 
@@ -193,18 +217,21 @@ def check_run(out, reference):
 
 LAYOUTS = {
     "tp2": (2, dict(tensor_parallel=2)),
+    "tp2-sp": (2, dict(tensor_parallel=2, sequence_parallel=True)),
     "pp2-1f1b": (2, dict(pipeline_parallel=2, pp_schedule="1f1b")),
     "pp2-gpipe": (2, dict(pipeline_parallel=2, pp_schedule="gpipe")),
     "dp2-tp2-ddp": (4, dict(tensor_parallel=2, distributed="ddp")),
     "dp2-tp2-fsdp": (4, dict(tensor_parallel=2, distributed="fsdp")),
+    "dp2-tp2-sp-fsdp": (4, dict(tensor_parallel=2, sequence_parallel=True, distributed="fsdp")),
     "dp2-pp2-ddp": (4, dict(pipeline_parallel=2, distributed="ddp")),
 }
-FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b")}
+FAST = {("hybrid-tiny", "tp2"), ("hybrid-tiny", "pp2-1f1b"), ("mamba-tiny", "tp2"), ("hybrid-tiny", "tp2-sp")}
 CASES = [
     pytest.param(name, layout, marks=() if (name, layout) in FAST else pytest.mark.slow)
     for layout in LAYOUTS
     for name in MODELS
-    if not (layout.startswith("dp2") and name != "hybrid-tiny")
+    # Mamba-1 for tensor parallelism only (alone and under DP); the other DP compositions on the hybrid.
+    if ("tp2" in layout if name == "mamba-tiny" else not layout.startswith("dp2") or name == "hybrid-tiny")
 ]
 
 
