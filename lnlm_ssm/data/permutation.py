@@ -9,9 +9,12 @@ targets. They are drawn in one of two ways:
   ``1..max_span_length``) at a random offset, and the spans are the targets;
 - ``"random"``: a uniformly random ``1/partial_k`` of the positions (at least one).
 
-An order lists the non-targets first, then the targets, each part shuffled:
-any order of the context is the same to a model that sees all of it, and any
-order of the targets is a factorisation. ``xlnet_inputs`` expresses the order
+An order lists the non-targets first, in text order, then the targets,
+shuffled: any order of the targets is a factorisation. To XLNet, whose context
+sees all of itself, the context's order is immaterial; a causal stack reads it
+one token at a time, and in text order its conv and its state see true
+neighbours, where a shuffled context would make it recall each target's
+neighbours from a hundred (token, position) pairs. ``xlnet_inputs`` expresses the order
 for XLNet as ``perm_mask`` and ``target_mapping``: the context sees all of
 itself, and a target is seen only by the positions after it in the order.
 """
@@ -91,13 +94,14 @@ def draw_targets(
 
 
 def factorisation_orders(targets: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Orders (batch, seqlen) int64: each row's non-targets, then its ``targets`` (batch, seqlen) bool; each
-    part shuffled."""
+    """Orders (batch, seqlen) int64: each row's non-targets in text order, then its ``targets`` (batch, seqlen)
+    bool, shuffled."""
     if not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool or targets.ndim != 2:
         raise ValueError(f"targets must be a bool tensor (batch, seqlen); got {targets!r:.80}")
     noise = torch.rand(targets.shape, generator=generator).to(targets.device)
-    # Sorting by (is target, noise) puts the non-targets first, each part in random order.
-    return torch.argsort(targets.to(noise.dtype) * 2 + noise, dim=1)
+    # A stable sort by (is target, noise of targets only): the non-targets first, in text order.
+    key = targets.to(noise.dtype) * (2 + noise)
+    return torch.argsort(key, dim=1, stable=True)
 
 
 def xlnet_inputs(input_ids: torch.Tensor, targets: torch.Tensor, order: torch.Tensor) -> PermutationBatch:

@@ -17,7 +17,9 @@ in general not neighbours in the text — so its locality prior becomes a prior 
 what was read last; where a token sits is known only through the position
 embeddings added at the input. The SSM state summarises every step so far in
 reading order, and attention layers of a hybrid apply RoPE at the step index t,
-not at the position z_t.
+not at the position z_t. The PLM objective therefore reads the context in text
+order (``data.permutation.factorisation_orders``), where the conv sees true
+neighbours, and only the predicted tokens in a random order.
 
 Parameter names: the MambaLM's under ``lm.`` (``lm.backbone.*``,
 ``lm.lm_head.weight``), then ``position_in.weight`` and ``position_target.weight``

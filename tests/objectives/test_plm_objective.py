@@ -19,6 +19,7 @@ def test_orders_put_the_targets_last_and_masks_follow_the_order(mode):
         assert torch.equal(order.sort().values, torch.arange(24))
         n = int(targets.sum())
         assert n >= 1 and targets[order[-n:]].all()
+        assert torch.equal(order[:-n], (~targets).nonzero().flatten())  # the context in text order
         rank = torch.empty_like(order)
         rank[order] = torch.arange(24)
         for i in range(24):
