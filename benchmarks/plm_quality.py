@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/plm_quality.py --quick      # CI's smoke run: 7.7k tokens per model (~2.5 min, loaded)
-    python benchmarks/plm_quality.py              # the run of record: 154k tokens per model, 2 lrs (<= 20 min)
+    python benchmarks/plm_quality.py              # the run of record: 614k tokens per model, 2 lrs (~14 min)
 
 The question
 ------------
@@ -135,10 +135,9 @@ FAMILIES = {
 }
 
 QUICK = dict(steps=30, batch_size=4, seq_len=64, eval_batches=2, lrs=[1e-3], max_bytes=2_000_000)
-# Sized on the shared 2-core machine: 5 runs of 102k tokens (batch 8 x 128, 100 steps) took 710 s under a
-# load of ~5 (720 tok/s; Mamba-1 the slowest family). At that rate this run's 10 x 154k tokens take ~36 min;
-# our processes had about a third of the machine, so alone ~12 min. Not yet timed on an idle machine.
-FULL = dict(steps=150, batch_size=8, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3], max_bytes=None)
+# 10 runs of 150 steps took 211 s on 2 quiet cores (EPYC, 2026-12-03), the PLM models still at the unigram
+# loss: the run of record spends the 20-minute budget on 4x the steps.
+FULL = dict(steps=600, batch_size=8, seq_len=128, eval_batches=8, lrs=[1e-3, 3e-3], max_bytes=None)
 
 
 def middle(seq_len: int) -> tuple[int, int]:
