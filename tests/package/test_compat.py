@@ -151,6 +151,13 @@ def test_hf_transformers_mamba_runs_on_our_ops(tmp_path):
         for name in ("mamba_inner_fn", "selective_scan_fn", "causal_conv1d_fn"):
             setattr(ops, name, counted(name, getattr(ops, name)))
         lnlm_ssm.compat.install_as_mamba_ssm()
+        # transformers >= 5.25 sends only CUDA inputs to mamba_ssm / causal_conv1d (their own kernels are CUDA
+        # only); ours run on the CPU too, so declare it before the model module resolves the functions.
+        from transformers.integrations import hub_kernels
+        for package in ("mamba_ssm", "causal_conv1d"):
+            devices = getattr(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES", {{}})
+            if package in devices:
+                devices[package] = (*devices[package], "cpu")
         from transformers import MambaForCausalLM
         io = torch.load({str(tmp_path / 'io.pt')!r})
         model = MambaForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}).eval()
