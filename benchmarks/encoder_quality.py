@@ -61,7 +61,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -81,7 +80,7 @@ except ModuleNotFoundError as _exc:  # a checkout that was never `pip install`ed
 from lnlm_ssm.data import default_corpus_dir, prepare_corpus  # noqa: E402
 from lnlm_ssm.models import MaskedLM, from_pretrained, preset, preset_architecture  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
-from lnlm_ssm.training.loop import train  # noqa: E402
+from lnlm_ssm.training.sweep import train_on_prepared  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import (  # noqa: E402
     learning_rate, median, name_list, positive_int, time_fn, torch_threads,
@@ -165,14 +164,7 @@ def run_family(family: Family, lr: float, args, corpus, out: Path) -> dict[str, 
         device="cpu",
         dtype="fp32",
     )
-    # The loop tokenises into out/data; point it at the copy every run shares (same fingerprint: reused).
-    out.mkdir(parents=True)
-    (out / "data").symlink_to(Path(corpus.directory).resolve(), target_is_directory=True)
-    start = time.perf_counter()
-    final = train(config)
-    wall = time.perf_counter() - start
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "data").unlink()
+    final, wall = train_on_prepared(config, corpus.directory)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
     warm = rows[len(rows) // 10:] or rows
     electra = family.objective == "electra"

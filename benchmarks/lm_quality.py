@@ -92,7 +92,6 @@ import math
 import platform
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -115,7 +114,7 @@ from lnlm_ssm.models import MambaLM, preset  # noqa: E402
 from lnlm_ssm.objectives import CausalLMObjective  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
 from lnlm_ssm.data import WindowSampler, default_corpus_dir, prepare_corpus  # noqa: E402
-from lnlm_ssm.training.loop import train  # noqa: E402
+from lnlm_ssm.training.sweep import train_on_prepared  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import median, name_list, positive_int, torch_threads  # noqa: E402
 
@@ -287,16 +286,8 @@ def run_family(family: Family, d_model: int, n_layer: int, args, corpus, out: Pa
         device="cpu",
         dtype="fp32",
     )
-    # The loop tokenises into out/data; point it at the copy every family shares (same fingerprint: reused).
-    out.mkdir(parents=True)
-    (out / "data").symlink_to(Path(corpus.directory).resolve(), target_is_directory=True)
-    start = time.perf_counter()
-    final = train(config)
-    wall = time.perf_counter() - start
+    final, wall = train_on_prepared(config, corpus.directory)
     bpb = quantized_bpb(out / "model", corpus, args) if args.quantize else {}
-    # Keep the final model; the training checkpoint (weights + AdamW moments) only serves --resume.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "data").unlink()
     rows = read_metrics(out / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("kind") == "train"]
     eval_rows = [r for r in rows if r.get("kind") == "eval"]

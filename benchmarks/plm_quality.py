@@ -84,7 +84,6 @@ import math
 import platform
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -106,7 +105,7 @@ from lnlm_ssm.data import WindowSampler, default_corpus_dir, prepare_corpus  # n
 from lnlm_ssm.data.permutation import xlnet_inputs  # noqa: E402
 from lnlm_ssm.models import from_pretrained, preset, preset_architecture  # noqa: E402
 from lnlm_ssm.training.config import TrainConfig  # noqa: E402
-from lnlm_ssm.training.loop import train  # noqa: E402
+from lnlm_ssm.training.sweep import train_on_prepared  # noqa: E402
 from lnlm_ssm.training.metrics import read_metrics  # noqa: E402
 from lnlm_ssm.utils.benchmark import learning_rate, median, name_list, positive_int, torch_threads  # noqa: E402
 
@@ -246,14 +245,7 @@ def run_family(family: Family, lr: float, args, corpus, out: Path) -> dict[str, 
         device="cpu",
         dtype="fp32",
     )
-    # The loop tokenises into out/data; point it at the copy every run shares (same fingerprint: reused).
-    out.mkdir(parents=True)
-    (out / "data").symlink_to(Path(corpus.directory).resolve(), target_is_directory=True)
-    start = time.perf_counter()
-    final = train(config)
-    wall = time.perf_counter() - start
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "data").unlink()
+    final, wall = train_on_prepared(config, corpus.directory)
     model = from_pretrained(out / "model").eval()
     batches = WindowSampler(
         corpus, "val", seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed

@@ -1,5 +1,5 @@
 """Training: the loop (``loop``, which takes an Objective), its settings (``config``), resumable state
-(``state``), logs (``metrics``) and data parallelism (``distributed``)."""
+(``state``), logs (``metrics``), data parallelism (``distributed``) and sweeps sharing a corpus (``sweep``)."""
 
 from lnlm_ssm.training.config import TrainConfig, TrainConfigError
 from lnlm_ssm.training.distributed import DistInfo, full_state_dicts, load_full_state_dicts, wrap_model
