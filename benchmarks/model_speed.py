@@ -42,11 +42,12 @@ Printed per preset and kept in the JSON (``breakdown``), per layer; what the par
 medians leave of the whole step's median is "unattributed" (the calls between the
 parts, and the odd slow part of a token, which a part's median drops).
 
-Rooflines, from copy bandwidth and fp32 matmul peak measured just before each
-preset (on a shared machine both drift by 10-20% over minutes):
-decode at most ``batch * bandwidth / weight bytes`` tokens/s (every weight read
-once per step); prefill and training at most ``peak / 2N`` and ``peak / 6N``
-(N parameters). Results go to ``results.json`` and ``model_speed.png`` (each
+Rooflines: decode at most ``batch * bandwidth / weight bytes`` tokens/s (every
+weight read once per step), with the copy bandwidth measured between the decode
+row's own runs (on a shared machine it drifts by 10-20% over minutes; the
+breakdown measures it again just before); prefill and training at most
+``peak / 2N`` and ``peak / 6N`` (N parameters, fp32 matmul peak measured just
+before each preset). Results go to ``results.json`` and ``model_speed.png`` (each
 measure as a fraction of its roofline) in ``--out``.
 """
 
@@ -154,6 +155,28 @@ def check_same_logits(ours: MambaLM, hf: torch.nn.Module, vocab: int) -> float:
     return err
 
 
+def decode_rate(generate: Callable[[int], object], batch: int, args) -> dict:
+    """New tokens/s of ``generate(n)`` (n new tokens per row) and the copy bandwidth beside it.
+
+    Each of ``--repeats`` rounds measures copy bandwidth, a 1-token generate (prefill
+    and first sample) and a ``1 + --new-tokens`` one; the round's rate is its new
+    tokens over the difference. Both are medians over the rounds: on a shared
+    machine bandwidth drifts by 10-20% over minutes, so the bound a decode row is
+    set against is measured between its own runs.
+    """
+    generate(1 + args.new_tokens)  # warm-up
+    rates, copies = [], []
+    for _ in range(args.repeats):
+        copies.append(measure_copy_bandwidth("cpu", nbytes=args.copy_bytes, repeats=3))
+        t0 = time.perf_counter()
+        generate(1)
+        t1 = time.perf_counter()
+        generate(1 + args.new_tokens)
+        t2 = time.perf_counter()
+        rates.append(batch * args.new_tokens / max((t2 - t1) - (t1 - t0), 1e-9))
+    return {"tok_s": median(rates), "runs": args.repeats, "copy_gbps": median(copies)}
+
+
 def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -> dict[str, dict]:
     """Tokens/s of each measure; ``decode_only``: the decode measures alone (a quantised model does not train)."""
     gen = torch.Generator().manual_seed(2)
@@ -175,10 +198,7 @@ def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -
                     return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                           min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-                t_all, n = timed(lambda: generate(1 + args.new_tokens), args.repeats, args.slow_s)
-                t_first, _ = timed(lambda: generate(1), args.repeats, args.slow_s)
-                tok_s = batch * args.new_tokens / max(t_all - t_first, 1e-9)
-                out[f"decode_b{batch}{suffix}"] = {"tok_s": tok_s, "runs": n}
+                out[f"decode_b{batch}{suffix}"] = decode_rate(generate, batch, args)
     if decode_only:
         return out
     ids = torch.randint(0, vocab, (args.train_batch, args.train_seqlen), generator=gen)
@@ -255,6 +275,7 @@ def decode_breakdown(model: MambaLM, args, bandwidth_gbps: float) -> Optional[di
         "embedding_s": median(parts["embedding"]),
         "final_norm_s": median(parts["final norm"]),
         "step_s": median(parts["step"]),
+        "copy_gbps": bandwidth_gbps,
     }
 
 
@@ -262,8 +283,8 @@ def print_breakdown(name: str, b: dict) -> None:
     layers = b["layers"]
     n = len(layers)
     total = {key: sum(layer[key] for layer in layers) for key in ("weight_bytes", "streamed_s", "fused_s", "unfused_s")}
-    print(f"# {name}: one batch-1 decode step by part, medians; 'streamed': its weights at copy bandwidth, "
-          "'rest': the time beyond that")
+    print(f"# {name}: one batch-1 decode step by part, medians; 'streamed': its weights at copy bandwidth "
+          f"({b['copy_gbps']:.1f} GB/s, measured just before), 'rest': the time beyond that")
     print(f"{'part':<26} {'weights MB':>10} {'streamed ms':>11} {'fused ms':>9} {'rest ms':>8} {'unfused ms':>10} "
           f"{'rest ms':>8}")
     head = b["lm_head"]
@@ -287,14 +308,19 @@ def print_breakdown(name: str, b: dict) -> None:
           "of its time at copy bandwidth)")
 
 
-def bounds(model: MambaLM, args, bandwidth_gbps: float, peak_gflops: float) -> dict[str, float]:
-    n_params = sum(p.numel() for p in model.parameters())
+def weight_bytes(model: MambaLM) -> int:
     # A quantised model's int8 or bf16 weights and fp32 scales are parameters too: its own bytes.
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    out = {"prefill": peak_gflops * 1e9 / (2 * n_params), "train": peak_gflops * 1e9 / (6 * n_params)}
-    for batch in args.decode_batch:
-        out[f"decode_b{batch}"] = out[f"decode_b{batch}_unfused"] = batch * bandwidth_gbps * 1e9 / weight_bytes
-    return out
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bound(model: MambaLM, measure: str, measured: dict, bandwidth_gbps: float, peak_gflops: float) -> float:
+    """The roofline of ``measure``: decode ``batch * copy bandwidth / weight bytes`` (every weight read once
+    per step; the bandwidth measured beside the decode runs), prefill ``peak / 2N``, training ``peak / 6N``."""
+    if measure.startswith("decode_b"):
+        batch = int(measure.removeprefix("decode_b").removesuffix("_unfused"))
+        return batch * measured["copy_gbps"] * 1e9 / weight_bytes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    return peak_gflops * 1e9 / ({"prefill": 2, "train": 6}[measure] * n_params)
 
 
 def write_plot(path: Path, rows: list[dict], title: str) -> Optional[str]:
@@ -330,7 +356,7 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens timed per generate")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--train-seqlen", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--slow-s", type=float, default=20.0, help="a run slower than this is measured once")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -349,6 +375,8 @@ def parse_args(argv):
         p.error(f"--decode-batch sizes must be >= 1, got {args.decode_batch}")
     if args.quick:
         args.prefill, args.new_tokens, args.train_batch, args.train_seqlen, args.repeats = 32, 4, 2, 16, 1
+    # The copy buffer: 256 MiB, well beyond the last-level cache; a small one for the CI's quick run.
+    args.copy_bytes = (16 << 20) if args.quick else (256 << 20)
     args.out = args.out or HERE / "out" / f"model_speed-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return args
 
@@ -356,14 +384,14 @@ def parse_args(argv):
 def print_table(rows: list[dict]) -> None:
     """One line per measure; "HF tok/s" is always HF's fp32 model (the quantised rows' target is its speed)."""
     print(f"{'preset':<12} {'weights':<7} {'measure':<16} {'lnlm_ssm tok/s':>15} {'HF tok/s':>10} {'vs HF':>7} "
-          f"{'bound tok/s':>12} {'of bound':>9}")
+          f"{'copy GB/s':>10} {'bound tok/s':>12} {'of bound':>9}")
     for r in rows:
         if r["hf_tok_s"]:
             hf = f"{r['hf_tok_s']:>10.1f} {r['ours_tok_s'] / r['hf_tok_s']:>6.1f}x"
         else:
             hf = f"{'-':>10} {'-':>7}"
         print(f"{r['preset']:<12} {r['weights']:<7} {r['measure']:<16} {r['ours_tok_s']:>15.1f} {hf} "
-              f"{r['bound_tok_s']:>12.1f} {r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
+              f"{r['copy_gbps']:>10.1f} {r['bound_tok_s']:>12.1f} {r['ours_tok_s'] / r['bound_tok_s']:>8.0%}")
 
 
 def main(argv=None) -> int:
@@ -396,7 +424,6 @@ def main(argv=None) -> int:
                 quantized = quantize_(copy.deepcopy(ours), mode)
                 runs.append((mode, quantized, measure(quantized, True, args, vocab, decode_only=True)))
             for weights, model, measured in runs:
-                roof = bounds(model, args, bandwidth, peak)
                 for key, value in measured.items():
                     hf_key = key.removesuffix("_unfused")  # HF's one decode (fp32), beside each of ours
                     rows.append({
@@ -404,12 +431,13 @@ def main(argv=None) -> int:
                         "ours_runs": value["runs"],
                         "hf_tok_s": theirs[hf_key]["tok_s"] if theirs else None,
                         "hf_runs": theirs[hf_key]["runs"] if theirs else None,
-                        "bound_tok_s": roof[key], "copy_gbps": bandwidth, "matmul_gflops": peak,
+                        "bound_tok_s": bound(model, key, value, bandwidth, peak), "weight_bytes": weight_bytes(model),
+                        "copy_gbps": value.get("copy_gbps", bandwidth), "matmul_gflops": peak,
                     })
             print_table([r for r in rows if r["preset"] == name])
             for weights, model, _ in runs:
                 key = name if weights == "fp32" else f"{name} {weights}"
-                breakdown[key] = decode_breakdown(model, args, bandwidth)
+                breakdown[key] = decode_breakdown(model, args, measure_copy_bandwidth("cpu", nbytes=args.copy_bytes))
                 if breakdown[key] is None:
                     notes.append(f"{key}: no fused decode step, so no breakdown")
                 else:
