@@ -31,9 +31,9 @@
 //
 // The projections all go through project(), which also takes weight-only quantised
 // weights (lnlm_ssm.quantize_: int8 with a per-row scale, or bf16) to
-// weight_only_linear's kernel. Mamba-1 blocks and the DecodeStep's embedding take
-// them (their scales are the last arguments); Mamba-1's dt_proj, done in the state
-// pass, widens its weights there. The other blocks take float32 projections.
+// weight_only_linear's kernel. Every block and the DecodeStep's embedding take them
+// (the scales of int8 weights are each op's last arguments); Mamba-1's dt_proj, done
+// in the state pass, widens its weights there.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -450,7 +450,8 @@ Step mamba2_block_step(const Tensor& hidden_states, const OptTensor& residual, c
                        Tensor& conv_state, const Tensor& dt_bias, const Tensor& A, const Tensor& D,
                        Tensor& ssm_state, double dt_min, double dt_max, const OptTensor& gate_norm_weight,
                        double gate_norm_eps, int64_t gate_norm_group_size, bool norm_before_gate,
-                       const Tensor& out_proj_weight, const OptTensor& out_proj_bias) {
+                       const Tensor& out_proj_weight, const OptTensor& out_proj_bias, const OptTensor& in_proj_scale,
+                       const OptTensor& out_proj_scale) {
   constexpr const char* kOp = "mamba2_block_step (cpu)";
   auto [normed, new_residual] = add_norm(kOp, hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm);
   const int64_t rows = normed.size(0), d_model = normed.size(1);
@@ -464,10 +465,11 @@ Step mamba2_block_step(const Tensor& hidden_states, const OptTensor& residual, c
               " and d_state = ", d_state, "; got shape ", conv_state.sizes());
   const int64_t conv_dim = conv_state.size(1), ngroups = (conv_dim - d_inner) / (2 * d_state);
   TORCH_CHECK(nheads % ngroups == 0, kOp, ": ngroups (", ngroups, ") must divide nheads (", nheads, ")");
-  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model) == d_inner + conv_dim + nheads,
+  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model, in_proj_scale) ==
+                  d_inner + conv_dim + nheads,
               kOp, ": in_proj must have d_inner + conv_dim + nheads = ", d_inner + conv_dim + nheads, " outputs; got ",
               in_proj_weight.size(0));
-  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, d_inner) == d_model, kOp,
+  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, d_inner, out_proj_scale) == d_model, kOp,
               ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
   check_tensor(kOp, "dt_bias", dt_bias, {nheads});
   check_tensor(kOp, "A", A, {nheads});
@@ -483,7 +485,7 @@ Step mamba2_block_step(const Tensor& hidden_states, const OptTensor& residual, c
     TORCH_CHECK(gate_norm_eps > 0, kOp, ": gate_norm_eps must be > 0; got ", gate_norm_eps);
   }
 
-  const Tensor zxbcdt = project(normed, in_proj_weight, in_proj_bias);  // rows [z, x, B, C, dt]
+  const Tensor zxbcdt = project(normed, in_proj_weight, in_proj_scale, in_proj_bias);  // rows [z, x, B, C, dt]
   const Tensor z = zxbcdt.narrow(1, 0, d_inner);
   const Tensor xBC = conv_update(zxbcdt.narrow(1, d_inner, conv_dim), conv_state, conv_weight, conv_bias);
   const Tensor dt_raw = zxbcdt.narrow(1, d_inner + conv_dim, nheads);
@@ -516,22 +518,24 @@ Step mamba2_block_step(const Tensor& hidden_states, const OptTensor& residual, c
   if (gate_norm_weight.has_value()) {
     gated = gated_rms_norm(gated, z, *gate_norm_weight, gate_norm_eps, gate_norm_group_size, norm_before_gate);
   }
-  return {project(gated, out_proj_weight, out_proj_bias), new_residual};
+  return {project(gated, out_proj_weight, out_proj_scale, out_proj_bias), new_residual};
 }
 
 // norm2 -> fc1 -> y * silu(gate) -> fc2: GatedMLP with its default activation (layers/mlp.py).
 Step mlp_block_step(const Tensor& hidden_states, const Tensor& residual, const Tensor& norm_weight,
                     const OptTensor& norm_bias, double norm_eps, bool rms_norm, const Tensor& fc1_weight,
-                    const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias) {
+                    const OptTensor& fc1_bias, const Tensor& fc2_weight, const OptTensor& fc2_bias,
+                    const OptTensor& fc1_scale, const OptTensor& fc2_scale) {
   constexpr const char* kOp = "mlp_block_step (cpu)";
   auto [normed, new_residual] = add_norm(kOp, hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm);
   const int64_t rows = normed.size(0), d_model = normed.size(1);
-  const int64_t fc1_out = check_projection(kOp, "fc1", fc1_weight, fc1_bias, d_model);
+  const int64_t fc1_out = check_projection(kOp, "fc1", fc1_weight, fc1_bias, d_model, fc1_scale);
   TORCH_CHECK(fc1_out % 2 == 0, kOp, ": fc1 must have an even number of outputs (value and gate); got ", fc1_out);
   const int64_t hidden = fc1_out / 2;
-  check_projection(kOp, "fc2", fc2_weight, fc2_bias, hidden);
+  TORCH_CHECK(check_projection(kOp, "fc2", fc2_weight, fc2_bias, hidden, fc2_scale) == d_model, kOp,
+              ": fc2 must have d_model = ", d_model, " outputs; got ", fc2_weight.size(0));
 
-  const Tensor value_gate = project(normed, fc1_weight, fc1_bias);
+  const Tensor value_gate = project(normed, fc1_weight, fc1_scale, fc1_bias);
   Tensor act = at::empty({rows, hidden}, normed.options());
   for (int64_t r = 0; r < rows; ++r) {
     const float* value = value_gate.const_data_ptr<float>() + r * fc1_out;
@@ -542,7 +546,7 @@ Step mlp_block_step(const Tensor& hidden_states, const Tensor& residual, const T
       out[i] = value[i] * (gate[i] * sigmoid_vec(gate[i]));
     }
   }
-  return {project(act, fc2_weight, fc2_bias), new_residual};
+  return {project(act, fc2_weight, fc2_scale, fc2_bias), new_residual};
 }
 
 // norm -> in_proj -> RoPE on q and k -> k, v into the cache at `past` -> attention of the
@@ -557,7 +561,8 @@ Step attention_block_step(const Tensor& hidden_states, const OptTensor& residual
                           const OptTensor& in_proj_bias, Tensor& k_cache, Tensor& v_cache, int64_t past,
                           const Tensor& positions, const OptTensor& key_mask, int64_t num_heads, double softmax_scale,
                           int64_t sliding_window, int64_t rotary_dim, double rotary_base, bool rotary_interleaved,
-                          const Tensor& out_proj_weight, const OptTensor& out_proj_bias) {
+                          const Tensor& out_proj_weight, const OptTensor& out_proj_bias,
+                          const OptTensor& in_proj_scale, const OptTensor& out_proj_scale) {
   constexpr const char* kOp = "attention_block_step (cpu)";
   auto [normed, new_residual] = add_norm(kOp, hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm);
   const int64_t rows = normed.size(0), d_model = normed.size(1);
@@ -582,13 +587,15 @@ Step attention_block_step(const Tensor& hidden_states, const OptTensor& residual
                 key_mask->scalar_type(), " ", key_mask->sizes());
   }
   const int64_t q_width = num_heads * head_dim, kv_width = heads_kv * head_dim;
-  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model) == q_width + 2 * kv_width, kOp,
+  TORCH_CHECK(check_projection(kOp, "in_proj", in_proj_weight, in_proj_bias, d_model, in_proj_scale) ==
+                  q_width + 2 * kv_width, kOp,
               ": in_proj must have (num_heads + 2 * num_heads_kv) * head_dim = ", q_width + 2 * kv_width,
               " outputs; got ", in_proj_weight.size(0));
-  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, q_width) == d_model, kOp,
+  TORCH_CHECK(check_projection(kOp, "out_proj", out_proj_weight, out_proj_bias, q_width, out_proj_scale) == d_model,
+              kOp,
               ": out_proj must have d_model = ", d_model, " outputs; got ", out_proj_weight.size(0));
 
-  Tensor qkv = project(normed, in_proj_weight, in_proj_bias).contiguous();  // rows [q | k | v], head-major
+  Tensor qkv = project(normed, in_proj_weight, in_proj_scale, in_proj_bias).contiguous();  // rows [q | k | v], head-major
   float* qkv_data = qkv.mutable_data_ptr<float>();
   const int64_t qkv_row = q_width + 2 * kv_width;
   // RoPE as layers/attention.py computes it in fp32: angle = position * base^(-2j / rotary_dim).
@@ -661,7 +668,7 @@ Step attention_block_step(const Tensor& hidden_states, const OptTensor& residual
       }
     }
   });
-  return {project(attended, out_proj_weight, out_proj_bias), new_residual};
+  return {project(attended, out_proj_weight, out_proj_scale, out_proj_bias), new_residual};
 }
 
 // ---------------------------------------------------------------- a whole step in one call
@@ -712,22 +719,24 @@ class DecodeStep : public torch::CustomClassHolder {
                         std::optional<Tensor> conv_bias, Tensor conv_state, Tensor dt_bias, Tensor A, Tensor D,
                         Tensor ssm_state, double dt_min, double dt_max, std::optional<Tensor> gate_norm_weight,
                         double gate_norm_eps, int64_t gate_norm_group_size, bool norm_before_gate,
-                        Tensor out_proj_weight, std::optional<Tensor> out_proj_bias) {
+                        Tensor out_proj_weight, std::optional<Tensor> out_proj_bias,
+                        std::optional<Tensor> in_proj_scale, std::optional<Tensor> out_proj_scale) {
     blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) mutable {
       return mamba2_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias,
                                conv_weight, conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max,
                                gate_norm_weight, gate_norm_eps, gate_norm_group_size, norm_before_gate,
-                               out_proj_weight, out_proj_bias);
+                               out_proj_weight, out_proj_bias, in_proj_scale, out_proj_scale);
     });
   }
 
   void add_mlp_block(Tensor norm_weight, std::optional<Tensor> norm_bias, double norm_eps, bool rms_norm,
                      Tensor fc1_weight, std::optional<Tensor> fc1_bias, Tensor fc2_weight,
-                     std::optional<Tensor> fc2_bias) {
+                     std::optional<Tensor> fc2_bias, std::optional<Tensor> fc1_scale,
+                     std::optional<Tensor> fc2_scale) {
     blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context&) {
       TORCH_CHECK(residual.has_value(), "DecodeStep (cpu): an MLP block cannot come first (it needs a residual)");
       return mlp_block_step(h, *residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias,
-                            fc2_weight, fc2_bias);
+                            fc2_weight, fc2_bias, fc1_scale, fc2_scale);
     });
   }
 
@@ -735,12 +744,13 @@ class DecodeStep : public torch::CustomClassHolder {
                            Tensor in_proj_weight, std::optional<Tensor> in_proj_bias, Tensor k_cache, Tensor v_cache,
                            int64_t num_heads, double softmax_scale, int64_t sliding_window, int64_t rotary_dim,
                            double rotary_base, bool rotary_interleaved, Tensor out_proj_weight,
-                           std::optional<Tensor> out_proj_bias) {
+                           std::optional<Tensor> out_proj_bias, std::optional<Tensor> in_proj_scale,
+                           std::optional<Tensor> out_proj_scale) {
     blocks_.push_back([=](const Tensor& h, const OptTensor& residual, const Context& context) mutable {
       return attention_block_step(h, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight,
                                   in_proj_bias, k_cache, v_cache, context.past, context.positions, context.key_mask,
                                   num_heads, softmax_scale, sliding_window, rotary_dim, rotary_base,
-                                  rotary_interleaved, out_proj_weight, out_proj_bias);
+                                  rotary_interleaved, out_proj_weight, out_proj_bias, in_proj_scale, out_proj_scale);
     });
   }
 

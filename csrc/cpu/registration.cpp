@@ -44,7 +44,7 @@ TORCH_LIBRARY(lnlm_ssm, m) {
 
   // One decode step of a whole block (csrc/cpu/block_step.cpp has the layout): the norm
   // of hidden_states + residual, then the mixer or MLP, states updated in place.
-  // Returns (out, new_residual), both (batch, d_model). Mamba-1's projections may be weight-only
+  // Returns (out, new_residual), both (batch, d_model). Every block's projections may be weight-only
   // quantised as weight_only_linear's are (the scales of int8 weights last; None otherwise).
   m.def(
       "mamba_block_step(Tensor hidden_states, Tensor? residual, Tensor norm_weight, Tensor? norm_bias, "
@@ -58,11 +58,12 @@ TORCH_LIBRARY(lnlm_ssm, m) {
       "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor(a!) conv_state, Tensor dt_bias, Tensor A, Tensor D, Tensor(b!) ssm_state, "
       "float dt_min, float dt_max, Tensor? gate_norm_weight, float gate_norm_eps, int gate_norm_group_size, "
-      "bool norm_before_gate, Tensor out_proj_weight, Tensor? out_proj_bias) -> (Tensor, Tensor)");
+      "bool norm_before_gate, Tensor out_proj_weight, Tensor? out_proj_bias, Tensor? in_proj_scale=None, "
+      "Tensor? out_proj_scale=None) -> (Tensor, Tensor)");
   m.def(
       "mlp_block_step(Tensor hidden_states, Tensor residual, Tensor norm_weight, Tensor? norm_bias, "
-      "float norm_eps, bool rms_norm, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias) "
-      "-> (Tensor, Tensor)");
+      "float norm_eps, bool rms_norm, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor? fc1_scale=None, Tensor? fc2_scale=None) -> (Tensor, Tensor)");
   // past: the cache slot of the new position; positions (batch,): its rotary positions;
   // key_mask (batch, past + 1): the real keys; sliding_window 0: none.
   m.def(
@@ -70,7 +71,7 @@ TORCH_LIBRARY(lnlm_ssm, m) {
       "float norm_eps, bool rms_norm, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, int past, Tensor positions, Tensor? key_mask, int num_heads, float softmax_scale, "
       "int sliding_window, int rotary_dim, float rotary_base, bool rotary_interleaved, Tensor out_proj_weight, "
-      "Tensor? out_proj_bias) -> (Tensor, Tensor)");
+      "Tensor? out_proj_bias, Tensor? in_proj_scale=None, Tensor? out_proj_scale=None) -> (Tensor, Tensor)");
 
   // Causal depthwise conv1d (csrc/cpu/conv1d.cpp has the layout); silu applies
   // silu to the output.

@@ -11,12 +11,11 @@ calls (``models.causal_lm.MambaLM.fused_decoder``).
 The steps run the CPU kernels, in float32, for inference: they read the
 parameters as they are when called, except ``A = -exp(A_log)``, which is taken
 once here (parameters do not change during a decode loop). A model quantised by
-``lnlm_ssm.quantize_`` keeps its int8 or bf16 weights in Mamba-1's projections
-and the embedding (the step widens them as it reads them, as the unfused
-forward's kernels do); quantised projections of the other layers have no fused
-step yet. Layers without a
-step (another mixer, an MLP with another activation, projections of another kind)
-raise :class:`FusedStepUnsupported`, saying why; their model decodes op by op.
+``lnlm_ssm.quantize_`` keeps its int8 or bf16 weights in every projection and
+the embedding (the step widens them as it reads them, as the unfused forward's
+kernels do). Layers without a step (another mixer, an MLP with another
+activation, projections of another kind) raise :class:`FusedStepUnsupported`,
+saying why; their model decodes op by op.
 """
 
 from __future__ import annotations
@@ -54,21 +53,14 @@ def _norm_params(norm: nn.Module) -> tuple:
     raise FusedStepUnsupported(f"the norm {type(norm).__name__} has no fused step (RMSNorm and LayerNorm have)")
 
 
-def projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(weight, bias) of a float32 projection as a block step reads them."""
-    if type(linear) is QuantizedLinear:
-        raise FusedStepUnsupported("weight-only quantised projections have a fused step in Mamba-1 layers only")
-    if type(linear) is not nn.Linear:
-        raise FusedStepUnsupported(f"{type(linear).__name__} projections have no fused step (nn.Linear has)")
-    return linear.weight, linear.bias
-
-
-def quantized_projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(weight, bias, scale) of a projection that may be weight-only quantised: an ``nn.Linear``'s (scale None),
-    or a ``QuantizedLinear``'s int8 weight and its scale, or bf16 weight (scale None)."""
+def projection(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight, bias, scale) of a projection as a block step reads it: an ``nn.Linear``'s (scale None), or a
+    ``QuantizedLinear``'s int8 weight and its scale, or bf16 weight (scale None)."""
     if type(linear) is QuantizedLinear:
         return linear.weight, linear.bias, linear.weight_scale
-    return (*projection(linear), None)
+    if type(linear) is not nn.Linear:
+        raise FusedStepUnsupported(f"{type(linear).__name__} projections have no fused step (nn.Linear has)")
+    return linear.weight, linear.bias, None
 
 
 def _check_float32(module: nn.Module) -> None:
@@ -86,10 +78,10 @@ def _check_float32(module: nn.Module) -> None:
 
 
 def _mamba_params(mixer: Mamba, cache: MambaCache) -> tuple:
-    in_w, in_b, in_s = quantized_projection(mixer.in_proj)
-    x_w, x_b, x_s = quantized_projection(mixer.x_proj)
-    dt_w, dt_b, dt_s = quantized_projection(mixer.dt_proj)
-    out_w, out_b, out_s = quantized_projection(mixer.out_proj)
+    in_w, in_b, in_s = projection(mixer.in_proj)
+    x_w, x_b, x_s = projection(mixer.x_proj)
+    dt_w, dt_b, dt_s = projection(mixer.dt_proj)
+    out_w, out_b, out_s = projection(mixer.out_proj)
     if x_b is not None:
         raise FusedStepUnsupported("Mamba's x_proj has no bias in the fused step")
     with torch.no_grad():
@@ -101,8 +93,8 @@ def _mamba_params(mixer: Mamba, cache: MambaCache) -> tuple:
 
 
 def _mamba2_params(mixer: Mamba2, cache: Mamba2Cache) -> tuple:
-    in_w, in_b = projection(mixer.in_proj)
-    out_w, out_b = projection(mixer.out_proj)
+    in_w, in_b, in_s = projection(mixer.in_proj)
+    out_w, out_b, out_s = projection(mixer.out_proj)
     with torch.no_grad():
         A = -torch.exp(mixer.A_log)
     if mixer.rmsnorm:
@@ -112,16 +104,16 @@ def _mamba2_params(mixer: Mamba2, cache: Mamba2Cache) -> tuple:
         gate = (None, 1.0, mixer.d_inner, False)
     return (
         in_w, in_b, conv_weight(mixer.conv1d), mixer.conv1d.bias, cache.conv_state, mixer.dt_bias, A, mixer.D,
-        cache.ssm_state, *mixer.dt_limit, *gate, out_w, out_b,
+        cache.ssm_state, *mixer.dt_limit, *gate, out_w, out_b, in_s, out_s,
     )
 
 
 def _attention_params(mixer: Attention, cache: AttentionCache) -> tuple:
-    in_w, in_b = projection(mixer.in_proj)
-    out_w, out_b = projection(mixer.out_proj)
+    in_w, in_b, in_s = projection(mixer.in_proj)
+    out_w, out_b, out_s = projection(mixer.out_proj)
     return (
         in_w, in_b, cache.k, cache.v, mixer.num_heads, mixer.softmax_scale, mixer.sliding_window or 0,
-        mixer.rotary_emb_dim, mixer.rotary_emb_base, mixer.rotary_emb_interleaved, out_w, out_b,
+        mixer.rotary_emb_dim, mixer.rotary_emb_base, mixer.rotary_emb_interleaved, out_w, out_b, in_s, out_s,
     )
 
 
@@ -148,7 +140,9 @@ def mlp_step_params(mlp: nn.Module, norm: nn.Module) -> StepParams:
         raise FusedStepUnsupported("only a GatedMLP with the silu activation has a fused step")
     _check_float32(mlp)
     _check_float32(norm)
-    return "mlp_block_step", _norm_params(norm) + projection(mlp.fc1) + projection(mlp.fc2)
+    fc1_w, fc1_b, fc1_s = projection(mlp.fc1)
+    fc2_w, fc2_b, fc2_s = projection(mlp.fc2)
+    return "mlp_block_step", _norm_params(norm) + (fc1_w, fc1_b, fc2_w, fc2_b, fc1_s, fc2_s)
 
 
 def decode_step(embedding: nn.Module, blocks: list[StepParams], final_norm: nn.Module, *, timed: bool = False) -> Callable:

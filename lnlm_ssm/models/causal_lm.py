@@ -224,8 +224,8 @@ class MambaLM(PretrainedModel):
         """The decode step with one call per block, on the CPU: ``step(input_ids (batch, 1)) -> logits (batch, vocab)``.
 
         Each call takes one new token per row through every block (``Backbone.fused_step``:
-        the C++ block steps, float32 math; Mamba-1 layers, the embedding and the LM head may
-        be quantised by ``quantize_``), advances ``cache`` by one position, and returns
+        the C++ block steps, float32 math; every projection, the embedding and the LM head
+        may be quantised by ``quantize_``), advances ``cache`` by one position, and returns
         what ``model(input_ids, cache=cache).logits[:, -1]`` returns, within fp32
         rounding; the new tokens are real (no mask), as in ``generate``'s decode loop.
         It is built for one ``cache`` and reads the parameters as they are, except

@@ -86,15 +86,11 @@ def test_greedy_tokens_are_the_unfused_ones(kind):
 
 @torch.no_grad()
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
-@pytest.mark.parametrize("kind, d_model", [("mamba1", 32), ("mamba1", 256), ("mamba1-mlp-layernorm", 32)])
+@pytest.mark.parametrize("kind, d_model", [("mamba1", 32), ("mamba1", 256)] + [(kind, 32) for kind in sorted(FUSED) if kind != "mamba1"])
 def test_quantized_fused_steps_match_the_quantized_forward(mode, kind, d_model):
     # d_model 256: in_proj and the LM head read 256-long rows, out_proj 512-long ones (the kernels'
-    # main loops, not only their tails). A quantised MLP has no fused step: that model says so.
+    # main loops, not only their tails).
     model = quantize_(tiny(kind, d_model=d_model), mode)
-    if kind != "mamba1":
-        with pytest.raises(FusedStepUnsupported, match="quantised projections have a fused step in Mamba-1 layers only"):
-            model.fused_decoder(model.allocate_cache(1, 8))
-        return
     ids = torch.randint(0, 256, (3, 12))
     fused_cache, cache = model.allocate_cache(3, 12), model.allocate_cache(3, 12)
     model(ids[:, :7], cache=fused_cache)

@@ -128,17 +128,27 @@ def test_mamba_norms_first_block_and_biases(rms_norm, residual, biases):
     check_kernel_against_reference(mamba_block_step, mamba_block_step_ref, 2, 64, params, residual=residual)
 
 
-# in_proj, x_proj, dt_proj and out_proj's weights among mamba_params.
-MAMBA_PROJECTIONS = (4, 9, 10, 15)
+# Where each op's projection weights are among its params (mamba_params, mamba2_params, mlp_params,
+# attention_params), in the order of their scales: Mamba-1's in_proj, x_proj, dt_proj and out_proj.
+PROJECTIONS = {
+    "mamba_block_step": (4, 9, 10, 15),
+    "mamba2_block_step": (4, 19),
+    "mlp_block_step": (4, 6),
+    "attention_block_step": (4, 14),
+}
 
 
-def quantized_mamba_params(params, mode):
-    """``params`` with Mamba-1's four projections quantised (weight-only, ``mode``), their scales appended."""
+def quantized_params(op, params, mode):
+    """``params`` with ``op``'s projections quantised (weight-only, ``mode``), their scales appended."""
     params, scales = list(params), []
-    for i in MAMBA_PROJECTIONS:
+    for i in PROJECTIONS[op]:
         params[i], scale = quantize_weight(params[i], mode)
         scales.append(scale)
     return tuple(params) + tuple(scales)
+
+
+def quantized_mamba_params(params, mode):
+    return quantized_params("mamba_block_step", params, mode)
 
 
 # batch 17 takes the dequantised weight and the BLAS; d_model 256 the kernel's main loops.
@@ -161,6 +171,56 @@ def test_mamba_quantized_projections_are_checked(index, value, match):
     params[index] = value
     with torch.no_grad(), pytest.raises(ValueError, match=match):
         mamba_block_step(rand(2, 64), None, *params, backend="cpu")
+
+
+# Mamba-2's, the MLP's and attention's projections quantised; batch 17 takes the dequantised
+# weight and the BLAS, d_model 256 the kernel's main loops.
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("batch, d_model", [(1, 64), (3, 256), (17, 64)])
+@pytest.mark.parametrize("op", ["mamba2_block_step", "mlp_block_step", "attention_block_step"])
+def test_quantized_blocks_match_reference(op, mode, batch, d_model):
+    if op == "mamba2_block_step":
+        params = mamba2_params(batch, d_model, biases=True)
+    elif op == "mlp_block_step":
+        params = mlp_params(d_model, 3 * d_model // 2, biases=True)
+    else:
+        params = attention_params(batch, d_model)
+    params = quantized_params(op, params, mode)
+    hidden, residual = rand(batch, d_model, scale=1.0), rand(batch, d_model, scale=1.0)
+    ours, theirs = clone(params), clone(params)
+    if op == "attention_block_step":
+        ours, theirs = (with_context(p, 7, torch.arange(batch) + 3, None) for p in (ours, theirs))
+    kernel, ref = {
+        "mamba2_block_step": (mamba2_block_step, mamba2_block_step_ref),
+        "mlp_block_step": (mlp_block_step, mlp_block_step_ref),
+        "attention_block_step": (attention_block_step, attention_block_step_ref),
+    }[op]
+    with torch.no_grad():
+        out, new_residual = kernel(hidden, residual, *ours, backend="cpu")
+        expected_out, expected_residual = ref(hidden, residual, *theirs)
+    assert_close(out, expected_out, msg="out")
+    assert_close(new_residual, expected_residual, msg="new residual")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if isinstance(a, torch.Tensor) and a.dtype == torch.float32:  # the states, updated in place
+            assert_close(a, b, msg=f"params[{i}]")
+
+
+@pytest.mark.parametrize("op, index, match", [
+    ("mamba2_block_step", -2, "in_proj_scale must be a float32 \\(\\d+,\\) tensor for an int8 in_proj_weight, got None"),
+    ("mlp_block_step", -1, "fc2_scale must be a float32 \\(64,\\) tensor for an int8 fc2_weight, got None"),
+    ("attention_block_step", -1, "out_proj_scale must be a float32 \\(64,\\) tensor for an int8 out_proj_weight"),
+])
+def test_quantized_block_scales_are_checked(op, index, match):
+    params = {"mamba2_block_step": lambda: mamba2_params(2, 64), "mlp_block_step": lambda: mlp_params(64, 96),
+              "attention_block_step": lambda: attention_params(2, 64)}[op]()
+    params = list(quantized_params(op, params, "int8"))
+    params[index] = None
+    kernel = {"mamba2_block_step": mamba2_block_step, "mlp_block_step": mlp_block_step,
+              "attention_block_step": attention_block_step}[op]
+    if op == "attention_block_step":
+        params = list(with_context(tuple(params), 3, None, None))
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        kernel(rand(2, 64), rand(2, 64), *params, backend="cpu")
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -395,7 +455,7 @@ def test_decode_step_matches_reference(batch):
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
 def test_quantized_decode_step_matches_reference(mode):
     embedding, blocks, final_norm = stack(2)
-    blocks = [(op, quantized_mamba_params(params, mode) if op == "mamba_block_step" else params) for op, params in blocks]
+    blocks = [(op, quantized_params(op, params, mode)) for op, params in blocks]
     embedding, embedding_scale = quantize_weight(embedding, mode)
     twin = [(op, clone(params)) for op, params in blocks]
     step = prepare_decode_step(embedding, 37, blocks, final_norm, embedding_scale=embedding_scale, backend="cpu")

@@ -18,9 +18,13 @@ mlp_block_step_cpu = _ops.mlp_block_step.default
 attention_block_step_cpu = _ops.attention_block_step.default
 
 
-# mamba_block_step's arguments after residual: its params, the last ones (the scales of
-# quantised weights) None by default in the op, but required by DecodeStep.add_mamba_block.
-_MAMBA_PARAMS = len(_ops.mamba_block_step.default._schema.arguments) - 2
+# Each op's arguments after residual, less an attention step's per-step three (past,
+# positions, key_mask): its params. The last ones (the scales of quantised weights) are
+# None by default in the op, but required by DecodeStep's add_ methods.
+_PARAMS = {
+    op: len(getattr(_ops, op).default._schema.arguments) - 2 - (3 if op == "attention_block_step" else 0)
+    for op in ("mamba_block_step", "mamba2_block_step", "mlp_block_step", "attention_block_step")
+}
 
 
 def bind_decode_step_cpu(embedding, embedding_scale, vocab_size, blocks, final_norm, timed):
@@ -28,8 +32,7 @@ def bind_decode_step_cpu(embedding, embedding_scale, vocab_size, blocks, final_n
     one C++ call (``timed``: also the seconds of each part)."""
     decoder = torch.classes.lnlm_ssm.DecodeStep(embedding, embedding_scale, vocab_size, *final_norm)
     for op, params in blocks:
-        if op == "mamba_block_step":
-            params = tuple(params) + (None,) * (_MAMBA_PARAMS - len(params))
+        params = tuple(params) + (None,) * (_PARAMS[op] - len(params))
         getattr(decoder, "add_" + op.removesuffix("_step"))(*params)
     run = decoder.timed_step if timed else decoder.step
 

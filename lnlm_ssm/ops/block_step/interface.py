@@ -125,6 +125,12 @@ def _check_weight_format(name: str, weight, scale_name: str, scale) -> None:
         raise TypeError(f"{name} must be float32, or int8 or bfloat16 (weight-only quantised), got {weight.dtype}")
 
 
+def _check_weight_formats(**projections) -> None:
+    """``_check_weight_format`` of each projection: name=(weight, scale)."""
+    for name, (weight, scale) in projections.items():
+        _check_weight_format(f"{name}_weight", weight, f"{name}_scale", scale)
+
+
 def _check_norm(shapes: Shapes, norm_weight, norm_bias, norm_eps, rms_norm) -> None:
     shapes.bind("norm_weight", norm_weight, ("d_model",))
     shapes.bind_optional("norm_bias", norm_bias, ("d_model",))
@@ -175,11 +181,10 @@ def _check_mamba(
         conv_bias=conv_bias, conv_state=conv_state, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state,
         out_proj_bias=out_proj_bias,
     ))
-    for name, weight, scale in (
-        ("in_proj", in_proj_weight, in_proj_scale), ("x_proj", x_proj_weight, x_proj_scale),
-        ("dt_proj", dt_proj_weight, dt_proj_scale), ("out_proj", out_proj_weight, out_proj_scale),
-    ):
-        _check_weight_format(f"{name}_weight", weight, f"{name}_scale", scale)
+    _check_weight_formats(
+        in_proj=(in_proj_weight, in_proj_scale), x_proj=(x_proj_weight, x_proj_scale),
+        dt_proj=(dt_proj_weight, dt_proj_scale), out_proj=(out_proj_weight, out_proj_scale),
+    )
     # The kernel walks these channel by channel as flat arrays (the caches of allocate_cache are).
     contiguous = dict(conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, x_proj_weight=x_proj_weight,
                       dt_proj_weight=dt_proj_weight, dt_proj_bias=dt_proj_bias, A=A, D=D, ssm_state=ssm_state)
@@ -192,11 +197,11 @@ def _check_mamba(
 def _check_mamba2(
     norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
     dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps, gate_norm_group_size,
-    norm_before_gate, out_proj_weight, out_proj_bias,
+    norm_before_gate, out_proj_weight, out_proj_bias, in_proj_scale=None, out_proj_scale=None,
 ) -> Shapes:
     shapes = Shapes()
     _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
-    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"), floating=_floating(in_proj_weight))
     shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
     shapes.bind("conv_weight", conv_weight, ("conv_dim", "width"))
     shapes.bind_optional("conv_bias", conv_bias, ("conv_dim",))
@@ -204,7 +209,7 @@ def _check_mamba2(
     shapes.bind("ssm_state", ssm_state, ("batch", "nheads", "headdim", "d_state"))
     shapes.bind("dt_bias", dt_bias, ("nheads",))
     shapes.bind("A", A, ("nheads",))
-    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "d_inner"), floating=_floating(out_proj_weight))
     shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
     nheads, d_inner, d_state = shapes["nheads"], shapes["d_inner"], shapes["d_state"]
     if d_inner != nheads * shapes["headdim"]:
@@ -234,40 +239,42 @@ def _check_mamba2(
         if not gate_norm_eps > 0:
             raise ValueError(f"gate_norm_eps must be > 0, got {gate_norm_eps!r}")
     _check_fp32(dict(
-        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
-        conv_weight=conv_weight, conv_bias=conv_bias, conv_state=conv_state, dt_bias=dt_bias, A=A, D=D,
-        ssm_state=ssm_state, gate_norm_weight=gate_norm_weight, out_proj_weight=out_proj_weight,
-        out_proj_bias=out_proj_bias,
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_bias=in_proj_bias, conv_weight=conv_weight,
+        conv_bias=conv_bias, conv_state=conv_state, dt_bias=dt_bias, A=A, D=D, ssm_state=ssm_state,
+        gate_norm_weight=gate_norm_weight, out_proj_bias=out_proj_bias,
     ))
+    _check_weight_formats(in_proj=(in_proj_weight, in_proj_scale), out_proj=(out_proj_weight, out_proj_scale))
     return shapes
 
 
-def _check_mlp(norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> Shapes:
+def _check_mlp(
+    norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_scale=None,
+    fc2_scale=None,
+) -> Shapes:
     shapes = Shapes()
     _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
-    shapes.bind("fc1_weight", fc1_weight, ("fc1_out", "d_model"))
+    shapes.bind("fc1_weight", fc1_weight, ("fc1_out", "d_model"), floating=_floating(fc1_weight))
     shapes.bind_optional("fc1_bias", fc1_bias, ("fc1_out",))
-    shapes.bind("fc2_weight", fc2_weight, ("d_model", "hidden"))
+    shapes.bind("fc2_weight", fc2_weight, ("d_model", "hidden"), floating=_floating(fc2_weight))
     shapes.bind_optional("fc2_bias", fc2_bias, ("d_model",))
     _check_out("fc1_weight", shapes["fc1_out"], "2 * hidden (value and gate)", 2 * shapes["hidden"])
-    _check_fp32(dict(
-        norm_weight=norm_weight, norm_bias=norm_bias, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
-        fc2_bias=fc2_bias,
-    ))
+    _check_fp32(dict(norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias))
+    _check_weight_formats(fc1=(fc1_weight, fc1_scale), fc2=(fc2_weight, fc2_scale))
     return shapes
 
 
 def _check_attention(
     norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache, v_cache, num_heads,
     softmax_scale, sliding_window, rotary_dim, rotary_base, rotary_interleaved, out_proj_weight, out_proj_bias,
+    in_proj_scale=None, out_proj_scale=None,
 ) -> Shapes:
     shapes = Shapes()
     _check_norm(shapes, norm_weight, norm_bias, norm_eps, rms_norm)
-    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"))
+    shapes.bind("in_proj_weight", in_proj_weight, ("in_proj_out", "d_model"), floating=_floating(in_proj_weight))
     shapes.bind_optional("in_proj_bias", in_proj_bias, ("in_proj_out",))
     shapes.bind("k_cache", k_cache, ("batch", "max_seqlen", "num_heads_kv", "head_dim"))
     shapes.bind("v_cache", v_cache, ("batch", "max_seqlen", "num_heads_kv", "head_dim"))
-    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "attention_width"))
+    shapes.bind("out_proj_weight", out_proj_weight, ("d_model", "attention_width"), floating=_floating(out_proj_weight))
     shapes.bind_optional("out_proj_bias", out_proj_bias, ("d_model",))
     heads_kv, head_dim = shapes["num_heads_kv"], shapes["head_dim"]
     for name, value in (("num_heads", num_heads), ("sliding_window", sliding_window), ("rotary_dim", rotary_dim)):
@@ -286,9 +293,10 @@ def _check_attention(
         raise ValueError(f"out_proj_weight must read num_heads * head_dim = {num_heads * head_dim} channels, "
                          f"got {shapes['attention_width']}")
     _check_fp32(dict(
-        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight, in_proj_bias=in_proj_bias,
-        k_cache=k_cache, v_cache=v_cache, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+        norm_weight=norm_weight, norm_bias=norm_bias, in_proj_bias=in_proj_bias, k_cache=k_cache, v_cache=v_cache,
+        out_proj_bias=out_proj_bias,
     ))
+    _check_weight_formats(in_proj=(in_proj_weight, in_proj_scale), out_proj=(out_proj_weight, out_proj_scale))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
@@ -382,46 +390,50 @@ def mamba_block_step(
 def mamba2_block_step(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
     conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps,
-    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias, *, backend: str = "auto",
+    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias, in_proj_scale=None, out_proj_scale=None,
+    *, backend: str = "auto",
 ):
     """One decode step of a norm + Mamba-2 block: returns (out, new_residual), updates the states in place.
 
-    Arguments and semantics: ``reference.py``; (dt_min, dt_max) = (0, inf) is no dt limit.
+    Arguments and semantics: ``reference.py``; (dt_min, dt_max) = (0, inf) is no dt limit;
+    the scales are those of int8 projection weights, None for float32 and bf16 ones.
     """
     params = (
         norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight, conv_bias, conv_state,
         dt_bias, A, D, ssm_state, float(dt_min), float(dt_max), gate_norm_weight, gate_norm_eps,
-        gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias,
+        gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias, in_proj_scale, out_proj_scale,
     )
     return prepare_block_step("mamba2_block_step", params, backend=backend)(hidden_states, residual)
 
 
 def mlp_block_step(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-    *, backend: str = "auto",
+    fc1_scale=None, fc2_scale=None, *, backend: str = "auto",
 ):
     """One step of a norm2 + GatedMLP (silu) block: returns (out, new_residual).
 
-    Arguments and semantics: ``reference.py``.
+    Arguments and semantics: ``reference.py``; the scales are those of int8 weights.
     """
-    params = (norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    params = (norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_scale, fc2_scale)
     return prepare_block_step("mlp_block_step", params, backend=backend)(hidden_states, residual)
 
 
 def attention_block_step(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache,
     v_cache, past, positions, key_mask, num_heads, softmax_scale, sliding_window, rotary_dim, rotary_base,
-    rotary_interleaved, out_proj_weight, out_proj_bias, *, backend: str = "auto",
+    rotary_interleaved, out_proj_weight, out_proj_bias, in_proj_scale=None, out_proj_scale=None, *,
+    backend: str = "auto",
 ):
     """One decode step of a norm + attention block: returns (out, new_residual), writes the caches at ``past``.
 
     Arguments and semantics: ``reference.py``; ``positions`` (batch,) int64 (None:
     ``past`` for every row), ``key_mask`` (batch, past + 1) bool or None (all real),
-    ``sliding_window`` 0 for none.
+    ``sliding_window`` 0 for none; the scales are those of int8 projection weights.
     """
     params = (
         norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache, v_cache, num_heads,
         softmax_scale, sliding_window, rotary_dim, rotary_base, rotary_interleaved, out_proj_weight, out_proj_bias,
+        in_proj_scale, out_proj_scale,
     )
     shapes = _check_attention(*params)
     for name, t in (("hidden_states", hidden_states), ("residual", residual)):
@@ -454,7 +466,7 @@ def prepare_decode_step(
     ``positions`` (batch,) int64 (its rotary positions; None: past) and ``key_mask``
     (batch, past + 1) bool (the real keys; None: all) are for the attention blocks, and
     are checked by the kernel. See ``decode_step_ref``. The embedding may be weight-only
-    quantised as Mamba-1's projections may: int8 with ``embedding_scale``
+    quantised as the blocks' projections may: int8 with ``embedding_scale``
     (padded_vocab_size,), or bf16. With ``timed`` the step returns
     ``(out, seconds)``, seconds (2 + len(blocks),) float64: the time of the embedding,
     of each block, and of the final norm (for benchmarks).

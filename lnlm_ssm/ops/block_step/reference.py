@@ -31,8 +31,8 @@ A block is ``norm -> mixer`` (or ``norm2 -> mlp``) on the residual stream (see
 A whole decode step (``decode_step_ref``) is the token embedding of one id per row,
 the blocks in turn, and the final norm of out + h.
 
-Mamba-1's four projections may be weight-only quantised (``lnlm_ssm.quantize_``):
-a weight int8 with its per-row scale (``in_proj_scale`` ... ``out_proj_scale``, the
+Every block's projections may be weight-only quantised (``lnlm_ssm.quantize_``):
+a weight int8 with its per-row scale (``in_proj_scale``, ``fc1_scale``, ...: each
 step's last arguments, None for other weights), or bf16; the product is
 ``weight_only_linear_ref``'s, everything else stays float32. So may the embedding
 of ``decode_step_ref`` (``embedding_scale``).
@@ -112,14 +112,14 @@ def mamba_block_step_ref(
 def mamba2_block_step_ref(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, conv_weight,
     conv_bias, conv_state, dt_bias, A, D, ssm_state, dt_min, dt_max, gate_norm_weight, gate_norm_eps,
-    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias,
+    gate_norm_group_size, norm_before_gate, out_proj_weight, out_proj_bias, in_proj_scale=None, out_proj_scale=None,
 ):
     """A norm + Mamba-2 block's decode step; see the module docstring."""
     n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
     batch, nheads, headdim, d_state = ssm_state.shape
     d_inner, conv_dim = nheads * headdim, conv_state.shape[1]
     group_width = (conv_dim - d_inner) // 2
-    z, xBC, dt = F.linear(n, in_proj_weight, in_proj_bias).split([d_inner, conv_dim, nheads], dim=-1)
+    z, xBC, dt = _project(n, in_proj_weight, in_proj_scale, in_proj_bias).split([d_inner, conv_dim, nheads], dim=-1)
     xBC = causal_conv1d_update_ref(xBC, conv_state, conv_weight, conv_bias, activation="silu")
     x, B, C = xBC.split([d_inner, group_width, group_width], dim=-1)
     dt_softplus = True
@@ -141,7 +141,7 @@ def mamba2_block_step_ref(
     ).reshape(batch, d_inner)
     if gated:
         y = rms_norm_gated_ref(y, gate_norm_weight, None, z, gate_norm_eps, gate_norm_group_size, norm_before_gate)
-    return F.linear(y, out_proj_weight, out_proj_bias), h
+    return _project(y, out_proj_weight, out_proj_scale, out_proj_bias), h
 
 
 def rotary_ref(x, positions, rotary_dim, rotary_base, interleaved):
@@ -162,12 +162,12 @@ def rotary_ref(x, positions, rotary_dim, rotary_base, interleaved):
 def attention_block_step_ref(
     hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, in_proj_weight, in_proj_bias, k_cache,
     v_cache, past, positions, key_mask, num_heads, softmax_scale, sliding_window, rotary_dim, rotary_base,
-    rotary_interleaved, out_proj_weight, out_proj_bias,
+    rotary_interleaved, out_proj_weight, out_proj_bias, in_proj_scale=None, out_proj_scale=None,
 ):
     """A norm + attention block's decode step; see the module docstring."""
     n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
     batch, _, heads_kv, head_dim = k_cache.shape
-    q, k, v = F.linear(n, in_proj_weight, in_proj_bias).split(
+    q, k, v = _project(n, in_proj_weight, in_proj_scale, in_proj_bias).split(
         [num_heads * head_dim, heads_kv * head_dim, heads_kv * head_dim], dim=-1
     )
     q, k, v = q.view(batch, num_heads, head_dim), k.view(batch, heads_kv, head_dim), v.view(batch, heads_kv, head_dim)
@@ -187,16 +187,17 @@ def attention_block_step_ref(
         seen = seen & (key_mask | (slots == past))
     attention = torch.softmax(scores.masked_fill(~seen[:, None, :], float("-inf")), dim=-1)
     out = torch.einsum("bht,bthd->bhd", attention, values).reshape(batch, num_heads * head_dim)
-    return F.linear(out, out_proj_weight, out_proj_bias), h
+    return _project(out, out_proj_weight, out_proj_scale, out_proj_bias), h
 
 
 def mlp_block_step_ref(
-    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+    fc1_scale=None, fc2_scale=None,
 ):
     """A norm2 + GatedMLP (silu) block's step; see the module docstring."""
     n, h = add_norm_ref(hidden_states, residual, norm_weight, norm_bias, norm_eps, rms_norm)
-    value, gate = F.linear(n, fc1_weight, fc1_bias).chunk(2, dim=-1)
-    return F.linear(value * F.silu(gate), fc2_weight, fc2_bias), h
+    value, gate = _project(n, fc1_weight, fc1_scale, fc1_bias).chunk(2, dim=-1)
+    return _project(value * F.silu(gate), fc2_weight, fc2_scale, fc2_bias), h
 
 
 
