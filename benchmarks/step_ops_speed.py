@@ -198,17 +198,17 @@ def weight_only_cases(args, notes):
             xb = x.to(torch.bfloat16)
             io = rows * (inner + out) * x.element_size()  # x in, y out, fp32
             impls = [
-                ("cpu int8", lambda x=x: [weight_only_linear_cpu(x, q, s, None) for q, s in int8],
+                ("cpu int8", lambda x=x, int8=int8: [weight_only_linear_cpu(x, q, s, None) for q, s in int8],
                  sum(tensor_bytes(q, s) for q, s in int8)),
-                ("aten int8pack_mm", lambda x=x: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in int8],
+                ("aten int8pack_mm", lambda x=x, int8=int8: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in int8],
                  sum(tensor_bytes(q, s) for q, s in int8)),
-                ("cpu bf16", lambda x=x: [weight_only_linear_cpu(x, w, None, None) for w in bf16],
+                ("cpu bf16", lambda x=x, bf16=bf16: [weight_only_linear_cpu(x, w, None, None) for w in bf16],
                  sum(tensor_bytes(w) for w in bf16)),
-                ("torch F.linear bf16", lambda xb=xb: [F.linear(xb, w) for w in bf16], sum(tensor_bytes(w) for w in bf16)),
-                ("torch F.linear", lambda x=x: [F.linear(x, w) for w in weights], sum(tensor_bytes(w) for w in weights)),
+                ("torch F.linear bf16", lambda xb=xb, bf16=bf16: [F.linear(xb, w) for w in bf16], sum(tensor_bytes(w) for w in bf16)),
+                ("torch F.linear", lambda x=x, weights=weights: [F.linear(x, w) for w in weights], sum(tensor_bytes(w) for w in weights)),
             ]
             if ao is not None:
-                impls.append(("torchao int8wo", lambda x=x: [linear(x) for linear in ao],
+                impls.append(("torchao int8wo", lambda x=x, ao=ao: [linear(x) for linear in ao],
                               sum(tensor_bytes(q, s) for q, s in int8)))
             label = f"weight-only {name} ({layers} x {out}x{inner}, rows {rows})"
             for impl, fn, weight_bytes in impls:
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                               ("out_proj", 768, 1536, 24), ("lm_head", 50277, 768, 1)])
     if args.quick:
         sizes = dict(batch=1, conv_dim=64, seqlen=128, decode_batch=1, dim=64, dstate=16, nheads=4, headdim=16, dstate2=16,
-                     projections=[("in_proj", 64, 256, 2)])
+                     projections=[("in_proj", 64, 256, 2), ("out_proj", 32, 128, 1)])
     for k, v in sizes.items():
         setattr(args, k, v)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)

@@ -31,8 +31,11 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
         "state update mamba1": {"cpu", "reference"},
         "state update mamba2": {"cpu", "reference"},
         "decode_linear in_proj": {"cpu", "torch F.linear"},
-        "weight-only in_proj": {"cpu int8", "aten int8pack_mm", "cpu bf16", "torch F.linear bf16", "torch F.linear"}
-        | ({"torchao int8wo"} if importlib.util.find_spec("torchao") else set()),
+        "decode_linear out_proj": {"cpu", "torch F.linear"},
+        # Two projections of different shapes: each row times its own weights (a closure over the
+        # loop's last weights once fed out_proj's to in_proj's rows, and raised).
+        **{f"weight-only {name}": {"cpu int8", "aten int8pack_mm", "cpu bf16", "torch F.linear bf16", "torch F.linear"}
+           | ({"torchao int8wo"} if importlib.util.find_spec("torchao") else set()) for name in ("in_proj", "out_proj")},
     }
     out = capsys.readouterr().out
     assert "x fastest torch" in out and "x copy bw" in out
