@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lnlm_ssm.layers.mlp import ACTIVATIONS
-from lnlm_ssm.utils.checks import check_choice, check_nonnegative_int, check_positive_int
+from lnlm_ssm.utils.checks import check_bool, check_choice, check_nonnegative_int, check_positive_int
 from lnlm_ssm.utils.files import atomic_write
 
 LAYER_CHARS = {"1": "Mamba1", "2": "Mamba2", "A": "Attention"}
@@ -74,6 +74,8 @@ class MambaLMConfig:
             check_nonnegative_int("max_position_embeddings (0: no learned positions)", self.max_position_embeddings)
             check_choice("mlp_type", self.mlp_type, MLP_TYPES)
             check_choice("mlp_act", self.mlp_act, sorted(ACTIVATIONS))
+            for name in ("rms_norm", "residual_in_fp32", "tie_embeddings", "mlp_bias"):
+                check_bool(name, getattr(self, name))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not self.norm_epsilon > 0:

@@ -25,6 +25,13 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` is True or False (a string such as "False" from a hand-edited config is not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (true or false), got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable) -> Any:
     """``value`` is one of ``choices``."""
     choices = tuple(choices)

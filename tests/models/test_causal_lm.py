@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lnlm_ssm.models import MambaLM, MambaLMConfig
+from lnlm_ssm.models.config import ConfigError
 from lnlm_ssm.utils.testing import assert_close
 
 ATTN_CFG = {"num_heads": 4, "rotary_emb_dim": 8}
@@ -165,3 +166,10 @@ def test_bad_input_errors():
         MambaLM({"d_model": 32})
     with pytest.raises(ValueError, match="ssm_cfg"):
         MambaLM(MambaLMConfig(d_model=32, n_layer=1, vocab_size=256, ssm_cfg={"headdim": 16}))
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "residual_in_fp32", "tie_embeddings", "mlp_bias"])
+def test_config_flags_must_be_bools(name):
+    # A hand-edited config.json's "False" is truthy: taken as given it would build the other model.
+    with pytest.raises(ConfigError, match=f"{name} must be a bool \\(true or false\\), got 'False'"):
+        MambaLMConfig(d_model=32, n_layer=1, vocab_size=256, **{name: "False"})
