@@ -162,7 +162,7 @@ def decode_rate(generate: Callable[[int], object], batch: int, args) -> dict:
     and first sample) and a ``1 + --new-tokens`` one; the round's rate is its new
     tokens over the difference. Both are medians over the rounds: on a shared
     machine bandwidth drifts by 10-20% over minutes, so the bound a decode row is
-    set against is measured between its own runs.
+    set against is measured between its own runs. Each round's pair is kept too.
     """
     generate(1 + args.new_tokens)  # warm-up
     rates, copies = [], []
@@ -174,7 +174,8 @@ def decode_rate(generate: Callable[[int], object], batch: int, args) -> dict:
         generate(1 + args.new_tokens)
         t2 = time.perf_counter()
         rates.append(batch * args.new_tokens / max((t2 - t1) - (t1 - t0), 1e-9))
-    return {"tok_s": median(rates), "runs": args.repeats, "copy_gbps": median(copies)}
+    return {"tok_s": median(rates), "runs": args.repeats, "copy_gbps": median(copies),
+            "rounds": [{"tok_s": r, "copy_gbps": c} for r, c in zip(rates, copies)]}
 
 
 def measure(model, is_ours: bool, args, vocab: int, decode_only: bool = False) -> dict[str, dict]:
@@ -433,6 +434,7 @@ def main(argv=None) -> int:
                         "hf_runs": theirs[hf_key]["runs"] if theirs else None,
                         "bound_tok_s": bound(model, key, value, bandwidth, peak), "weight_bytes": weight_bytes(model),
                         "copy_gbps": value.get("copy_gbps", bandwidth), "matmul_gflops": peak,
+                        **({"rounds": value["rounds"]} if "rounds" in value else {}),
                     })
             print_table([r for r in rows if r["preset"] == name])
             for weights, model, _ in runs:

@@ -47,6 +47,8 @@ def test_quick_run(model_speed, tmp_path):
             batch = 8 if "_b8" in r["measure"] else 1
             assert r["copy_gbps"] > 0
             assert r["bound_tok_s"] == pytest.approx(batch * r["copy_gbps"] * 1e9 / r["weight_bytes"])
+            assert len(r["rounds"]) == r["ours_runs"]
+            assert sorted(x["copy_gbps"] for x in r["rounds"])[len(r["rounds"]) // 2] == r["copy_gbps"]
     # The per-layer breakdown of a fused decode step.
     breakdown = results["breakdown"]
     for name in model_speed.PRESETS:

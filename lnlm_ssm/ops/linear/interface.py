@@ -5,15 +5,16 @@ a few rows (about 15 GB/s for one row and 6-9 GB/s for four, against ~29 GB/s
 copy bandwidth on our 2-core AVX2 machines), and decoding is exactly that product
 for every projection. The CPU kernel (csrc/cpu/linear.cpp) streams each weight row
 once and takes every row of x against it: at 2 threads on the projections of a
-130M model it reads the weight at 0.9-1.0x copy bandwidth for one row and
-0.85-1.05x for two to four, 1.7-2x ``F.linear`` for one row and 2.9-5.7x for two
-to four, 1.5-3x at 8 rows (``benchmarks/step_ops_speed.py``, results of record in
-``benchmarks/results/step_ops-cpu-2core-epyc-20261202``). From 8 rows the FMAs
-start to count: x_proj (80 outputs, its weights in the last-level cache) is as
-fast as the BLAS at 8 rows and 0.8x at 16. With an inner size below 256
-(dt_proj's 48) the kernel's reductions weigh more than its reads: as fast as the
-BLAS for one row, 1.2-1.7x for two to four, slower from 8 rows on; those go to
-the BLAS. So it serves fp32 on the CPU, 1 to 16 rows, inner size >= 256, without
+130M model (2-core EPYC) it reads in_proj's and out_proj's weights at 0.9-1.1x
+copy bandwidth for one to four rows, 2.2-2.7x ``F.linear`` for one row and
+2.7-6.3x for two to four, 2.3-4.3x at 8 rows (``benchmarks/step_ops_speed.py``,
+results of record in ``benchmarks/results/step_ops-cpu-2core-epyc-20261203``,
+where the machine's drifting bandwidth is discussed). From 8 rows the FMAs
+start to count: x_proj (80 outputs, its weights in the last-level cache) is
+1.1-1.7x the BLAS at 8 rows and 0.8-1.5x at 16 (runs of 2026-12-02 and -03).
+With an inner size below 256 (dt_proj's 48) the kernel's reductions weigh more
+than its reads: 1.0-2.2x the BLAS for one to three rows, 0.5-0.9x from 8 rows
+on; those go to the BLAS. So it serves fp32 on the CPU, 1 to 16 rows, inner size >= 256, without
 autograd; anything else goes to ``F.linear``, so the function is a drop-in for
 ``F.linear`` anywhere.
 
