@@ -609,14 +609,18 @@ class _Run:
             data = _code(str(Path(config.data).resolve()))
         if config.max_bytes is not None:
             data += f", its first {config.max_bytes:,} bytes"
-        tokenizer = config.tokenizer
-        if tokenizer not in BUILTIN_TOKENIZERS:
-            tokenizer = str(Path(tokenizer).resolve())
+        if config.init_from is not None and self.tokenizer_files:
+            # The model was trained with, and is exported with, --init-from's tokenizer, not --tokenizer.
+            tokenizer = f"{_code(str(Path(config.init_from).resolve()))}'s (--init-from)"
+        elif config.tokenizer in BUILTIN_TOKENIZERS:
+            tokenizer = _code(config.tokenizer)
+        else:
+            tokenizer = _code(str(Path(config.tokenizer).resolve()))
         # A resumed run's command is only the last of the commands that made the weights.
         command = f"command (resuming at step {first_step})" if first_step else "command"
         return {
             "data": data,
-            "tokenizer": _code(tokenizer),
+            "tokenizer": tokenizer,
             "objective": _code(self.objective.name),
             "steps": step,
             "tokens seen": tokens,

@@ -70,6 +70,9 @@ def test_fine_tuning_starts_from_the_span_checkpoint(span_model, tmp_path, monke
     assert len(evals) == 1 and 0 <= evals[0]["eval_accuracy"] <= 1
     # The init directory's tokenizer goes with the model, which generates from the CLI.
     assert (out / "model" / TOKENIZER_KIND_FILE).read_bytes() == (span_model / TOKENIZER_KIND_FILE).read_bytes()
+    # ... and the model card names that one, not --tokenizer's default.
+    card = (out / "model" / "README.md").read_text()
+    assert f"`{span_model.resolve()}`'s (--init-from)" in card
     capsys.readouterr()
     assert main(["generate", "--model", str(out / "model"), "--prompt", "add 1 and 1", "--max-new-tokens", "3"]) == 0
 
