@@ -93,22 +93,26 @@ def clone(params):
     return tuple(p.clone() if isinstance(p, torch.Tensor) else p for p in params)
 
 
-def check_kernel_against_reference(op, ref, batch, d_model, params, *, residual=True):
+def check_kernel_against_reference(op, ref, batch, d_model, params, *, residual=True, context=None, updated=8):
     """Runs both on copies of the same inputs; compares outputs, new residuals and every tensor of params
-    (the states, updated in place; the others are unchanged)."""
+    (the states, updated in place; the others are unchanged). ``context``: an attention step's
+    (past, positions, key_mask); ``updated``: the index in params of a state the step must change."""
     hidden, res = rand(batch, d_model, scale=1.0), rand(batch, d_model, scale=1.0) if residual else None
     ours, theirs = clone(params), clone(params)
+    if context is not None:
+        ours, theirs = with_context(ours, *context), with_context(theirs, *context)
     with torch.no_grad():
         out, new_residual = op(hidden, res, *ours, backend="cpu")
         expected_out, expected_residual = ref(hidden, res, *theirs)
     assert_close(out, expected_out, msg="out")
     assert_close(new_residual, expected_residual, msg="new residual")
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        if isinstance(a, torch.Tensor) and a.dtype == torch.int8:  # a quantised weight, unchanged
+        if isinstance(a, torch.Tensor) and not a.is_floating_point():  # an int8 weight, positions: unchanged
             assert torch.equal(a, b), f"params[{i}]"
         elif isinstance(a, torch.Tensor):
             assert_close(a, b, msg=f"params[{i}]")
-    assert not torch.equal(ours[8], params[8]), "the conv state was not updated"
+    if updated is not None:
+        assert not torch.equal(ours[updated], params[updated]), f"params[{updated}], a state, was not updated"
 
 
 # batch 17 takes the BLAS (decode_linear's kernel serves 1-16 rows); d_model 256 and d_inner 512
@@ -173,6 +177,13 @@ def test_mamba_quantized_projections_are_checked(index, value, match):
         mamba_block_step(rand(2, 64), None, *params, backend="cpu")
 
 
+QUANTIZED_KERNELS = {
+    "mamba2_block_step": (mamba2_block_step, mamba2_block_step_ref),
+    "mlp_block_step": (mlp_block_step, mlp_block_step_ref),
+    "attention_block_step": (attention_block_step, attention_block_step_ref),
+}
+
+
 # Mamba-2's, the MLP's and attention's projections quantised; batch 17 takes the dequantised
 # weight and the BLAS, d_model 256 the kernel's main loops.
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
@@ -185,24 +196,12 @@ def test_quantized_blocks_match_reference(op, mode, batch, d_model):
         params = mlp_params(d_model, 3 * d_model // 2, biases=True)
     else:
         params = attention_params(batch, d_model)
-    params = quantized_params(op, params, mode)
-    hidden, residual = rand(batch, d_model, scale=1.0), rand(batch, d_model, scale=1.0)
-    ours, theirs = clone(params), clone(params)
-    if op == "attention_block_step":
-        ours, theirs = (with_context(p, 7, torch.arange(batch) + 3, None) for p in (ours, theirs))
-    kernel, ref = {
-        "mamba2_block_step": (mamba2_block_step, mamba2_block_step_ref),
-        "mlp_block_step": (mlp_block_step, mlp_block_step_ref),
-        "attention_block_step": (attention_block_step, attention_block_step_ref),
-    }[op]
-    with torch.no_grad():
-        out, new_residual = kernel(hidden, residual, *ours, backend="cpu")
-        expected_out, expected_residual = ref(hidden, residual, *theirs)
-    assert_close(out, expected_out, msg="out")
-    assert_close(new_residual, expected_residual, msg="new residual")
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if isinstance(a, torch.Tensor) and a.dtype == torch.float32:  # the states, updated in place
-            assert_close(a, b, msg=f"params[{i}]")
+    kernel, ref = QUANTIZED_KERNELS[op]
+    check_kernel_against_reference(
+        kernel, ref, batch, d_model, quantized_params(op, params, mode),
+        context=(7, torch.arange(batch) + 3, None) if op == "attention_block_step" else None,
+        updated={"mamba2_block_step": 8, "mlp_block_step": None, "attention_block_step": 6}[op],  # conv state, k_cache
+    )
 
 
 @pytest.mark.parametrize("op, index, match", [
@@ -215,8 +214,7 @@ def test_quantized_block_scales_are_checked(op, index, match):
               "attention_block_step": lambda: attention_params(2, 64)}[op]()
     params = list(quantized_params(op, params, "int8"))
     params[index] = None
-    kernel = {"mamba2_block_step": mamba2_block_step, "mlp_block_step": mlp_block_step,
-              "attention_block_step": attention_block_step}[op]
+    kernel = QUANTIZED_KERNELS[op][0]
     if op == "attention_block_step":
         params = list(with_context(tuple(params), 3, None, None))
     with torch.no_grad(), pytest.raises(ValueError, match=match):
