@@ -10,7 +10,8 @@ Parameter names::
 
 ``from_pretrained`` (of either) reads a checkpoint of its own class (ours, or HF
 ``BertForSequenceClassification``, ``RobertaForSequenceClassification``,
-``BertForTokenClassification``, ``RobertaForTokenClassification``), or any
+``AlbertForSequenceClassification``, ``BertForTokenClassification``,
+``RobertaForTokenClassification``, ``AlbertForTokenClassification``), or any
 checkpoint of a backbone family (ours, mamba_ssm, HF: a causal LM, or an encoder
 of any of its pre-training models), whose pre-training head it drops for a new,
 randomly initialised ``score`` (and ``pooler``, unless the checkpoint has BERT's).
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lnlm_ssm.checkpoint.convert import hf_bert, hf_roberta
+from lnlm_ssm.checkpoint.convert import hf_albert, hf_bert, hf_roberta
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.quantized import quantization_of
@@ -432,7 +433,13 @@ def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: 
 
 
 registry.register(
-    SequenceClassifier, ClassifierConfig, converters=(hf_bert.SEQUENCE_CLASSIFIER, hf_roberta.SEQUENCE_CLASSIFIER)
+    SequenceClassifier,
+    ClassifierConfig,
+    converters=(hf_bert.SEQUENCE_CLASSIFIER, hf_roberta.SEQUENCE_CLASSIFIER, hf_albert.SEQUENCE_CLASSIFIER),
 )
-registry.register(TokenClassifier, ClassifierConfig, converters=(hf_bert.TOKEN_CLASSIFIER, hf_roberta.TOKEN_CLASSIFIER))
+registry.register(
+    TokenClassifier,
+    ClassifierConfig,
+    converters=(hf_bert.TOKEN_CLASSIFIER, hf_roberta.TOKEN_CLASSIFIER, hf_albert.TOKEN_CLASSIFIER),
+)
 

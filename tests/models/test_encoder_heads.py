@@ -1,4 +1,4 @@
-"""Task heads on encoders: HF BERT/RoBERTa classifiers read with HF's logits, and new heads on our encoders."""
+"""Task heads on encoders: HF BERT/RoBERTa/ALBERT classifiers read with HF's logits, and new heads on our encoders."""
 
 import json
 import logging
@@ -26,6 +26,12 @@ CASES = {
     "roberta-seq": ("RobertaForSequenceClassification", "RobertaConfig", dict(type_vocab_size=1), SequenceClassifier),
     "bert-token": ("BertForTokenClassification", "BertConfig", {}, TokenClassifier),
     "roberta-token": ("RobertaForTokenClassification", "RobertaConfig", {}, TokenClassifier),
+    # factorised embeddings, and 2 groups of 2 layers shared by 4 (embedding_size 16 < hidden_size 32)
+    "albert-seq": (
+        "AlbertForSequenceClassification", "AlbertConfig",
+        dict(embedding_size=16, num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2), SequenceClassifier,
+    ),
+    "albert-token": ("AlbertForTokenClassification", "AlbertConfig", dict(embedding_size=16), TokenClassifier),
 }
 
 
@@ -33,7 +39,7 @@ def build_hf(name):
     transformers = pytest.importorskip("transformers")
     cls, config_cls, fields, _ = CASES[name]
     label2id = {v: k for k, v in LABELS.items()}
-    config = getattr(transformers, config_cls)(**COMMON, **fields, id2label=LABELS, label2id=label2id)
+    config = getattr(transformers, config_cls)(**{**COMMON, **fields}, id2label=LABELS, label2id=label2id)
     torch.manual_seed(0)
     model = getattr(transformers, cls)(config)
     # HF's init (small weights, zero biases) would let a misplaced weight pass: add noise.

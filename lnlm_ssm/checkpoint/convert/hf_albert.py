@@ -1,5 +1,6 @@
 """HF transformers' ALBERT (model_type "albert"): ``AlbertForMaskedLM`` as a MaskedLM, ``AlbertForPreTraining``
-as a SentenceOrderMaskedLM, ``AlbertModel`` as an Encoder.
+as a SentenceOrderMaskedLM, ``AlbertModel`` as an Encoder, ``AlbertForSequenceClassification`` /
+``AlbertForTokenClassification`` as our classifiers (BERT's heads: the pooler, then ``classifier``).
 
 ALBERT's embeddings are ``embedding_size`` wide and always mapped to
 ``hidden_size`` (``encoder.embedding_hidden_mapping_in``); its
@@ -17,9 +18,11 @@ from typing import Any
 from lnlm_ssm.checkpoint.convert import Converter, require
 from lnlm_ssm.checkpoint.convert.hf_bert import (
     EMBEDDING_KEYS,
+    classifier_fields,
     decoder_bias_first,
     encoder_fields,
     encoder_state,
+    linear_keys,
     mlm_head_keys,
 )
 
@@ -60,7 +63,7 @@ def _bare_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _state(prefix: str, ours: str, heads: dict[str, str], unused: tuple[str, ...] = ()):
     def state(raw_state, fields):
-        inner = fields["inner_group_num"]
+        inner = fields.get("backbone", fields)["inner_group_num"]  # a classifier's encoder is its backbone
         return encoder_state(
             raw_state, layout=LAYOUT, prefix=prefix, ours=ours, top=_TOP, layer=_LAYER, layer_keys=_LAYER_KEYS,
             qkv=_QKV, heads=heads, unused=unused, block_index=lambda m: int(m.group(1)) * inner + int(m.group(2)),
@@ -81,4 +84,18 @@ PRETRAINING = Converter(
 BARE = Converter(
     layout=LAYOUT, model_type="albert", architectures=("AlbertModel",), config=_bare_config,
     state=_state("", "", {}),
+)
+SEQUENCE_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="albert",
+    architectures=("AlbertForSequenceClassification",),
+    config=lambda raw: classifier_fields(raw, _config(raw), pooler=True),
+    state=_state("albert.", "backbone.", {**linear_keys("albert.pooler", "pooler.dense"), **linear_keys("classifier", "score")}),
+)
+TOKEN_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="albert",
+    architectures=("AlbertForTokenClassification",),
+    config=lambda raw: classifier_fields(raw, _config(raw), pooler=False),
+    state=_state("albert.", "backbone.", linear_keys("classifier", "score")),
 )
