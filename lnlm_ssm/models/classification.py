@@ -10,8 +10,9 @@ Parameter names::
 
 ``from_pretrained`` (of either) reads a checkpoint of its own class (ours, or HF
 ``BertForSequenceClassification``, ``RobertaForSequenceClassification``,
-``AlbertForSequenceClassification``, ``BertForTokenClassification``,
-``RobertaForTokenClassification``, ``AlbertForTokenClassification``), or any
+``AlbertForSequenceClassification``, ``ElectraForSequenceClassification``,
+``BertForTokenClassification``, ``RobertaForTokenClassification``,
+``AlbertForTokenClassification``, ``ElectraForTokenClassification``), or any
 checkpoint of a backbone family (ours, mamba_ssm, HF: a causal LM, or an encoder
 of any of its pre-training models), whose pre-training head it drops for a new,
 randomly initialised ``score`` (and ``pooler``, unless the checkpoint has BERT's).
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lnlm_ssm.checkpoint.convert import hf_albert, hf_bert, hf_roberta
+from lnlm_ssm.checkpoint.convert import hf_albert, hf_bert, hf_electra, hf_roberta
 from lnlm_ssm.checkpoint.load import CheckpointError
 from lnlm_ssm.layers.attention import Attention
 from lnlm_ssm.layers.quantized import quantization_of
@@ -123,6 +124,8 @@ BACKBONES: dict[str, BackboneFamily] = {
 }
 POOLINGS = ("mean", "last", "first")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# The pooler's activation: BERT's, RoBERTa's and ALBERT's tanh; ELECTRA's classification head's GELU.
+POOLER_ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu}
 
 
 @dataclass
@@ -137,6 +140,7 @@ class ClassifierConfig:
     pooling: Optional[str] = None  # None: the backbone family's default
     pooler: Optional[bool] = None  # None: the backbone family's default
     problem_type: Optional[str] = None
+    pooler_act: str = "tanh"
 
     def __post_init__(self) -> None:
         if self.backbone_architecture not in BACKBONES:
@@ -152,6 +156,8 @@ class ClassifierConfig:
             self.pooler = family.pooler
         if not isinstance(self.pooler, bool):
             raise ConfigError(f"pooler must be a bool or None; got {self.pooler!r}")
+        if self.pooler_act not in POOLER_ACTIVATIONS:
+            raise ConfigError(f"pooler_act must be one of {tuple(POOLER_ACTIVATIONS)}; got {self.pooler_act!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}; got {self.pooling!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
@@ -235,9 +241,11 @@ class _Classifier(PretrainedModel):
         backbone of any checkpoint of a family in ``BACKBONES`` (ours, mamba_ssm, HF), dropping its pre-training
         head.
 
-        ``head``: ClassifierConfig fields (num_labels, id2label, label2id, pooling, pooler, problem_type).
+        ``head``: ClassifierConfig fields (num_labels, id2label, label2id, pooling, pooler, pooler_act,
+        problem_type).
         """
-        unknown = sorted(set(head) - {"num_labels", "id2label", "label2id", "pooling", "pooler", "problem_type"})
+        fields = {"num_labels", "id2label", "label2id", "pooling", "pooler", "pooler_act", "problem_type"}
+        unknown = sorted(set(head) - fields)
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown head arguments {unknown}")
         model = registry.from_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict)
@@ -322,7 +330,7 @@ class SequenceClassifier(_Classifier):
 
     def __init__(self, config: ClassifierConfig, *, device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__(config, device=device, dtype=dtype, backend=backend)
-        self.pooler = PoolerHead(config.d_model, device=device, dtype=dtype) if config.pooler else None
+        self.pooler = PoolerHead(config.d_model, config.pooler_act, device=device, dtype=dtype) if config.pooler else None
 
     def forward(
         self,
@@ -399,17 +407,19 @@ class TokenClassifier(_Classifier):
 
 
 class PoolerHead(nn.Module):
-    """``tanh(dense(pooled))``: BERT's pooler, RoBERTa's classification head before its output projection."""
+    """``act(dense(pooled))``: BERT's pooler (tanh), RoBERTa's classification head before its output projection
+    (tanh), ELECTRA's (GELU)."""
 
-    def __init__(self, d_model: int, *, device=None, dtype=None) -> None:
+    def __init__(self, d_model: int, act: str = "tanh", *, device=None, dtype=None) -> None:
         super().__init__()
+        self.act = POOLER_ACTIVATIONS[act]
         self.dense = nn.Linear(d_model, d_model, device=device, dtype=dtype)
         with torch.no_grad():
             nn.init.normal_(self.dense.weight, std=0.02)
             nn.init.zeros_(self.dense.bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(pooled))
+        return self.act(self.dense(pooled))
 
 
 def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
@@ -435,11 +445,16 @@ def pool(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: 
 registry.register(
     SequenceClassifier,
     ClassifierConfig,
-    converters=(hf_bert.SEQUENCE_CLASSIFIER, hf_roberta.SEQUENCE_CLASSIFIER, hf_albert.SEQUENCE_CLASSIFIER),
+    converters=(
+        hf_bert.SEQUENCE_CLASSIFIER, hf_roberta.SEQUENCE_CLASSIFIER, hf_albert.SEQUENCE_CLASSIFIER,
+        hf_electra.SEQUENCE_CLASSIFIER,
+    ),
 )
 registry.register(
     TokenClassifier,
     ClassifierConfig,
-    converters=(hf_bert.TOKEN_CLASSIFIER, hf_roberta.TOKEN_CLASSIFIER, hf_albert.TOKEN_CLASSIFIER),
+    converters=(
+        hf_bert.TOKEN_CLASSIFIER, hf_roberta.TOKEN_CLASSIFIER, hf_albert.TOKEN_CLASSIFIER, hf_electra.TOKEN_CLASSIFIER,
+    ),
 )
 

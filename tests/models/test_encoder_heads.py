@@ -1,4 +1,5 @@
-"""Task heads on encoders: HF BERT/RoBERTa/ALBERT classifiers read with HF's logits, and new heads on our encoders."""
+"""Task heads on encoders: HF BERT/RoBERTa/ALBERT/ELECTRA classifiers read with HF's logits, and new heads on our
+encoders."""
 
 import json
 import logging
@@ -32,6 +33,9 @@ CASES = {
         dict(embedding_size=16, num_hidden_layers=4, num_hidden_groups=2, inner_group_num=2), SequenceClassifier,
     ),
     "albert-token": ("AlbertForTokenClassification", "AlbertConfig", dict(embedding_size=16), TokenClassifier),
+    # its sequence head's activation is GELU; embeddings narrower than the layers (embeddings_project)
+    "electra-seq": ("ElectraForSequenceClassification", "ElectraConfig", dict(embedding_size=16), SequenceClassifier),
+    "electra-token": ("ElectraForTokenClassification", "ElectraConfig", {}, TokenClassifier),
 }
 
 
@@ -175,3 +179,9 @@ def test_new_heads_on_albert_and_electra(hf_class, config_class, fields, tmp_pat
     ids, mask = padded_batch(0)
     with torch.no_grad():
         torch.testing.assert_close(clf.hidden_states(ids, mask), pretrained.encoder(ids, mask).last_hidden_state)
+
+
+def test_pooler_act_is_checked():
+    with pytest.raises(ValueError, match="pooler_act must be one of \\('tanh', 'gelu'\\); got 'relu'"):
+        ClassifierConfig(backbone=dict(vocab_size=VOCAB, d_model=32, n_layer=2), backbone_architecture="Encoder",
+                         pooler_act="relu")

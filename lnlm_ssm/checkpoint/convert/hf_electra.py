@@ -1,11 +1,13 @@
 """HF transformers' ELECTRA (model_type "electra"): ``ElectraForMaskedLM`` (the generator) as a MaskedLM,
-``ElectraForPreTraining`` (the discriminator) as a ReplacedTokenDetector, ``ElectraModel`` as an Encoder.
+``ElectraForPreTraining`` (the discriminator) as a ReplacedTokenDetector, ``ElectraModel`` as an Encoder,
+``ElectraForSequenceClassification`` / ``ElectraForTokenClassification`` as our classifiers.
 
 BERT's layer layout (``checkpoint.convert.hf_bert``); the embeddings are
 ``embedding_size`` wide and mapped to ``hidden_size`` by ``embeddings_project``
 when the two differ; no pooler. The generator's head is dense -> GELU ->
 LayerNorm -> the tied ``generator_lm_head``; the discriminator's dense ->
-``hidden_act`` -> one logit.
+``hidden_act`` -> one logit. The sequence classifier's head is RoBERTa's with GELU
+for tanh (dense -> GELU -> out_proj on the first token); the token classifier's, BERT's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from lnlm_ssm.checkpoint.convert import Converter, require
-from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, encoder_fields, mlm_head_keys
+from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, classifier_fields, encoder_fields, linear_keys, mlm_head_keys
 
 LAYOUT = "HF electra"
 
@@ -59,4 +61,23 @@ DISCRIMINATOR = Converter(
 BARE = Converter(
     layout=LAYOUT, model_type="electra", architectures=("ElectraModel",), config=_config,
     state=bert_state("", "", {}, layout=LAYOUT, top=_PROJECT),
+)
+SEQUENCE_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="electra",
+    architectures=("ElectraForSequenceClassification",),
+    config=lambda raw: {**classifier_fields(raw, _config(raw), pooler=True), "pooler_act": "gelu"},
+    state=bert_state(
+        "electra.", "backbone.",
+        {**linear_keys("classifier.dense", "pooler.dense"), **linear_keys("classifier.out_proj", "score")},
+        layout=LAYOUT,
+        top=_PROJECT,
+    ),
+)
+TOKEN_CLASSIFIER = Converter(
+    layout=LAYOUT,
+    model_type="electra",
+    architectures=("ElectraForTokenClassification",),
+    config=lambda raw: classifier_fields(raw, _config(raw), pooler=False),
+    state=bert_state("electra.", "backbone.", linear_keys("classifier", "score"), layout=LAYOUT, top=_PROJECT),
 )
