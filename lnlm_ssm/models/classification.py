@@ -199,6 +199,10 @@ class ClassifierConfig:
         return cls(**data)
 
 
+# The fields of a head (what from_pretrained takes beside a backbone checkpoint).
+HEAD_FIELDS = {f.name for f in dataclasses.fields(ClassifierConfig)} - {"backbone", "backbone_architecture"}
+
+
 @dataclass
 class ClassifierOutput:
     """``logits``: (batch, num_labels) or, per token, (batch, seqlen, num_labels); ``loss`` when labels were given."""
@@ -244,8 +248,7 @@ class _Classifier(PretrainedModel):
         ``head``: ClassifierConfig fields (num_labels, id2label, label2id, pooling, pooler, pooler_act,
         problem_type).
         """
-        fields = {"num_labels", "id2label", "label2id", "pooling", "pooler", "pooler_act", "problem_type"}
-        unknown = sorted(set(head) - fields)
+        unknown = sorted(set(head) - HEAD_FIELDS)
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown head arguments {unknown}")
         model = registry.from_pretrained(path_or_repo_id, device=device, dtype=dtype, strict=strict)

@@ -16,6 +16,7 @@ from typing import Any
 
 from lnlm_ssm.checkpoint.convert import Converter, require
 from lnlm_ssm.checkpoint.convert.hf_bert import bert_state, classifier_fields, encoder_fields, linear_keys, mlm_head_keys
+from lnlm_ssm.checkpoint.convert.hf_roberta import SEQUENCE_HEAD_KEYS
 
 LAYOUT = "HF electra"
 
@@ -67,12 +68,7 @@ SEQUENCE_CLASSIFIER = Converter(
     model_type="electra",
     architectures=("ElectraForSequenceClassification",),
     config=lambda raw: {**classifier_fields(raw, _config(raw), pooler=True), "pooler_act": "gelu"},
-    state=bert_state(
-        "electra.", "backbone.",
-        {**linear_keys("classifier.dense", "pooler.dense"), **linear_keys("classifier.out_proj", "score")},
-        layout=LAYOUT,
-        top=_PROJECT,
-    ),
+    state=bert_state("electra.", "backbone.", SEQUENCE_HEAD_KEYS, layout=LAYOUT, top=_PROJECT),
 )
 TOKEN_CLASSIFIER = Converter(
     layout=LAYOUT,

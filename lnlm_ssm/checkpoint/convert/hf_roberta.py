@@ -55,17 +55,14 @@ BARE = Converter(
                                                       "pooler.dense.bias": "pooler.dense.bias"}),
 )
 # RoBERTa's sequence head is BERT's pooler moved into the head (classifier.dense, tanh) and its classifier
-# (classifier.out_proj); the token head is BERT's.
+# (classifier.out_proj); the token head is BERT's. ELECTRA's sequence head has these names too.
+SEQUENCE_HEAD_KEYS = {**linear_keys("classifier.dense", "pooler.dense"), **linear_keys("classifier.out_proj", "score")}
 SEQUENCE_CLASSIFIER = Converter(
     layout=LAYOUT,
     model_type="roberta",
     architectures=("RobertaForSequenceClassification",),
     config=lambda raw: classifier_fields(raw, _mlm_config(raw), pooler=True),
-    state=bert_state(
-        "roberta.", "backbone.",
-        {**linear_keys("classifier.dense", "pooler.dense"), **linear_keys("classifier.out_proj", "score")},
-        layout=LAYOUT,
-    ),
+    state=bert_state("roberta.", "backbone.", SEQUENCE_HEAD_KEYS, layout=LAYOUT),
 )
 TOKEN_CLASSIFIER = Converter(
     layout=LAYOUT,
